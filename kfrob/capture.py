@@ -1,0 +1,117 @@
+"""Hook machinery: feed the running factors from the forward and backward passes.
+
+A forward hook on each preconditioned layer adds the domain rows ``a`` of its input at once
+(no input tensor is kept) and, for the empirical Fisher, puts a hook on the layer's output
+tensor that adds the co-domain rows ``g`` when autograd reaches it. Nothing is recorded
+unless :attr:`CurvatureCapture.active` is set (the optimizer sets it on factor-update steps),
+the layer is in training mode and gradients are enabled.
+
+For the Monte Carlo Fisher (``fisher="mc"``) the layers' outputs are kept until the model's
+forward pass ends; a forward hook on the model then draws labels from the model's predictive
+distribution and adds the rows ``g`` of ``torch.autograd.grad`` of the sampled loss with
+respect to those outputs (``retain_graph=True``), leaving ``.grad`` and the training backward
+untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from kfrob.factors import RunningFactor
+from kfrob.layers import LayerMath
+
+__all__ = ["CurvatureCapture", "TrackedLayer"]
+
+
+@dataclass(eq=False)
+class TrackedLayer:
+    """A preconditioned layer: its math, its two running factors (``None`` for a side whose
+    metric is the identity), and what its hooks have seen."""
+
+    name: str
+    module: nn.Module
+    math: LayerMath
+    domain: RunningFactor | None
+    codomain: RunningFactor | None
+    forward_calls: int = 0
+    outputs: list[Tensor] = field(default_factory=list)
+
+    @property
+    def factors(self) -> tuple[RunningFactor, ...]:
+        return tuple(f for f in (self.domain, self.codomain) if f is not None)
+
+
+SampledLoss = Callable[[Tensor, torch.Generator | None], Tensor]
+
+
+class CurvatureCapture:
+    """Registers the hooks on ``layers`` (and on ``model`` for the MC Fisher)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[TrackedLayer],
+        sampled_loss: SampledLoss | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.active = True
+        self.layers = list(layers)
+        self._sampled_loss = sampled_loss
+        self._generator = generator
+        self._handles: list[RemovableHandle] = [
+            layer.module.register_forward_hook(partial(self._on_forward, layer))
+            for layer in self.layers
+        ]
+        if sampled_loss is not None:
+            self._handles.append(model.register_forward_hook(self._on_model_output))
+
+    def _recording(self, module: nn.Module) -> bool:
+        return self.active and module.training and torch.is_grad_enabled()
+
+    def _on_forward(self, layer: TrackedLayer, module: nn.Module, args: Any, output: Any) -> None:
+        layer.forward_calls += 1
+        if not self._recording(module):
+            return
+        if layer.domain is not None:
+            x = args[0]
+            layer.domain.add(layer.math.input_rows(x.detach()), layer.math.num_samples(x))
+        if layer.codomain is None or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        if self._sampled_loss is not None:
+            layer.outputs.append(output)
+        else:
+            output.register_hook(partial(self._on_output_grad, layer))
+
+    @staticmethod
+    def _on_output_grad(layer: TrackedLayer, grad: Tensor) -> None:
+        assert layer.codomain is not None
+        layer.codomain.add(layer.math.output_rows(grad), layer.math.num_samples(grad))
+
+    def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        recorded = [(layer, out) for layer in self.layers for out in layer.outputs]
+        for layer in self.layers:
+            layer.outputs = []
+        if not recorded or not isinstance(output, Tensor) or self._sampled_loss is None:
+            return
+        loss = self._sampled_loss(output, self._generator)
+        grads = torch.autograd.grad(
+            loss, [out for _, out in recorded], retain_graph=True, allow_unused=True
+        )
+        for (layer, _), grad in zip(recorded, grads, strict=True):
+            if grad is not None:
+                self._on_output_grad(layer, grad)
+
+    def remove(self) -> None:
+        """Remove every hook; the model is left exactly as it was."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for layer in self.layers:
+            layer.outputs = []

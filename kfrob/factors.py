@@ -1,0 +1,102 @@
+"""Running estimates of one Kronecker factor; the same class serves ``A`` and ``G``.
+
+Between two optimizer steps the hooks add raw sums ``S = Σ_rows r rᵀ`` (float32) of factor
+rows ``r``, together with the number of rows and of samples they came from. At the step the
+window's statistic is
+
+    A = S / rows                      (domain side: the mean of ``a aᵀ`` over rows)
+    G = c² S / samples                (co-domain side, ``c = samples`` for a mean-reduced loss,
+                                       ``c = 1`` for a sum-reduced one)
+
+i.e. ``G`` is the mean over samples of ``g gᵀ`` with ``g = c · dL/dy`` the gradient of each
+sample's own loss term (summed over locations for a convolution). Several backward passes
+before one step (gradient accumulation, each micro-batch loss divided by their number) are
+one window: their sums and counts add up. The statistic then enters an exponential moving
+average ``F ← decay·F + (1 − decay)·stat``; the first accepted statistic sets ``F``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["RunningFactor"]
+
+
+class RunningFactor:
+    """Exponential moving average of a second-moment matrix, fed window by window.
+
+    Args:
+        blocks, size: the factor is ``(blocks, size, size)`` (or ``(blocks, size)`` when
+            ``diagonal``: only the diagonal is accumulated and stored).
+        per_sample_scale: False for ``A`` (normalise by rows); True for ``G`` (the rows are
+            loss gradients; normalise as the module docstring says).
+        device: where the factor lives (the layer's parameters' device).
+    """
+
+    def __init__(
+        self,
+        blocks: int,
+        size: int,
+        *,
+        diagonal: bool = False,
+        per_sample_scale: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        shape = (blocks, size) if diagonal else (blocks, size, size)
+        self.diagonal = diagonal
+        self.per_sample_scale = per_sample_scale
+        self.value = torch.zeros(shape, device=device)
+        self.initialized = torch.zeros((), dtype=torch.bool, device=device)
+        self._sum = torch.zeros(shape, device=device)
+        self.rows = 0
+        self.samples = 0
+
+    @property
+    def pending(self) -> bool:
+        """Whether statistics were added since the last :meth:`fold` or :meth:`discard`."""
+        return self.rows > 0
+
+    def add(self, rows: Tensor, samples: int) -> None:
+        """Add factor rows ``(blocks, n, size)`` from ``samples`` samples (no host sync)."""
+        if self.diagonal:
+            self._sum.add_(rows.square().sum(1))
+        else:
+            self._sum.baddbmm_(rows.mT, rows)
+        self.rows += rows.shape[1]
+        self.samples += samples
+
+    def statistic(self, reduction: str = "mean") -> Tensor:
+        """The window's statistic (see the module docstring); ``reduction`` is the loss's."""
+        if not self.per_sample_scale:
+            return self._sum / self.rows
+        if reduction == "mean":
+            return self._sum * self.samples
+        return self._sum / self.samples
+
+    def fold(self, statistic: Tensor, decay: float, accept: Tensor) -> None:
+        """Move the average towards ``statistic`` where ``accept`` (a bool tensor) holds.
+
+        Rejected windows leave ``value`` untouched; nothing here reads a value to the host.
+        """
+        blended = torch.where(self.initialized, torch.lerp(statistic, self.value, decay), statistic)
+        self.value = torch.where(accept, blended, self.value)
+        self.initialized = self.initialized | accept
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget the statistics added since the last fold."""
+        self._sum.zero_()
+        self.rows = 0
+        self.samples = 0
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"value": self.value, "initialized": self.initialized}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        value = state["value"]
+        if value.shape != self.value.shape:
+            raise ValueError(f"factor shape {tuple(value.shape)} != {tuple(self.value.shape)}")
+        self.value = value.to(self.value)
+        self.initialized = state["initialized"].to(self.initialized)
+        self.discard()

@@ -1,0 +1,42 @@
+"""Sampled losses for the Monte Carlo ("true") Fisher.
+
+For a model whose loss is the negative log-likelihood of a predictive distribution
+``p(y | f(x))``, the Fisher factor ``G`` is built from gradients of ``-log p(ŷ | f(x))`` with
+``ŷ`` *drawn from the model* instead of the training labels. One label is drawn per sample.
+Each function maps the model output ``f`` and a generator to a scalar loss with the same
+reduction as the training loss (mean over samples), so that ``G`` is normalised exactly as
+for the empirical Fisher.
+
+* ``"cross_entropy"``: ``f`` are logits ``(..., C)``; ``ŷ ~ Categorical(softmax(f))``. Its
+  expected ``g gᵀ`` for the logits is ``diag(p) − p pᵀ``.
+* ``"mse"``: a unit-variance Gaussian ``ŷ ~ N(f, I)`` with per-sample loss ``½‖f − ŷ‖²``
+  (the Gaussian NLL up to a constant); its expected ``g gᵀ`` for the outputs is ``I``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["SAMPLED_LOSSES", "sampled_cross_entropy", "sampled_mse"]
+
+
+def sampled_cross_entropy(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Mean cross-entropy of ``logits (..., C)`` against labels drawn from ``softmax(logits)``."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    probs = torch.softmax(flat.detach().float(), dim=-1)
+    labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return F.cross_entropy(flat, labels)
+
+
+def sampled_mse(outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Mean over samples of ``½‖f − ŷ‖²`` with ``ŷ ~ N(f, I)``; samples are rows of
+    ``outputs (..., D)``."""
+    flat = outputs.reshape(-1, outputs.shape[-1])
+    noise = torch.randn(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
+    target = flat.detach() + noise
+    return 0.5 * (flat - target).square().sum(-1).mean()
+
+
+SAMPLED_LOSSES = {"cross_entropy": sampled_cross_entropy, "mse": sampled_mse}

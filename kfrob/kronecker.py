@@ -1,0 +1,241 @@
+"""Damped inverses of Kronecker-factored metrics, as pure functions on tensors.
+
+A layer's curvature is ``F = A ⊗ G`` acting on ``vec(V)`` (column-major), so that
+``F vec(V) = vec(G V A)`` for a gradient matrix ``V`` of shape ``(out, in)``, ``A``
+``(in, in)`` and ``G`` ``(out, out)``. All functions take a leading block dimension
+(``(k, in, in)``, ``(k, out, out)``, ``(k, out, in)``).
+
+Each side ``M`` is held as a :class:`Side`: a basis ``Q`` (``None`` for a diagonal metric)
+and eigenvalues ``e`` with ``M = Q diag(e) Qᵀ``. Two dampings are offered:
+
+* **exact** (eigenvalue) damping: ``(A ⊗ G + λ I)^{-p} vec(V)`` is, in the two eigenbases,
+  the elementwise scaling ``Ṽ / (e_G e_Aᵀ + λ)^p`` of ``Ṽ = Q_Gᵀ V Q_A``;
+* **factored** (π-) damping: ``((A + π√λ I) ⊗ (G + √λ/π I))^{-p}`` with
+  ``π² = (tr A / dim A) / (tr G / dim G)``, either in the eigenbases (the same scaling with
+  ``(e_G + √λ/π)^p (e_A + π√λ)^p``) or, for ``p = 1``, with Cholesky inverses.
+
+An *identity* side is exact, not estimated: it is never damped. With one estimated side the
+whole damping ``λ`` goes to it, and with none the preconditioner is the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EigenInverse",
+    "InverseFactors",
+    "Side",
+    "apply_eigen",
+    "apply_inverses",
+    "decompose",
+    "eigen_scaling",
+    "factored_damping",
+    "factored_inverses",
+]
+
+
+@dataclass
+class Side:
+    """One Kronecker factor as ``Q diag(eigenvalues) Qᵀ``; ``basis=None`` means ``Q = I``.
+
+    ``estimated`` is False for an exact identity metric, which is never damped.
+    """
+
+    basis: Tensor | None
+    eigenvalues: Tensor
+    estimated: bool = True
+
+
+@dataclass
+class EigenInverse:
+    """``(A ⊗ G + λI)^{-p}`` held as the two eigenbases and the elementwise scaling."""
+
+    codomain: Side
+    domain: Side
+    scaling: Tensor
+
+    def apply(self, matrix: Tensor) -> Tensor:
+        return apply_eigen(matrix, self.codomain, self.domain, self.scaling)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "eigen",
+            "codomain_basis": self.codomain.basis,
+            "codomain_eigenvalues": self.codomain.eigenvalues,
+            "codomain_estimated": self.codomain.estimated,
+            "domain_basis": self.domain.basis,
+            "domain_eigenvalues": self.domain.eigenvalues,
+            "domain_estimated": self.domain.estimated,
+            "scaling": self.scaling,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> EigenInverse:
+        def side(prefix: str) -> Side:
+            basis = state[f"{prefix}_basis"]
+            return Side(
+                None if basis is None else basis.to(device),
+                state[f"{prefix}_eigenvalues"].to(device),
+                state[f"{prefix}_estimated"],
+            )
+
+        return cls(side("codomain"), side("domain"), state["scaling"].to(device))
+
+
+@dataclass
+class InverseFactors:
+    """Damped inverses of the two sides as matrices (``None`` for an identity side):
+    ``vec(V) ↦ vec(G_d⁻¹ V A_d⁻¹)``."""
+
+    codomain: Tensor | None
+    domain: Tensor | None
+
+    def apply(self, matrix: Tensor) -> Tensor:
+        return apply_inverses(matrix, self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "factored", "codomain": self.codomain, "domain": self.domain}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> InverseFactors:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return cls(move(state["codomain"]), move(state["domain"]))
+
+
+def decompose(factor: Tensor, diagonal: bool = False) -> Side | None:
+    """Eigendecomposition of a symmetric PSD ``factor`` ``(k, n, n)``, or of its diagonal.
+
+    A full decomposition uses ``torch.linalg.eigh``; if that fails or yields non-finite
+    values it is retried once in float64 with a jitter of ``1e-6·mean(diag)``. Returns
+    ``None`` when both attempts fail (callers then keep their last good decomposition).
+    Negative round-off eigenvalues are clipped to zero.
+    """
+    if diagonal:
+        eigenvalues = torch.diagonal(factor, dim1=-2, dim2=-1) if factor.dim() == 3 else factor
+        return Side(None, eigenvalues.clamp(min=0))
+    for attempt in range(2):
+        matrix = factor if attempt == 0 else factor.double()
+        if attempt == 1:
+            jitter = 1e-6 * torch.diagonal(matrix, dim1=-2, dim2=-1).mean(-1).abs() + 1e-12
+            matrix = matrix + jitter[:, None, None] * torch.eye(
+                matrix.shape[-1], dtype=matrix.dtype, device=matrix.device
+            )
+        try:
+            eigenvalues, basis = torch.linalg.eigh(matrix)
+        except RuntimeError:
+            continue
+        if bool(torch.isfinite(eigenvalues).all() and torch.isfinite(basis).all()):
+            return Side(basis.to(factor.dtype), eigenvalues.to(factor.dtype).clamp(min=0))
+    return None
+
+
+def factored_damping(
+    codomain: Side, domain: Side, damping: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """π-split of ``λ`` into per-side dampings ``(d_G, d_A)`` of shape ``(k, 1)``.
+
+    Both sides estimated: ``d_A = π√λ``, ``d_G = √λ/π`` with ``π² = mean(e_A)/mean(e_G)``
+    (guarded against zero traces). One estimated side gets ``λ``; identity sides get 0.
+    """
+    e_g, e_a = codomain.eigenvalues, domain.eigenvalues
+    zero = torch.zeros_like(e_g[..., :1])
+    if codomain.estimated and domain.estimated:
+        tiny = torch.finfo(e_g.dtype).tiny
+        pi = torch.sqrt((e_a.mean(-1, keepdim=True) + tiny) / (e_g.mean(-1, keepdim=True) + tiny))
+        root = torch.as_tensor(damping, dtype=e_g.dtype, device=e_g.device).sqrt()
+        return root / pi, root * pi
+    lam = zero + damping
+    return (lam if codomain.estimated else zero), (lam if domain.estimated else zero)
+
+
+def eigen_scaling(
+    codomain: Side,
+    domain: Side,
+    damping: float | Tensor,
+    exponent: float = 1.0,
+    method: str = "exact",
+) -> Tensor:
+    """The elementwise scaling ``(k, out, in)`` applied in the eigenbases.
+
+    ``exact``: ``(e_G e_Aᵀ + λ)^{-p}`` (no ``λ`` if both sides are identities);
+    ``factored``: ``((e_G + d_G)(e_A + d_A)ᵀ)^{-p}`` with :func:`factored_damping`.
+    """
+    e_g, e_a = codomain.eigenvalues, domain.eigenvalues
+    if method == "exact":
+        estimated = codomain.estimated or domain.estimated
+        denominator = e_g[..., :, None] * e_a[..., None, :] + (damping if estimated else 0.0)
+    else:
+        d_g, d_a = factored_damping(codomain, domain, damping)
+        denominator = (e_g + d_g)[..., :, None] * (e_a + d_a)[..., None, :]
+    return denominator.pow(-exponent)
+
+
+def apply_eigen(matrix: Tensor, codomain: Side, domain: Side, scaling: Tensor) -> Tensor:
+    """``Q_G ((Q_Gᵀ V Q_A) ⊙ scaling) Q_Aᵀ`` for ``V = matrix`` ``(k, out, in)``."""
+    q_g, q_a = codomain.basis, domain.basis
+    if q_g is not None:
+        matrix = q_g.mT @ matrix
+    if q_a is not None:
+        matrix = matrix @ q_a
+    matrix = matrix * scaling
+    if q_a is not None:
+        matrix = matrix @ q_a.mT
+    if q_g is not None:
+        matrix = q_g @ matrix
+    return matrix
+
+
+def factored_inverses(
+    codomain_factor: Tensor | None,
+    domain_factor: Tensor | None,
+    damping: float | Tensor,
+) -> InverseFactors | None:
+    """π-damped inverses ``(G + d_G I)⁻¹`` and ``(A + d_A I)⁻¹`` by Cholesky (``p = 1``).
+
+    A factor of ``None`` is an identity side (never damped). ``π`` only needs the traces, so
+    each side enters :func:`factored_damping` through its diagonal. Returns ``None`` if a
+    Cholesky factorisation fails even after a float64 retry.
+    """
+    factors = (codomain_factor, domain_factor)
+    device = next((f.device for f in factors if f is not None), None)
+    sides = [
+        Side(None, torch.ones(1, 1, device=device), estimated=False)
+        if f is None
+        else Side(None, torch.diagonal(f, dim1=-2, dim2=-1))
+        for f in factors
+    ]
+    shifts = factored_damping(sides[0], sides[1], damping)
+    try:
+        inverses = [_shifted_inverse(f, s) for f, s in zip(factors, shifts, strict=True)]
+    except torch.linalg.LinAlgError:
+        return None
+    return InverseFactors(*inverses)
+
+
+def _shifted_inverse(factor: Tensor | None, shift: Tensor) -> Tensor | None:
+    """``(factor + shift·I)⁻¹`` via Cholesky, retried in float64; ``None`` stays ``None``."""
+    if factor is None:
+        return None
+    for matrix in (factor, factor.double()):
+        eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        chol, info = torch.linalg.cholesky_ex(matrix + shift.to(matrix)[..., None] * eye)
+        inverse = torch.cholesky_inverse(chol)
+        if not bool(info.any()) and bool(torch.isfinite(inverse).all()):
+            return inverse.to(factor.dtype)
+    raise torch.linalg.LinAlgError("Cholesky factorisation failed")
+
+
+def apply_inverses(matrix: Tensor, inverses: InverseFactors) -> Tensor:
+    """``G_d⁻¹ V A_d⁻¹``; a ``None`` side is the identity."""
+    if inverses.codomain is not None:
+        matrix = inverses.codomain @ matrix
+    if inverses.domain is not None:
+        matrix = matrix @ inverses.domain
+    return matrix
