@@ -1,0 +1,367 @@
+"""``FrobPreconditionedSGD``: SGD in a Frobenius-type norm, with K-FAC as the default norm."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from kfrob.capture import TrackedLayer
+from kfrob.fisher import SAMPLED_LOSSES
+from kfrob.norms import frobenius_inner
+from kfrob.preconditioner import (
+    CODOMAINS,
+    DAMPING_METHODS,
+    DOMAINS,
+    FISHERS,
+    LOSS_REDUCTIONS,
+    KroneckerPreconditioner,
+)
+
+__all__ = ["FrobPreconditionedSGD", "LayerStep"]
+
+
+@dataclass
+class LayerStep:
+    """One layer's part of a step: its direction matrix ``(blocks, out, in)`` (gradient plus
+    weight decay), the preconditioned matrix before the KL clip, and its learning rate."""
+
+    layer: TrackedLayer
+    matrix: Tensor
+    preconditioned: Tensor
+    lr: float
+
+
+class FrobPreconditionedSGD(Optimizer):
+    r"""Stochastic gradient descent preconditioned by Kronecker-factored curvature.
+
+    For every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layer (weight ``W`` and bias
+    ``b`` together as ``V = [W, b]`` of shape ``(out, in + 1)``) the update direction is
+    the Riesz representative of the gradient in a Frobenius-type norm,
+
+    .. math::
+        \mathrm{vec}(\Delta) = (A \otimes G + \lambda I)^{-p}\,\mathrm{vec}(\nabla_V L
+        + \mathrm{wd}\cdot V),
+
+    where ``A`` is the running covariance of the layer's (bias-augmented) inputs and ``G``
+    the running Fisher factor of per-sample output gradients (see :mod:`kfrob.factors`).
+    ``A ⊗ G`` is also the norm that measures a step: ``‖Δ‖² = tr(A Δᵀ G Δ)``. All
+    preconditioned directions are then scaled by one factor
+
+    .. math:: \nu = \min\Bigl(1, \sqrt{\kappa / \textstyle\sum_\ell \mathrm{lr}_\ell^2
+        \langle g_\ell, \Delta_\ell\rangle}\Bigr)
+
+    (the KL clip ``κ``), after which momentum, Nesterov and the learning rate act exactly as
+    in :class:`torch.optim.SGD`. Parameters of other modules get plain SGD updates.
+
+    Factors are updated every ``factor_update_freq`` steps (the hooks record nothing on the
+    other steps) and inverted every ``inverse_update_freq`` steps; all of it runs on the
+    parameters' device without host synchronisation except at inverse refreshes.
+
+    Args:
+        model: the model to train; hooks are registered on its supported layers, and all its
+            parameters form the single parameter group.
+        lr: learning rate (``>= 0``).
+        momentum: momentum factor in ``[0, 1)``.
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        weight_decay: L2 penalty added to the gradient before preconditioning (``>= 0``).
+        damping: ``λ > 0`` added to the curvature (per group, read at inverse refreshes).
+        factor_decay: EMA decay of the factors in ``[0, 1)``; 0 keeps only the last batch.
+        factor_update_freq: steps between factor updates (``>= 1``).
+        inverse_update_freq: steps between inverse refreshes (``>= 1``).
+        kl_clip: ``κ > 0`` bounding ``lr² ν² Σ ⟨g, Δ⟩``, or ``None`` for no clipping.
+        domain: domain inner product: ``"covariance"`` (``A``), ``"diagonal"`` or
+            ``"identity"``.
+        codomain: co-domain inner product: ``"fisher"`` (``G``), ``"diagonal"`` or
+            ``"identity"``. Identity on both sides is plain SGD.
+        exponent: ``p > 0``: 1 for K-FAC, ½ for an inverse square root.
+        damping_method: ``"exact"`` (eigendecompositions; damps ``A ⊗ G`` exactly) or
+            ``"factored"`` (π-damping of each factor, Cholesky inverses when ``p = 1``).
+        fisher: ``"empirical"`` (training-loss gradients) or ``"mc"`` (labels drawn from
+            the model; needs ``loss``).
+        loss: ``"cross_entropy"`` or ``"mse"``: the training loss, for ``fisher="mc"``.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over samples; with
+            gradient accumulation, each micro-batch loss is divided by their number.
+        grad_scaler: the ``torch.amp.GradScaler`` whose loss scale the backward pass runs
+            under, so that it is removed from ``G``.
+        generator: random generator for the MC Fisher.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        damping: float = 1e-3,
+        factor_decay: float = 0.95,
+        factor_update_freq: int = 1,
+        inverse_update_freq: int = 10,
+        kl_clip: float | None = 1e-3,
+        *,
+        domain: str = "covariance",
+        codomain: str = "fisher",
+        exponent: float = 1.0,
+        damping_method: str = "exact",
+        fisher: str = "empirical",
+        loss: str | None = None,
+        loss_reduction: str = "mean",
+        grad_scaler: torch.amp.GradScaler | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        params = list(model.parameters())
+        if not params:
+            raise ValueError("model has no parameters to optimize")
+        _check_hyperparameters(locals())
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+            "damping": damping,
+        }
+        super().__init__(params, defaults)
+        self.factor_decay = factor_decay
+        self.factor_update_freq = factor_update_freq
+        self.inverse_update_freq = inverse_update_freq
+        self.kl_clip = kl_clip
+        self.grad_scaler = grad_scaler
+        self.preconditioner = KroneckerPreconditioner(
+            model,
+            domain=domain,
+            codomain=codomain,
+            exponent=exponent,
+            damping_method=damping_method,
+            fisher=fisher,
+            loss=loss,
+            loss_reduction=loss_reduction,
+            generator=generator,
+        )
+        self.steps = 0
+        self._nonfinite_steps = torch.zeros((), dtype=torch.long, device=params[0].device)
+        self._warned_nonfinite = False
+
+    # --- the update --------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update; ``closure`` (forward and backward) is called first if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        directions = self._directions()
+        finite = _all_finite(directions.values())
+        pre = self.preconditioner
+        if pre.capture.active:
+            pre.update_factors(self.factor_decay, self._loss_scale(), finite)
+        if self.steps % self.inverse_update_freq == 0:
+            self._refresh_inverses()
+        elif pre.capture.active and pre.missing_inverses():
+            self._refresh_inverses(only_missing=True)
+
+        self._precondition(directions)
+        self._apply(directions, finite)
+
+        self.steps += 1
+        pre.capture.active = self.steps % self.factor_update_freq == 0
+        return loss
+
+    def _directions(self) -> dict[Tensor, Tensor]:
+        """``grad + weight_decay · param`` for every parameter with a gradient."""
+        directions: dict[Tensor, Tensor] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if group["weight_decay"] != 0:
+                    d = d.add(p, alpha=group["weight_decay"])
+                directions[p] = d
+        return directions
+
+    def _preconditioned(
+        self, directions: dict[Tensor, Tensor]
+    ) -> tuple[list[LayerStep], Tensor | float]:
+        """Each layer's direction matrix and its preconditioned version, and the KL clip
+        factor ``ν`` that scales all of them (1.0 without clipping)."""
+        group_of = self._group_of()
+        steps: list[LayerStep] = []
+        kl_terms = []
+        for layer in self.preconditioner.active_layers():
+            weight, bias = layer.module.weight, layer.module.bias  # type: ignore[union-attr]
+            if weight not in directions:
+                continue
+            matrix = layer.math.to_matrix(directions[weight], directions.get(bias))
+            preconditioned = self.preconditioner.precondition(layer.name, matrix)
+            if preconditioned is None:
+                continue
+            lr = float(group_of[weight]["lr"])
+            kl_terms.append(lr**2 * frobenius_inner(matrix, preconditioned, check=False).sum())
+            steps.append(LayerStep(layer, matrix, preconditioned, lr))
+        nu: Tensor | float = 1.0
+        if self.kl_clip is not None and kl_terms:
+            nu = torch.sqrt(self.kl_clip / torch.stack(kl_terms).sum()).clamp(max=1.0)
+        return steps, nu
+
+    def _precondition(self, directions: dict[Tensor, Tensor]) -> None:
+        """Replace each layer's direction by its preconditioned, KL-clipped version."""
+        steps, nu = self._preconditioned(directions)
+        for step in steps:
+            weight, bias = step.layer.module.weight, step.layer.module.bias  # type: ignore[union-attr]
+            new_weight, new_bias = step.layer.math.from_matrix(step.preconditioned * nu)
+            directions[weight] = new_weight
+            if bias is not None and bias in directions:
+                directions[bias] = new_bias  # type: ignore[assignment]
+
+    def diagnostics(self) -> dict[str, float]:
+        """Per-layer diagnostics of the step the current gradients give (see
+        :func:`kfrob.diagnostics.step_diagnostics`); call it after ``backward()``."""
+        from kfrob.diagnostics import step_diagnostics
+
+        return step_diagnostics(self)
+
+    def _apply(self, directions: dict[Tensor, Tensor], finite: Tensor) -> None:
+        """Momentum and the parameter update, as in ``torch.optim.SGD``; nothing changes
+        (parameters or momentum) when ``finite`` is False."""
+        self._nonfinite_steps += (~finite).long()
+        for group in self.param_groups:
+            momentum, lr = group["momentum"], group["lr"]
+            for p in group["params"]:
+                d = directions.get(p)
+                if d is None:
+                    continue
+                if momentum != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = torch.where(finite, d, torch.zeros_like(d)).detach().clone()
+                        state["momentum_buffer"] = buf
+                    else:
+                        buf.copy_(torch.where(finite, buf * momentum + d, buf))
+                    d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
+                p.add_(torch.where(finite, d, torch.zeros_like(d)), alpha=-lr)
+
+    def _refresh_inverses(self, only_missing: bool = False) -> None:
+        group_of = self._group_of()
+        damping = {
+            name: float(group_of[layer.module.weight]["damping"])  # type: ignore[index]
+            for name, layer in self.preconditioner.layers.items()
+        }
+        self.preconditioner.update_inverses(damping, only_missing=only_missing)
+        if not self._warned_nonfinite and int(self._nonfinite_steps) > 0:
+            self._warned_nonfinite = True
+            warnings.warn(
+                "kfrob: skipped a step with non-finite gradients; parameters, momentum and "
+                "factors were left unchanged (warned once)",
+                stacklevel=3,
+            )
+
+    def _loss_scale(self) -> Tensor | None:
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler._get_scale_async()  # the scale as a tensor: no host sync
+
+    def _group_of(self) -> dict[Tensor, dict[str, Any]]:
+        return {p: group for group in self.param_groups for p in group["params"]}
+
+    # --- persistence and lifetime -------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state plus kfrob's: factors, inverses, step counter."""
+        state = super().state_dict()
+        state["kfrob"] = {
+            "steps": self.steps,
+            "nonfinite_steps": self._nonfinite_steps,
+            "preconditioner": self.preconditioner.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("kfrob", None)
+        if extra is None:
+            raise ValueError("state_dict has no 'kfrob' entry: not a FrobPreconditionedSGD state")
+        self.preconditioner.load_state_dict(extra["preconditioner"])
+        super().load_state_dict(state_dict)
+        self.steps = int(extra["steps"])
+        self._nonfinite_steps = extra["nonfinite_steps"].to(self._nonfinite_steps.device)
+        self.preconditioner.capture.active = self.steps % self.factor_update_freq == 0
+
+    def close(self) -> None:
+        """Remove kfrob's hooks from the model (idempotent)."""
+        self.preconditioner.remove_hooks()
+
+    def __enter__(self) -> FrobPreconditionedSGD:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        plain = sorted({*self.preconditioner.unsupported, *self.preconditioner.disabled})
+        if plain:
+            text += f"\nPlain SGD for: {', '.join(plain)}"
+        return text
+
+
+def _all_finite(tensors: Any) -> Tensor:
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+
+
+def _check_hyperparameters(args: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first invalid argument and its allowed range."""
+
+    def require(name: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"invalid {name}={args[name]!r}: expected {allowed}")
+
+    def number(name: str) -> bool:
+        value = args[name]
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+            value
+        )
+
+    def positive_int(name: str) -> bool:
+        value = args[name]
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    require("lr", number("lr") and args["lr"] >= 0, "a finite number >= 0")
+    require("momentum", number("momentum") and 0 <= args["momentum"] < 1, "a number in [0, 1)")
+    require("nesterov", isinstance(args["nesterov"], bool), "a bool")
+    require("nesterov", not args["nesterov"] or args["momentum"] > 0, "momentum > 0 with it")
+    require("weight_decay", number("weight_decay") and args["weight_decay"] >= 0, ">= 0")
+    require("damping", number("damping") and args["damping"] > 0, "a finite number > 0")
+    require(
+        "factor_decay", number("factor_decay") and 0 <= args["factor_decay"] < 1, "[0, 1)"
+    )
+    require("factor_update_freq", positive_int("factor_update_freq"), "an integer >= 1")
+    require("inverse_update_freq", positive_int("inverse_update_freq"), "an integer >= 1")
+    require(
+        "kl_clip",
+        args["kl_clip"] is None or (number("kl_clip") and args["kl_clip"] > 0),
+        "None or a finite number > 0",
+    )
+    def choice(name: str, options: tuple[str, ...]) -> None:
+        require(name, args[name] in options, f"one of {options}")
+
+    choice("domain", DOMAINS)
+    choice("codomain", CODOMAINS)
+    require("exponent", number("exponent") and args["exponent"] > 0, "a finite number > 0")
+    choice("damping_method", DAMPING_METHODS)
+    choice("fisher", FISHERS)
+    choice("loss_reduction", LOSS_REDUCTIONS)
+    losses = tuple(SAMPLED_LOSSES)
+    if args["fisher"] == "mc" or args["loss"] is not None:
+        choice("loss", losses)
