@@ -1,0 +1,143 @@
+"""The norm family inside the optimizer: least-squares exactness, the MC Fisher, diagnostics."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfrob import FrobPreconditionedSGD
+from kfrob.diagnostics import fisher_trace
+from tests.reference import vec
+
+
+def test_covariance_preconditioning_solves_least_squares_in_one_step() -> None:
+    """``min ½‖X Wᵀ − Y‖²/N``: one step of ``∇W A⁻¹`` with lr 1 lands on the LS solution."""
+    gen = torch.Generator().manual_seed(0)
+    n, d_in, d_out = 200, 6, 3
+    x = torch.randn(n, d_in, generator=gen) * torch.linspace(0.2, 3.0, d_in)
+    y = torch.randn(n, d_out, generator=gen)
+    layer = nn.Linear(d_in, d_out, bias=False)
+    opt = FrobPreconditionedSGD(
+        layer, lr=1.0, damping=1e-9, kl_clip=None, domain="covariance", codomain="identity"
+    )
+    loss = 0.5 * (layer(x) - y).square().sum() / n
+    loss.backward()
+    opt.step()
+    solution = torch.linalg.lstsq(x.double(), y.double()).solution.T
+    torch.testing.assert_close(layer.weight.double(), solution, rtol=1e-4, atol=1e-5)
+    assert opt.preconditioner.layers[""].codomain is None  # no G recorded or stored
+
+
+def test_mc_fisher_converges_to_closed_form_for_softmax() -> None:
+    """Last linear layer, softmax cross-entropy: ``E[g gᵀ] = mean_n diag(p_n) − p_n p_nᵀ``."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 5)
+    base = torch.randn(8, 4)
+    with torch.no_grad():
+        p = torch.softmax(layer(base), -1).double()
+    closed_form = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+
+    errors = []
+    for repeats in (16, 2048):
+        x = base.repeat(repeats, 1)
+        targets = torch.zeros(len(x), dtype=torch.long)  # training labels: irrelevant to G
+        opt = FrobPreconditionedSGD(
+            layer, lr=0.0, fisher="mc", loss="cross_entropy",
+            generator=torch.Generator().manual_seed(1),
+        )
+        F.cross_entropy(layer(x), targets).backward()
+        grad_before_step = layer.weight.grad.clone()
+        opt.step()
+        opt.close()
+        _, g = opt.preconditioner.factors()[""]
+        errors.append((g.double() - closed_form).abs().max().item())
+        # the training gradients are untouched by the sampled backward
+        layer.zero_grad()
+        F.cross_entropy(layer(x), targets).backward()
+        torch.testing.assert_close(grad_before_step, layer.weight.grad)
+        layer.zero_grad()
+    assert errors[1] < 0.01 < errors[0], errors
+
+
+def test_mc_fisher_for_mse_is_identity_on_last_layer() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    x = torch.randn(20000, 3)
+    opt = FrobPreconditionedSGD(layer, lr=0.0, fisher="mc", loss="mse")
+    F.mse_loss(layer(x), torch.zeros(20000, 2)).backward()
+    opt.step()
+    _, g = opt.preconditioner.factors()[""]
+    torch.testing.assert_close(g, torch.eye(2), atol=0.03, rtol=0)
+
+
+def test_mc_fisher_trains_a_classifier() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 10, generator=gen)
+    y = (x @ torch.randn(10, 3, generator=gen)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = FrobPreconditionedSGD(model, lr=0.3, momentum=0.9, fisher="mc", loss="cross_entropy")
+    first = F.cross_entropy(model(x), y).item()
+    for _ in range(40):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert F.cross_entropy(model(x), y).item() < 0.5 * first
+
+
+def test_step_diagnostics_match_dense_references() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    lr, damping = 0.2, 0.05
+    opt = FrobPreconditionedSGD(layer, lr=lr, damping=damping, kl_clip=1e-4)
+    x, t = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(layer(x), t).backward()
+        opt.step()
+    opt.zero_grad()
+    F.cross_entropy(layer(x), t).backward()
+    stats = opt.diagnostics()
+
+    a, g = (f.double() for f in opt.preconditioner.factors()[""])
+    grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).double()
+    metric = torch.kron(a, g)
+    damped = metric + damping * torch.eye(metric.shape[0], dtype=torch.float64)
+    direction = torch.linalg.solve(damped, vec(grad))
+    kl = lr**2 * vec(grad) @ direction
+    nu = min(1.0, (1e-4 / kl).sqrt().item())
+    update = lr * nu * direction
+    expected = {
+        "/grad_norm": grad.norm(),
+        "/grad_norm_metric": (vec(grad) @ direction).sqrt(),
+        "/update_norm": update.norm(),
+        "/update_norm_metric": (update @ metric @ update).sqrt(),
+        "/cond_A": torch.linalg.cond(a),
+        "/cond_G": torch.linalg.cond(g),
+        "/damping": damping,
+        "kl_clip_factor": nu,
+        "fisher_trace": torch.trace(metric),
+    }
+    for key, value in expected.items():
+        assert abs(stats[key] - float(value)) <= 1e-3 * abs(float(value)) + 1e-6, key
+    s = torch.linalg.svdvals(torch.cat([layer.weight, layer.bias[:, None]], 1).detach())
+    assert abs(stats["/nuclear_frobenius_ratio"] - (s.sum() / s.norm()).item()) < 1e-5
+
+
+def test_fisher_trace_of_grouped_conv_sums_blocks() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = FrobPreconditionedSGD(model, lr=0.0)
+    F.cross_entropy(model(torch.randn(8, 4, 6)), torch.randint(0, 2, (8,))).backward()
+    opt.step()
+    want = sum(
+        torch.trace(torch.kron(a[k], g[k])) if a.dim() == 3 else torch.trace(torch.kron(a, g))
+        for a, g in opt.preconditioner.factors().values()
+        for k in range(a.shape[0] if a.dim() == 3 else 1)
+    )
+    torch.testing.assert_close(fisher_trace(opt), torch.as_tensor(want), rtol=1e-5, atol=1e-6)
