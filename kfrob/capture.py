@@ -15,6 +15,7 @@ untouched.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -65,6 +66,7 @@ class CurvatureCapture:
         self.layers = list(layers)
         self._sampled_loss = sampled_loss
         self._generator = generator
+        self._warned_output = False
         self._handles: list[RemovableHandle] = [
             layer.module.register_forward_hook(partial(self._on_forward, layer))
             for layer in self.layers
@@ -98,7 +100,16 @@ class CurvatureCapture:
         recorded = [(layer, out) for layer in self.layers for out in layer.outputs]
         for layer in self.layers:
             layer.outputs = []
-        if not recorded or not isinstance(output, Tensor) or self._sampled_loss is None:
+        if not recorded or self._sampled_loss is None:
+            return
+        if not isinstance(output, Tensor):
+            if not self._warned_output:
+                self._warned_output = True
+                warnings.warn(
+                    "kfrob: fisher='mc' needs the model to return one tensor of predictions; "
+                    f"got {type(output).__name__}, so G is not updated (warned once)",
+                    stacklevel=2,
+                )
             return
         loss = self._sampled_loss(output, self._generator)
         grads = torch.autograd.grad(

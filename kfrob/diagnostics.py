@@ -267,8 +267,10 @@ def fisher_trace(optimizer: FrobPreconditionedSGD) -> Tensor:
     curvature, read off the running factors at no extra cost (identity sides count
     ``tr(I) = n``). A 0-dim tensor on the factors' device."""
     traces = [
-        (torch.diagonal(a, dim1=-2, dim2=-1).sum(-1) * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1))
-        .sum()
+        (
+            torch.diagonal(a, dim1=-2, dim2=-1).sum(-1)
+            * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)
+        ).sum()
         for a, g in optimizer.preconditioner.factors().values()
     ]
     return torch.stack(traces).sum() if traces else torch.zeros(())

@@ -110,16 +110,16 @@ class InverseFactors:
 
 
 def decompose(factor: Tensor, diagonal: bool = False) -> Side | None:
-    """Eigendecomposition of a symmetric PSD ``factor`` ``(k, n, n)``, or of its diagonal.
+    """Eigendecomposition of a symmetric PSD ``factor`` ``(k, n, n)``, or of a diagonal one
+    given as ``(k, n)``.
 
     A full decomposition uses ``torch.linalg.eigh``; if that fails or yields non-finite
     values it is retried once in float64 with a jitter of ``1e-6·mean(diag)``. Returns
     ``None`` when both attempts fail (callers then keep their last good decomposition).
     Negative round-off eigenvalues are clipped to zero.
     """
-    if diagonal:
-        eigenvalues = torch.diagonal(factor, dim1=-2, dim2=-1) if factor.dim() == 3 else factor
-        return Side(None, eigenvalues.clamp(min=0))
+    if diagonal:  # a diagonal factor is held as its diagonal (k, n)
+        return Side(None, factor.clamp(min=0))
     for attempt in range(2):
         matrix = factor if attempt == 0 else factor.double()
         if attempt == 1:

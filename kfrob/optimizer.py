@@ -84,8 +84,11 @@ class FrobPreconditionedSGD(Optimizer):
         damping_method: ``"exact"`` (eigendecompositions; damps ``A ⊗ G`` exactly) or
             ``"factored"`` (π-damping of each factor, Cholesky inverses when ``p = 1``).
         fisher: ``"empirical"`` (training-loss gradients) or ``"mc"`` (labels drawn from
-            the model; needs ``loss``).
-        loss: ``"cross_entropy"`` or ``"mse"``: the training loss, for ``fisher="mc"``.
+            the model; needs ``loss``). ``None`` (default) means ``"mc"`` when ``loss`` is
+            given and ``"empirical"`` otherwise: the MC Fisher reached the target accuracy
+            in fewer steps and seconds in ``scripts/fisher_choice.py``, but only the
+            empirical one needs nothing to be known about the loss.
+        loss: ``"cross_entropy"`` or ``"mse"``: the training loss (for the MC Fisher).
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over samples; with
             gradient accumulation, each micro-batch loss is divided by their number.
         grad_scaler: the ``torch.amp.GradScaler`` whose loss scale the backward pass runs
@@ -110,7 +113,7 @@ class FrobPreconditionedSGD(Optimizer):
         codomain: str = "fisher",
         exponent: float = 1.0,
         damping_method: str = "exact",
-        fisher: str = "empirical",
+        fisher: str | None = None,
         loss: str | None = None,
         loss_reduction: str = "mean",
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -122,6 +125,8 @@ class FrobPreconditionedSGD(Optimizer):
         if not params:
             raise ValueError("model has no parameters to optimize")
         _check_hyperparameters(locals())
+        if fisher is None:
+            fisher = "mc" if loss is not None else "empirical"
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -329,8 +334,8 @@ def _check_hyperparameters(args: dict[str, Any]) -> None:
 
     def number(name: str) -> bool:
         value = args[name]
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
-            value
+        return (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
         )
 
     def positive_int(name: str) -> bool:
@@ -343,9 +348,7 @@ def _check_hyperparameters(args: dict[str, Any]) -> None:
     require("nesterov", not args["nesterov"] or args["momentum"] > 0, "momentum > 0 with it")
     require("weight_decay", number("weight_decay") and args["weight_decay"] >= 0, ">= 0")
     require("damping", number("damping") and args["damping"] > 0, "a finite number > 0")
-    require(
-        "factor_decay", number("factor_decay") and 0 <= args["factor_decay"] < 1, "[0, 1)"
-    )
+    require("factor_decay", number("factor_decay") and 0 <= args["factor_decay"] < 1, "[0, 1)")
     require("factor_update_freq", positive_int("factor_update_freq"), "an integer >= 1")
     require("inverse_update_freq", positive_int("inverse_update_freq"), "an integer >= 1")
     require(
@@ -353,6 +356,7 @@ def _check_hyperparameters(args: dict[str, Any]) -> None:
         args["kl_clip"] is None or (number("kl_clip") and args["kl_clip"] > 0),
         "None or a finite number > 0",
     )
+
     def choice(name: str, options: tuple[str, ...]) -> None:
         require(name, args[name] in options, f"one of {options}")
 
@@ -360,7 +364,8 @@ def _check_hyperparameters(args: dict[str, Any]) -> None:
     choice("codomain", CODOMAINS)
     require("exponent", number("exponent") and args["exponent"] > 0, "a finite number > 0")
     choice("damping_method", DAMPING_METHODS)
-    choice("fisher", FISHERS)
+    fisher_ok = args["fisher"] is None or args["fisher"] in FISHERS
+    require("fisher", fisher_ok, f"None or one of {FISHERS}")
     choice("loss_reduction", LOSS_REDUCTIONS)
     losses = tuple(SAMPLED_LOSSES)
     if args["fisher"] == "mc" or args["loss"] is not None:

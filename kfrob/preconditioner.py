@@ -142,8 +142,10 @@ class KroneckerPreconditioner:
             math = layer.math
             pair = tuple(
                 _as_matrix(factor, math.blocks, size, layer.module.weight.device)  # type: ignore[union-attr]
-                for factor, size in ((layer.domain, math.in_features),
-                                     (layer.codomain, math.out_features))
+                for factor, size in (
+                    (layer.domain, math.in_features),
+                    (layer.codomain, math.out_features),
+                )
             )
             a, g = (m.squeeze(0) if math.blocks == 1 else m for m in pair)
             out[name] = (a, g)
@@ -164,8 +166,12 @@ class KroneckerPreconditioner:
         ``grad_scale`` is the loss scale the backward pass ran under; it is removed from
         ``G``. ``accept`` (a bool tensor) can veto the window, e.g. for non-finite gradients.
         """
-        pending = [(f, f is layer.codomain) for layer in self.layers.values()
-                   for f in layer.factors if f.pending]
+        pending = [
+            (f, f is layer.codomain)
+            for layer in self.layers.values()
+            for f in layer.factors
+            if f.pending
+        ]
         if not pending:
             return
         stats = []
@@ -226,8 +232,10 @@ class KroneckerPreconditioner:
     def _inverse(self, layer: TrackedLayer, damping: float) -> Inverse | None:
         math = layer.math
         factors = (layer.codomain, layer.domain)
-        if self.damping_method == "factored" and self.exponent == 1.0 and all(
-            f is None or not f.diagonal for f in factors
+        if (
+            self.damping_method == "factored"
+            and self.exponent == 1.0
+            and all(f is None or not f.diagonal for f in factors)
         ):
             values = [f.value if f is not None else None for f in factors]
             return factored_inverses(values[0], values[1], damping)

@@ -57,8 +57,9 @@ CONVS = {
     "conv1d-same-dilated": lambda: nn.Conv1d(2, 3, 4, padding="same", dilation=2, bias=False),
     "conv1d-circular": lambda: nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular"),
     "conv2d": lambda: nn.Conv2d(2, 3, 3),
-    "conv2d-stride-pad-dilate": lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(2, 1),
-                                                   dilation=(1, 2)),
+    "conv2d-stride-pad-dilate": lambda: nn.Conv2d(
+        2, 3, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2)
+    ),
     "conv2d-same-even": lambda: nn.Conv2d(2, 3, 4, padding="same", bias=False),
     "conv2d-reflect": lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"),
     "conv2d-grouped": lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1),

@@ -45,7 +45,10 @@ def test_mc_fisher_converges_to_closed_form_for_softmax() -> None:
         x = base.repeat(repeats, 1)
         targets = torch.zeros(len(x), dtype=torch.long)  # training labels: irrelevant to G
         opt = FrobPreconditionedSGD(
-            layer, lr=0.0, fisher="mc", loss="cross_entropy",
+            layer,
+            lr=0.0,
+            fisher="mc",
+            loss="cross_entropy",
             generator=torch.Generator().manual_seed(1),
         )
         F.cross_entropy(layer(x), targets).backward()
@@ -141,3 +144,34 @@ def test_fisher_trace_of_grouped_conv_sums_blocks() -> None:
         for k in range(a.shape[0] if a.dim() == 3 else 1)
     )
     torch.testing.assert_close(fisher_trace(opt), torch.as_tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_mc_fisher_warns_once_when_the_model_output_is_not_a_tensor() -> None:
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.linear(x)}
+
+    model = Wrapped()
+    opt = FrobPreconditionedSGD(model, lr=0.1, fisher="mc", loss="cross_entropy")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(
+                model(torch.randn(4, 3))["logits"], torch.zeros(4, dtype=torch.long)
+            ).backward()
+            opt.step()
+    assert sum("fisher='mc' needs" in str(r.message) for r in record) == 1
+    assert not opt.preconditioner.layers["linear"].codomain.pending
+
+
+def test_default_fisher_is_mc_when_the_loss_is_known() -> None:
+    layer = nn.Linear(3, 2)
+    assert FrobPreconditionedSGD(layer, lr=0.1, loss="cross_entropy").preconditioner.fisher == "mc"
+    assert FrobPreconditionedSGD(layer, lr=0.1).preconditioner.fisher == "empirical"
+    forced = FrobPreconditionedSGD(layer, lr=0.1, fisher="empirical", loss="mse")
+    assert forced.preconditioner.fisher == "empirical"

@@ -33,8 +33,10 @@ def small_model() -> nn.Module:
 
 def batches(n: int, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 2, 8, generator=gen), torch.randint(0, 3, (8,), generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randn(8, 2, 8, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[tuple[Tensor, Tensor]]) -> None:
@@ -83,15 +85,28 @@ def test_identity_factors_take_sgd_steps_scaled_by_damping(monkeypatch: pytest.M
     data = batches(4)
     train(model, opt, data)
     # Plain-SGD modules (LayerNorm) move with lr 0.1, Kronecker layers with lr 0.1 / (1 + λ).
-    layer_params = {id(p) for m in model.modules()
-                    if isinstance(m, nn.Linear | nn.Conv1d) for p in m.parameters()}
-    scaled = [p for p in reference.parameters() if id(p) in {
-        id(q) for m in reference.modules() if isinstance(m, nn.Linear | nn.Conv1d)
-        for q in m.parameters()}]
+    layer_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv1d)
+        for p in m.parameters()
+    }
+    scaled = [
+        p
+        for p in reference.parameters()
+        if id(p)
+        in {
+            id(q)
+            for m in reference.modules()
+            if isinstance(m, nn.Linear | nn.Conv1d)
+            for q in m.parameters()
+        }
+    ]
     plain = [p for p in reference.parameters() if all(p is not q for q in scaled)]
     sgd = torch.optim.SGD(
         [{"params": scaled, "lr": 0.1 / (1 + damping)}, {"params": plain, "lr": 0.1}],
-        momentum=0.9, weight_decay=1e-2,
+        momentum=0.9,
+        weight_decay=1e-2,
     )
     train(reference, sgd, data)
     assert len(layer_params) == len(scaled)
@@ -184,8 +199,9 @@ def test_kl_clip_scales_all_layers_by_one_factor() -> None:
     for name, layer in pre.layers.items():
         weight_step, _ = layer.math.from_matrix(-lr * nu * expected[name])
         idx = next(i for i, p in enumerate(model.parameters()) if p is layer.module.weight)
-        torch.testing.assert_close(layer.module.weight - before[idx], weight_step,
-                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            layer.module.weight - before[idx], weight_step, rtol=1e-4, atol=1e-7
+        )
 
 
 def test_state_dict_resume_equals_uninterrupted_training() -> None:
@@ -378,8 +394,7 @@ def test_eval_and_no_grad_passes_do_not_touch_factors() -> None:
         model(x)
     with torch.inference_mode():
         model(x)
-    assert all(not f.pending for layer in opt.preconditioner.layers.values()
-               for f in layer.factors)
+    assert all(not f.pending for layer in opt.preconditioner.layers.values() for f in layer.factors)
 
 
 def test_close_removes_every_hook() -> None:

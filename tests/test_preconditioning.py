@@ -71,14 +71,19 @@ def test_grouped_conv_matches_blockwise_dense_solve(method: str) -> None:
 
 @pytest.mark.parametrize(
     ("domain", "codomain"),
-    [("diagonal", "fisher"), ("covariance", "identity"), ("identity", "diagonal"),
-     ("diagonal", "diagonal")],
+    [
+        ("diagonal", "fisher"),
+        ("covariance", "identity"),
+        ("identity", "diagonal"),
+        ("diagonal", "diagonal"),
+    ],
 )
 @pytest.mark.parametrize("method", ["exact", "factored"])
 def test_other_inner_products_match_dense_solve(domain: str, codomain: str, method: str) -> None:
     damping = 0.05
-    opt = fitted(nn.Linear(5, 3), damping=damping, domain=domain, codomain=codomain,
-                 damping_method=method)
+    opt = fitted(
+        nn.Linear(5, 3), damping=damping, domain=domain, codomain=codomain, damping_method=method
+    )
     a, g = opt.preconditioner.factors()[""]
     if domain == "diagonal":
         assert torch.count_nonzero(a - torch.diag(torch.diagonal(a))) == 0
@@ -109,9 +114,7 @@ def test_pure_functions_on_random_spd_factors() -> None:
     torch.testing.assert_close(exact[0], dense_solve(a[0], g[0], v[0], 0.01))
     inverses = factored_inverses(g, a, 0.01)
     assert inverses is not None
-    torch.testing.assert_close(
-        inverses.apply(v)[0], factored_reference(a[0], g[0], v[0], 0.01)
-    )
+    torch.testing.assert_close(inverses.apply(v)[0], factored_reference(a[0], g[0], v[0], 0.01))
     factored_eigen = apply_eigen(v, sg, sa, eigen_scaling(sg, sa, 0.01, method="factored"))
     torch.testing.assert_close(factored_eigen, inverses.apply(v))
 
