@@ -16,6 +16,7 @@ untouched.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -67,15 +68,26 @@ class CurvatureCapture:
         self._sampled_loss = sampled_loss
         self._generator = generator
         self._warned_output = False
+        self.model_calls = 0
+        # Hooks hold the capture weakly: the model never keeps its optimizer alive.
         self._handles: list[RemovableHandle] = [
-            layer.module.register_forward_hook(partial(self._on_forward, layer))
+            layer.module.register_forward_hook(partial(_weak(self._on_forward), layer))
             for layer in self.layers
         ]
+        self._handles.append(model.register_forward_pre_hook(_weak(self._on_model_call)))
         if sampled_loss is not None:
-            self._handles.append(model.register_forward_hook(self._on_model_output))
+            self._handles.append(model.register_forward_hook(_weak(self._on_model_output)))
 
     def _recording(self, module: nn.Module) -> bool:
         return self.active and module.training and torch.is_grad_enabled()
+
+    def _on_model_call(self, module: nn.Module, args: Any) -> None:
+        if self._recording(module):
+            self.model_calls += 1
+
+    def calls_per_forward(self, factor: RunningFactor) -> int:
+        """How often the factor's module ran per forward pass of the model in this window."""
+        return max(1, factor.calls // max(1, self.model_calls))
 
     def _on_forward(self, layer: TrackedLayer, module: nn.Module, args: Any, output: Any) -> None:
         layer.forward_calls += 1
@@ -119,6 +131,10 @@ class CurvatureCapture:
             if grad is not None:
                 self._on_output_grad(layer, grad)
 
+    def new_window(self) -> None:
+        """Start counting the model's forward passes afresh (after a fold or discard)."""
+        self.model_calls = 0
+
     def remove(self) -> None:
         """Remove every hook; the model is left exactly as it was."""
         for handle in self._handles:
@@ -126,3 +142,14 @@ class CurvatureCapture:
         self._handles.clear()
         for layer in self.layers:
             layer.outputs = []
+
+
+def _weak(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A hook that calls the bound ``method`` while its object lives, else does nothing."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(*args: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args)
+
+    return hook

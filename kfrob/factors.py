@@ -9,10 +9,13 @@ window's statistic is
                                        ``c = 1`` for a sum-reduced one)
 
 i.e. ``G`` is the mean over samples of ``g gᵀ`` with ``g = c · dL/dy`` the gradient of each
-sample's own loss term (summed over locations for a convolution). Several backward passes
-before one step (gradient accumulation, each micro-batch loss divided by their number) are
-one window: their sums and counts add up. The statistic then enters an exponential moving
-average ``F ← decay·F + (1 − decay)·stat``; the first accepted statistic sets ``F``.
+sample's own loss term (summed over locations for a convolution). A module called ``r``
+times in one forward pass (shared weights, recurrent use) adds ``r`` batches of rows per
+sample: its calls are treated like locations, so ``samples`` is divided by ``r``. Several
+backward passes before one step (gradient accumulation, each micro-batch loss divided by
+their number) are one window: their sums and counts add up. The statistic then enters an
+exponential moving average ``F ← decay·F + (1 − decay)·stat``; the first accepted statistic
+sets ``F``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class RunningFactor:
         self._sum = torch.zeros(shape, device=device)
         self.rows = 0
         self.samples = 0
+        self.calls = 0
 
     @property
     def pending(self) -> bool:
@@ -65,14 +69,17 @@ class RunningFactor:
             self._sum.baddbmm_(rows.mT, rows)
         self.rows += rows.shape[1]
         self.samples += samples
+        self.calls += 1
 
-    def statistic(self, reduction: str = "mean") -> Tensor:
-        """The window's statistic (see the module docstring); ``reduction`` is the loss's."""
+    def statistic(self, reduction: str = "mean", calls_per_forward: int = 1) -> Tensor:
+        """The window's statistic (see the module docstring); ``reduction`` is the loss's,
+        ``calls_per_forward`` how often the module ran in each forward pass."""
         if not self.per_sample_scale:
             return self._sum / self.rows
+        samples = self.samples / calls_per_forward
         if reduction == "mean":
-            return self._sum * self.samples
-        return self._sum / self.samples
+            return self._sum * samples
+        return self._sum / samples
 
     def fold(self, statistic: Tensor, decay: float, accept: Tensor) -> None:
         """Move the average towards ``statistic`` where ``accept`` (a bool tensor) holds.
@@ -89,14 +96,12 @@ class RunningFactor:
         self._sum.zero_()
         self.rows = 0
         self.samples = 0
+        self.calls = 0
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"value": self.value, "initialized": self.initialized}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        value = state["value"]
-        if value.shape != self.value.shape:
-            raise ValueError(f"factor shape {tuple(value.shape)} != {tuple(self.value.shape)}")
-        self.value = value.to(self.value)
+        self.value = state["value"].to(self.value)
         self.initialized = state["initialized"].to(self.initialized)
         self.discard()

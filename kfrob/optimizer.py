@@ -124,6 +124,11 @@ class FrobPreconditionedSGD(Optimizer):
         params = list(model.parameters())
         if not params:
             raise ValueError("model has no parameters to optimize")
+        if any(p.is_meta for p in params):
+            raise ValueError(
+                "model has parameters on the meta device: materialise it (e.g. "
+                "model.to_empty(device=...) and initialise) before creating the optimizer"
+            )
         _check_hyperparameters(locals())
         if fisher is None:
             fisher = "mc" if loss is not None else "empirical"
@@ -296,8 +301,9 @@ class FrobPreconditionedSGD(Optimizer):
         extra = state_dict.pop("kfrob", None)
         if extra is None:
             raise ValueError("state_dict has no 'kfrob' entry: not a FrobPreconditionedSGD state")
-        self.preconditioner.load_state_dict(extra["preconditioner"])
+        self.preconditioner.check_state_dict(extra["preconditioner"])
         super().load_state_dict(state_dict)
+        self.preconditioner.load_state_dict(extra["preconditioner"])
         self.steps = int(extra["steps"])
         self._nonfinite_steps = extra["nonfinite_steps"].to(self._nonfinite_steps.device)
         self.preconditioner.capture.active = self.steps % self.factor_update_freq == 0

@@ -96,22 +96,34 @@ class KroneckerPreconditioner:
 
     # --- set-up --------------------------------------------------------------------------
     def _collect_layers(self, model: nn.Module) -> None:
-        for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False)]
-            if not own:
+        owners: dict[int, list[str]] = {}
+        modules = list(model.named_modules())
+        for name, module in modules:
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(name)
+        for name, module in modules:
+            if not list(module.parameters(recurse=False)):
                 continue
             math = layer_math(module)
-            if math is None:
-                self.unsupported[name or type(module).__name__] = str(unsupported_reason(module))
-                continue
-            device = module.weight.device  # type: ignore[union-attr]
-            self.layers[name] = TrackedLayer(
-                name,
-                module,
-                math,
-                self._factor(self.domain, math.blocks, math.in_features, False, device),
-                self._factor(self.codomain, math.blocks, math.out_features, True, device),
+            shared = sorted(
+                {other for p in module.parameters(recurse=False) for other in owners[id(p)]}
+                - {name}
             )
+            label = name or type(module).__name__
+            if math is None:
+                self.unsupported[label] = str(unsupported_reason(module))
+            elif shared:
+                tied = ", ".join(other or type(model).__name__ for other in shared)
+                self.unsupported[label] = f"its parameters are tied to {tied}"
+            else:
+                device = module.weight.device  # type: ignore[union-attr]
+                self.layers[name] = TrackedLayer(
+                    name,
+                    module,
+                    math,
+                    self._factor(self.domain, math.blocks, math.in_features, False, device),
+                    self._factor(self.codomain, math.blocks, math.out_features, True, device),
+                )
         if self.unsupported:
             listing = "; ".join(f"{n} ({why})" for n, why in self.unsupported.items())
             warnings.warn(
@@ -176,7 +188,8 @@ class KroneckerPreconditioner:
             return
         stats = []
         for factor, is_codomain in pending:
-            stat = factor.statistic(self.loss_reduction)
+            repeats = self.capture.calls_per_forward(factor)
+            stat = factor.statistic(self.loss_reduction, repeats)
             if is_codomain and grad_scale is not None:
                 stat = stat / grad_scale.to(stat).square()
             stats.append(stat)
@@ -184,6 +197,7 @@ class KroneckerPreconditioner:
         accept = finite if accept is None else finite & accept.to(finite.device)
         for (factor, _), stat in zip(pending, stats, strict=True):
             factor.fold(stat, decay, accept)
+        self.capture.new_window()
         self.skipped_windows = self.skipped_windows.to(accept.device) + (~accept).long()
 
     def discard_pending(self) -> None:
@@ -191,6 +205,7 @@ class KroneckerPreconditioner:
         for layer in self.layers.values():
             for factor in layer.factors:
                 factor.discard()
+        self.capture.new_window()
 
     # --- inverses ------------------------------------------------------------------------
     def missing_inverses(self) -> bool:
@@ -290,8 +305,11 @@ class KroneckerPreconditioner:
             "skipped_windows": self.skipped_windows,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state["layers"]
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the layer if ``state`` does not fit this model."""
+        saved = state.get("layers") if isinstance(state, dict) else None
+        if not isinstance(saved, dict):
+            raise ValueError("kfrob state has no 'layers' entry")
         missing = sorted(set(self.layers) - set(saved))
         extra = sorted(set(saved) - set(self.layers))
         if missing or extra:
@@ -302,14 +320,22 @@ class KroneckerPreconditioner:
         for name, layer in self.layers.items():
             for side in ("domain", "codomain"):
                 factor: RunningFactor | None = getattr(layer, side)
-                entry = saved[name][side]
+                entry = saved[name].get(side)
                 if (factor is None) != (entry is None):
                     raise ValueError(f"kfrob state for layer {name!r}: {side} factor mismatch")
-                if factor is not None:
-                    try:
-                        factor.load_state_dict(entry)
-                    except ValueError as err:
-                        raise ValueError(f"kfrob state for layer {name!r}: {err}") from None
+                if factor is not None and entry["value"].shape != factor.value.shape:
+                    raise ValueError(
+                        f"kfrob state for layer {name!r}: {side} factor of shape "
+                        f"{tuple(entry['value'].shape)}, expected {tuple(factor.value.shape)}"
+                    )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load factors and inverses onto each layer's device; nothing changes on error."""
+        self.check_state_dict(state)
+        saved = state["layers"]
+        for name, layer in self.layers.items():
+            for factor, entry in zip(layer.factors, _present(saved[name]), strict=True):
+                factor.load_state_dict(entry)
             device = layer.module.weight.device  # type: ignore[union-attr]
             inverse = saved[name]["inverse"]
             if inverse is None:
@@ -322,6 +348,11 @@ class KroneckerPreconditioner:
 
     def remove_hooks(self) -> None:
         self.capture.remove()
+
+
+def _present(entry: dict[str, Any]) -> list[dict[str, Tensor]]:
+    """The saved factor states of a layer in ``TrackedLayer.factors`` order."""
+    return [entry[side] for side in ("domain", "codomain") if entry[side] is not None]
 
 
 def _as_matrix(

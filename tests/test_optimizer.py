@@ -74,7 +74,7 @@ def test_identity_inner_products_take_sgd_steps(options: dict[str, object]) -> N
 def test_identity_factors_take_sgd_steps_scaled_by_damping(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``A = G = I`` exact damping gives ``g / (1 + λ)``: SGD with ``lr / (1 + λ)``."""
 
-    def identity_statistic(self: RunningFactor, reduction: str = "mean") -> Tensor:
+    def identity_statistic(self: RunningFactor, *args: object) -> Tensor:
         eye = torch.eye(self.value.shape[-1])
         return eye.expand_as(self.value).clone()
 
