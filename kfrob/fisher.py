@@ -26,6 +26,9 @@ def sampled_cross_entropy(logits: Tensor, generator: torch.Generator | None = No
     """Mean cross-entropy of ``logits (..., C)`` against labels drawn from ``softmax(logits)``."""
     flat = logits.reshape(-1, logits.shape[-1])
     probs = torch.softmax(flat.detach().float(), dim=-1)
+    # A non-finite batch must not crash the sampler: its rows get any valid distribution,
+    # and the non-finite gradients that follow make the factor update skip the window.
+    probs = torch.nan_to_num(probs, nan=1.0, posinf=1.0, neginf=0.0).clamp(min=0.0)
     labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return F.cross_entropy(flat, labels)
 

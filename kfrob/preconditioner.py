@@ -190,7 +190,9 @@ class KroneckerPreconditioner:
         for factor, is_codomain in pending:
             repeats = self.capture.calls_per_forward(factor)
             stat = factor.statistic(self.loss_reduction, repeats)
-            if is_codomain and grad_scale is not None:
+            # the MC Fisher differentiates its own, unscaled loss: only the empirical G
+            # carries the loss scale of the training backward
+            if is_codomain and grad_scale is not None and self.fisher == "empirical":
                 stat = stat / grad_scale.to(stat).square()
             stats.append(stat)
         finite = torch.stack([torch.isfinite(s).all() for s in stats]).all()

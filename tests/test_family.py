@@ -175,3 +175,46 @@ def test_default_fisher_is_mc_when_the_loss_is_known() -> None:
     assert FrobPreconditionedSGD(layer, lr=0.1).preconditioner.fisher == "empirical"
     forced = FrobPreconditionedSGD(layer, lr=0.1, fisher="empirical", loss="mse")
     assert forced.preconditioner.fisher == "empirical"
+
+
+def test_mc_fisher_survives_a_nan_batch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for bad in (False, True, False):
+        xb = x.clone()
+        if bad:
+            xb[0, 0] = float("nan")
+        opt.zero_grad()
+        F.cross_entropy(model(xb), y).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(
+        torch.isfinite(a).all() and torch.isfinite(g).all()
+        for a, g in opt.preconditioner.factors().values()
+    )
+
+
+def test_mc_fisher_ignores_the_training_loss_scale() -> None:
+    """The sampled loss is differentiated unscaled: a GradScaler must not touch MC's ``G``."""
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    factors = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=enabled)
+        opt = FrobPreconditionedSGD(
+            model,
+            lr=0.1,
+            loss="cross_entropy",
+            grad_scaler=scaler,
+            generator=torch.Generator().manual_seed(3),
+        )
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        factors.append(opt.preconditioner.factors())
+    for name, (_, g) in factors[0].items():
+        torch.testing.assert_close(factors[1][name][1], g)
