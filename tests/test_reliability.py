@@ -407,3 +407,25 @@ def test_every_invalid_argument_is_named(bad: tuple[str, object], base: dict) ->
     name, value = bad
     with pytest.raises(ValueError, match=rf"invalid {name}="):
         FrobPreconditionedSGD(nn.Linear(2, 2), **{**base, name: value})  # type: ignore[arg-type]
+
+
+def test_decomposition_retries_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = torch.linalg.eigh
+    seen = []
+
+    def float32_fails(matrix: Tensor) -> tuple[Tensor, Tensor]:
+        seen.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated float32 failure")
+        return real(matrix)
+
+    monkeypatch.setattr(kfrob.kronecker.torch.linalg, "eigh", float32_fails)
+    factor = torch.diag(torch.tensor([2.0, 1.0, 0.5])).unsqueeze(0)
+    side = kfrob.kronecker.decompose(factor)
+    assert side is not None and seen == [torch.float32, torch.float64]
+    assert side.eigenvalues.dtype == torch.float32
+    torch.testing.assert_close(
+        side.eigenvalues[0], torch.tensor([0.5, 1.0, 2.0]), rtol=1e-5, atol=0
+    )
+    bad = torch.full((1, 2, 2), float("inf"))
+    assert kfrob.kronecker.decompose(bad) is None  # both attempts fail: caller keeps its last
