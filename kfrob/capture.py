@@ -71,7 +71,9 @@ class CurvatureCapture:
         self.model_calls = 0
         # Hooks hold the capture weakly: the model never keeps its optimizer alive.
         self._handles: list[RemovableHandle] = [
-            layer.module.register_forward_hook(partial(_weak(self._on_forward), layer))
+            layer.module.register_forward_hook(
+                partial(_weak(self._on_forward), layer), with_kwargs=True
+            )
             for layer in self.layers
         ]
         self._handles.append(model.register_forward_pre_hook(_weak(self._on_model_call)))
@@ -87,14 +89,18 @@ class CurvatureCapture:
 
     def calls_per_forward(self, factor: RunningFactor) -> int:
         """How often the factor's module ran per forward pass of the model in this window."""
-        return max(1, factor.calls // max(1, self.model_calls))
+        if self.model_calls == 0:  # the model's own forward was not used: no repeats known
+            return 1
+        return max(1, factor.calls // self.model_calls)
 
-    def _on_forward(self, layer: TrackedLayer, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_forward(
+        self, layer: TrackedLayer, module: nn.Module, args: Any, kwargs: Any, output: Any
+    ) -> None:
         layer.forward_calls += 1
-        if not self._recording(module):
+        if not self._recording(module) or not module.weight.requires_grad:
             return
         if layer.domain is not None:
-            x = args[0]
+            x = args[0] if args else next(iter(kwargs.values()))
             layer.domain.add(layer.math.input_rows(x.detach()), layer.math.num_samples(x))
         if layer.codomain is None or not isinstance(output, Tensor) or not output.requires_grad:
             return

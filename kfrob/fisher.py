@@ -3,9 +3,11 @@
 For a model whose loss is the negative log-likelihood of a predictive distribution
 ``p(y | f(x))``, the Fisher factor ``G`` is built from gradients of ``-log p(ŷ | f(x))`` with
 ``ŷ`` *drawn from the model* instead of the training labels. One label is drawn per sample.
-Each function maps the model output ``f`` and a generator to a scalar loss with the same
-reduction as the training loss (mean over samples), so that ``G`` is normalised exactly as
-for the empirical Fisher.
+Each function maps the model output ``f`` and a generator to the *sum* over samples of the
+per-sample losses, so its gradient with respect to a layer's output is the per-sample
+gradient ``g`` itself, whatever the training loss's reduction or accumulation recipe; ``G``
+is then ``Σ g gᵀ / samples``. Samples are all leading dimensions; the last dimension holds
+the classes (or outputs).
 
 * ``"cross_entropy"``: ``f`` are logits ``(..., C)``; ``ŷ ~ Categorical(softmax(f))``. Its
   expected ``g gᵀ`` for the logits is ``diag(p) − p pᵀ``.
@@ -23,23 +25,23 @@ __all__ = ["SAMPLED_LOSSES", "sampled_cross_entropy", "sampled_mse"]
 
 
 def sampled_cross_entropy(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Mean cross-entropy of ``logits (..., C)`` against labels drawn from ``softmax(logits)``."""
+    """Summed cross-entropy of ``logits (..., C)`` against labels drawn from ``softmax``."""
     flat = logits.reshape(-1, logits.shape[-1])
     probs = torch.softmax(flat.detach().float(), dim=-1)
     # A non-finite batch must not crash the sampler: its rows get any valid distribution,
     # and the non-finite gradients that follow make the factor update skip the window.
     probs = torch.nan_to_num(probs, nan=1.0, posinf=1.0, neginf=0.0).clamp(min=0.0)
     labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return F.cross_entropy(flat, labels)
+    return F.cross_entropy(flat, labels, reduction="sum")
 
 
 def sampled_mse(outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Mean over samples of ``½‖f − ŷ‖²`` with ``ŷ ~ N(f, I)``; samples are rows of
+    """Sum over samples of ``½‖f − ŷ‖²`` with ``ŷ ~ N(f, I)``; samples are rows of
     ``outputs (..., D)``."""
     flat = outputs.reshape(-1, outputs.shape[-1])
     noise = torch.randn(flat.shape, generator=generator, device=flat.device, dtype=flat.dtype)
     target = flat.detach() + noise
-    return 0.5 * (flat - target).square().sum(-1).mean()
+    return 0.5 * (flat - target).square().sum()
 
 
 SAMPLED_LOSSES = {"cross_entropy": sampled_cross_entropy, "mse": sampled_mse}

@@ -41,7 +41,9 @@ class LayerMath:
     def __init__(self, module: nn.Module, blocks: int = 1) -> None:
         self.module = module
         self.blocks = blocks
-        self.has_bias = getattr(module, "bias", None) is not None
+        bias = getattr(module, "bias", None)
+        # a frozen bias is a constant shift: the weight's curvature then has no bias column
+        self.has_bias = bias is not None and bias.requires_grad
         weight: Tensor = module.weight  # type: ignore[assignment]
         self.out_features = weight.shape[0] // blocks
         self.in_features = math.prod(weight.shape[1:]) + int(self.has_bias)

@@ -30,7 +30,8 @@ __all__ = ["FrobPreconditionedSGD", "LayerStep"]
 @dataclass
 class LayerStep:
     """One layer's part of a step: its direction matrix ``(blocks, out, in)`` (gradient plus
-    weight decay), the preconditioned matrix before the KL clip, and its learning rate."""
+    weight decay), the preconditioned matrix before the KL clip (float32), and its
+    learning rate."""
 
     layer: TrackedLayer
     matrix: Tensor
@@ -156,6 +157,7 @@ class FrobPreconditionedSGD(Optimizer):
             loss_reduction=loss_reduction,
             generator=generator,
         )
+        self.generator = generator
         self.steps = 0
         self._nonfinite_steps = torch.zeros((), dtype=torch.long, device=params[0].device)
         self._warned_nonfinite = False
@@ -173,7 +175,8 @@ class FrobPreconditionedSGD(Optimizer):
         finite = _all_finite(directions.values())
         pre = self.preconditioner
         if pre.capture.active:
-            pre.update_factors(self.factor_decay, self._loss_scale(), finite)
+            # a window with non-finite statistics is skipped whole: no step either
+            finite = pre.update_factors(self.factor_decay, self._loss_scale(), finite)
         if self.steps % self.inverse_update_freq == 0:
             self._refresh_inverses()
         elif pre.capture.active and pre.missing_inverses():
@@ -212,11 +215,15 @@ class FrobPreconditionedSGD(Optimizer):
             if weight not in directions:
                 continue
             matrix = layer.math.to_matrix(directions[weight], directions.get(bias))
-            preconditioned = self.preconditioner.precondition(layer.name, matrix)
-            if preconditioned is None:
-                continue
+            preconditioned = None
+            if not layer.math.has_bias or bias in directions:
+                preconditioned = self.preconditioner.precondition(layer.name, matrix)
+            if preconditioned is None:  # no curvature (yet): a plain step, inside the KL budget
+                preconditioned = matrix.float()
             lr = float(group_of[weight]["lr"])
-            kl_terms.append(lr**2 * frobenius_inner(matrix, preconditioned, check=False).sum())
+            # in float32: a float16 pairing overflows and would zero the step via the clip
+            pairing = frobenius_inner(matrix.float(), preconditioned, check=False)
+            kl_terms.append(lr**2 * pairing.sum())
             steps.append(LayerStep(layer, matrix, preconditioned, lr))
         nu: Tensor | float = 1.0
         if self.kl_clip is not None and kl_terms:
@@ -229,9 +236,9 @@ class FrobPreconditionedSGD(Optimizer):
         for step in steps:
             weight, bias = step.layer.module.weight, step.layer.module.bias  # type: ignore[union-attr]
             new_weight, new_bias = step.layer.math.from_matrix(step.preconditioned * nu)
-            directions[weight] = new_weight
-            if bias is not None and bias in directions:
-                directions[bias] = new_bias  # type: ignore[assignment]
+            directions[weight] = new_weight.to(weight.dtype)
+            if bias is not None and bias in directions and new_bias is not None:
+                directions[bias] = new_bias.to(bias.dtype)
 
     def diagnostics(self) -> dict[str, float]:
         """Per-layer diagnostics of the step the current gradients give (see
@@ -254,12 +261,12 @@ class FrobPreconditionedSGD(Optimizer):
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
                     if buf is None:
-                        buf = torch.where(finite, d, torch.zeros_like(d)).detach().clone()
-                        state["momentum_buffer"] = buf
+                        buf = _select(finite, d, torch.zeros_like(d)).detach().clone()
                     else:
-                        buf.copy_(torch.where(finite, buf * momentum + d, buf))
+                        buf = _select(finite, buf * momentum + d, buf)
+                    state["momentum_buffer"] = buf
                     d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
-                p.add_(torch.where(finite, d, torch.zeros_like(d)), alpha=-lr)
+                p.add_(_select(finite, d, torch.zeros_like(d)), alpha=-lr)
 
     def _refresh_inverses(self, only_missing: bool = False) -> None:
         group_of = self._group_of()
@@ -271,8 +278,8 @@ class FrobPreconditionedSGD(Optimizer):
         if not self._warned_nonfinite and int(self._nonfinite_steps) > 0:
             self._warned_nonfinite = True
             warnings.warn(
-                "kfrob: skipped a step with non-finite gradients; parameters, momentum and "
-                "factors were left unchanged (warned once)",
+                "kfrob: skipped a step with non-finite gradients or factor statistics; "
+                "parameters, momentum and factors were left unchanged (warned once)",
                 stacklevel=3,
             )
 
@@ -287,10 +294,12 @@ class FrobPreconditionedSGD(Optimizer):
 
     # --- persistence and lifetime -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer state plus kfrob's: factors, inverses, step counter."""
+        """Optimizer state plus kfrob's: factors, inverses, step counter and the state of
+        the MC Fisher's ``generator`` (if one was given)."""
         state = super().state_dict()
         state["kfrob"] = {
             "steps": self.steps,
+            "generator": None if self.generator is None else self.generator.get_state(),
             "nonfinite_steps": self._nonfinite_steps,
             "preconditioner": self.preconditioner.state_dict(),
         }
@@ -305,6 +314,8 @@ class FrobPreconditionedSGD(Optimizer):
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(extra["preconditioner"])
         self.steps = int(extra["steps"])
+        if self.generator is not None and extra.get("generator") is not None:
+            self.generator.set_state(extra["generator"])
         self._nonfinite_steps = extra["nonfinite_steps"].to(self._nonfinite_steps.device)
         self.preconditioner.capture.active = self.steps % self.factor_update_freq == 0
 
@@ -326,8 +337,16 @@ class FrobPreconditionedSGD(Optimizer):
         return text
 
 
+def _select(condition: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where the 0-dim bool ``condition`` holds, else ``old``: a ``torch.where``
+    without host sync, except for sparse tensors (sparse embeddings), which need one read."""
+    if new.is_sparse or old.is_sparse:
+        return new if bool(condition) else old
+    return torch.where(condition, new, old)
+
+
 def _all_finite(tensors: Any) -> Tensor:
-    flags = [torch.isfinite(t).all() for t in tensors]
+    flags = [torch.isfinite(t.coalesce().values() if t.is_sparse else t).all() for t in tensors]
     return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
 

@@ -89,7 +89,6 @@ class KroneckerPreconditioner:
         self.disabled: dict[str, str] = {}
         self.inverses: dict[str, Inverse] = {}
         self.skipped_windows = torch.zeros((), dtype=torch.long)
-        self._warned_skips = 0
         self._collect_layers(model)
         sampled_loss = SAMPLED_LOSSES[loss] if fisher == "mc" and loss is not None else None
         self.capture = CurvatureCapture(model, self.layers.values(), sampled_loss, generator)
@@ -170,13 +169,14 @@ class KroneckerPreconditioner:
     # --- factors -------------------------------------------------------------------------
     def update_factors(
         self, decay: float, grad_scale: Tensor | None = None, accept: Tensor | None = None
-    ) -> None:
+    ) -> Tensor:
         """Fold the statistics recorded since the last call into the running factors.
 
         A window is accepted for all layers or for none: if any statistic is non-finite
         (a NaN/Inf batch, or a loss-scale overflow) every layer keeps its previous factors.
         ``grad_scale`` is the loss scale the backward pass ran under; it is removed from
         ``G``. ``accept`` (a bool tensor) can veto the window, e.g. for non-finite gradients.
+        Returns whether the window was accepted (a bool tensor; no host sync).
         """
         pending = [
             (f, f is layer.codomain)
@@ -185,11 +185,13 @@ class KroneckerPreconditioner:
             if f.pending
         ]
         if not pending:
-            return
+            return torch.ones((), dtype=torch.bool) if accept is None else accept
         stats = []
         for factor, is_codomain in pending:
             repeats = self.capture.calls_per_forward(factor)
-            stat = factor.statistic(self.loss_reduction, repeats)
+            # the MC Fisher's sampled loss is a per-sample sum (see kfrob.fisher)
+            reduction = "sum" if is_codomain and self.fisher == "mc" else self.loss_reduction
+            stat = factor.statistic(reduction, repeats)
             # the MC Fisher differentiates its own, unscaled loss: only the empirical G
             # carries the loss scale of the training backward
             if is_codomain and grad_scale is not None and self.fisher == "empirical":
@@ -201,6 +203,7 @@ class KroneckerPreconditioner:
             factor.fold(stat, decay, accept)
         self.capture.new_window()
         self.skipped_windows = self.skipped_windows.to(accept.device) + (~accept).long()
+        return accept
 
     def discard_pending(self) -> None:
         """Drop statistics recorded since the last fold (e.g. after a skipped step)."""
@@ -225,13 +228,17 @@ class KroneckerPreconditioner:
         fails even in float64 keeps the layer's last good inverse (warned once per layer).
         ``only_missing`` refreshes only layers that have no inverse yet.
         """
-        self._warn_skipped()
         for name, layer in self.layers.items():
             if name in self.disabled or (only_missing and name in self.inverses):
                 continue
+            weight, bias = layer.module.weight, layer.module.bias  # type: ignore[union-attr]
+            if not weight.requires_grad:  # frozen: nothing to precondition, nothing to refresh
+                continue
+            if layer.math.has_bias != (bias is not None and bias.requires_grad):
+                self._disable(name, "its bias was frozen or unfrozen after kfrob was created")
+                continue
             if not all(bool(f.initialized) for f in layer.factors):
-                weight_grad = layer.module.weight.grad  # type: ignore[union-attr]
-                if layer.forward_calls == 0 and weight_grad is not None:
+                if layer.forward_calls == 0 and weight.grad is not None:
                     self._disable(name, "its forward hooks never fired (called functionally?)")
                 continue
             inverse = self._inverse(layer, damping[name])
@@ -274,23 +281,14 @@ class KroneckerPreconditioner:
         self.inverses.pop(name, None)
         warnings.warn(f"kfrob: {name} falls back to plain SGD: {reason}", stacklevel=4)
 
-    def _warn_skipped(self) -> None:
-        skipped = int(self.skipped_windows)
-        if skipped > self._warned_skips and self._warned_skips == 0:
-            warnings.warn(
-                "kfrob: skipped a factor update with non-finite statistics; the running "
-                "factors keep their last good values (warned once)",
-                stacklevel=4,
-            )
-        self._warned_skips = max(self._warned_skips, skipped)
-
     # --- preconditioning -----------------------------------------------------------------
     def precondition(self, name: str, matrix: Tensor) -> Tensor | None:
-        """The layer's preconditioned gradient matrix, or ``None`` if it has no inverse yet."""
+        """The layer's preconditioned gradient matrix in float32, or ``None`` if it has no
+        inverse yet."""
         inverse = self.inverses.get(name)
         if inverse is None or name in self.disabled:
             return None
-        return inverse.apply(matrix.to(torch.float32)).to(matrix.dtype)
+        return inverse.apply(matrix.to(torch.float32))
 
     # --- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

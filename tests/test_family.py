@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -218,3 +219,19 @@ def test_mc_fisher_ignores_the_training_loss_scale() -> None:
         factors.append(opt.preconditioner.factors())
     for name, (_, g) in factors[0].items():
         torch.testing.assert_close(factors[1][name][1], g)
+
+
+@pytest.mark.parametrize(("reduction", "micro_batches"), [("mean", 1), ("sum", 1), ("mean", 4)])
+def test_mc_fisher_is_independent_of_reduction_and_accumulation(
+    reduction: str, micro_batches: int
+) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    x = torch.randn(8000, 3)
+    opt = FrobPreconditionedSGD(layer, lr=0.0, loss="mse", loss_reduction=reduction)
+    for part in x.chunk(micro_batches):
+        loss = F.mse_loss(layer(part), torch.zeros(len(part), 2), reduction=reduction)
+        (loss / micro_batches).backward()
+    opt.step()
+    _, g = opt.preconditioner.factors()[""]
+    torch.testing.assert_close(g, torch.eye(2), atol=0.05, rtol=0)

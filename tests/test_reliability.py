@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
 import warnings
@@ -17,7 +18,7 @@ from torch.func import grad, vmap
 
 import kfrob.kronecker
 from kfrob import FrobPreconditionedSGD
-from tests.reference import codomain_factor, domain_factor_linear
+from tests.reference import codomain_factor, dense_solve, domain_factor_linear
 
 
 def quiet(model: nn.Module, **kwargs: object) -> FrobPreconditionedSGD:
@@ -429,3 +430,125 @@ def test_decomposition_retries_in_float64(monkeypatch: pytest.MonkeyPatch) -> No
     )
     bad = torch.full((1, 2, 2), float("inf"))
     assert kfrob.kronecker.decompose(bad) is None  # both attempts fail: caller keeps its last
+
+
+# --- regressions from review ---------------------------------------------------------------
+def test_float16_kl_clip_does_not_zero_the_step() -> None:
+    """⟨g, Δ⟩ is summed in float32: in float16 it overflowed to inf and ν became 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4)).half()
+    opt = quiet(model, lr=0.1, loss_reduction="sum")
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(512, 10).half(), torch.randint(0, 4, (512,))
+    F.cross_entropy(model(x).float(), y, reduction="sum").backward()
+    opt.step()
+    moved = [float((p - q).abs().max()) for p, q in zip(model.parameters(), before, strict=True)]
+    assert all(m > 0 for m in moved) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_frozen_bias_preconditions_the_weight_alone() -> None:
+    """With the bias frozen, the weight's step uses ``A`` without the bias row and column."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    layer.bias.requires_grad_(False)
+    damping = 0.1
+    opt = FrobPreconditionedSGD(layer, lr=1.0, damping=damping, kl_clip=None)
+    x = torch.randn(64, 3) + 2.0  # a large mean makes the bias column matter
+    weight = layer.weight.detach().clone()
+    (layer(x) - 1.0).square().sum(1).mean().backward()
+    grad = layer.weight.grad.clone()
+    opt.step()
+    a, g = opt.preconditioner.factors()[""]
+    assert a.shape == (3, 3)
+    torch.testing.assert_close(
+        a.double(), domain_factor_linear(x, bias=False), rtol=1e-5, atol=1e-6
+    )
+    want = dense_solve(a, g, grad, damping)
+    torch.testing.assert_close((weight - layer.weight).double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_with_an_mc_generator_is_exact() -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen))
+        for _ in range(6)
+    ]
+
+    def make() -> tuple[nn.Module, FrobPreconditionedSGD]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        return model, FrobPreconditionedSGD(
+            model, lr=0.1, loss="cross_entropy", generator=torch.Generator().manual_seed(5)
+        )
+
+    straight, opt = make()
+    fit(straight, opt, data)
+    first, opt1 = make()
+    fit(first, opt1, data[:3])
+    state = copy.deepcopy((first.state_dict(), opt1.state_dict()))
+    resumed, opt2 = make()
+    resumed.load_state_dict(state[0])
+    opt2.load_state_dict(state[1])
+    fit(resumed, opt2, data[3:])
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_sparse_embedding_gradients_step_like_sgd() -> None:
+    results = []
+    for make_opt in (
+        lambda m: quiet(
+            m, lr=0.1, momentum=0.9, domain="identity", codomain="identity", kl_clip=None
+        ),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+    ):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 3))
+        tokens = torch.randint(0, 10, (5, 3))
+        fit(model, make_opt(model), [(tokens, torch.randint(0, 3, (5,)))] * 3)
+        results.append([p.detach() for p in model.parameters()])
+    for p, q in zip(*results, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_keyword_argument_calls_are_recorded() -> None:
+    layer = nn.Linear(3, 2)
+    opt = FrobPreconditionedSGD(layer, lr=0.1)
+    x = torch.randn(4, 3)
+    layer(input=x).square().sum().backward()
+    opt.step()
+    a, _ = opt.preconditioner.factors()[""]
+    torch.testing.assert_close(a.double(), domain_factor_linear(x, bias=True), rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_statistics_with_finite_gradients_skip_the_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = quiet(model, lr=0.1)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    fit(model, opt, [(x, y)])
+    before = [p.detach().clone() for p in model.parameters()]
+    huge = x.clone()
+    huge[0] *= 1e20  # a aᵀ overflows float32; tanh keeps every gradient finite
+    fit(model, opt, [(huge, y)])
+    assert int(opt.preconditioner.skipped_windows) == 1
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_submodules_called_directly_with_accumulation() -> None:
+    """Without the model's own forward there is no repeat count: calls are micro-batches."""
+    torch.manual_seed(0)
+    enc, dec = nn.Linear(4, 6), nn.Linear(6, 3)
+    model = nn.ModuleDict({"enc": enc, "dec": dec})
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    traces = []
+    for k in (1, 4):
+        opt = FrobPreconditionedSGD(model, lr=0.0)
+        for part, target in zip(x.chunk(k), y.chunk(k), strict=True):
+            (F.cross_entropy(dec(torch.tanh(enc(part))), target) / k).backward()
+        opt.step()
+        opt.close()
+        model.zero_grad()
+        traces.append(float(torch.trace(opt.preconditioner.factors()["dec"][1])))
+    assert traces[1] == pytest.approx(traces[0], rel=1e-5)
