@@ -80,7 +80,7 @@ class FrobPreconditionedSGD(Optimizer):
         domain: domain inner product: ``"covariance"`` (``A``), ``"diagonal"`` or
             ``"identity"``.
         codomain: co-domain inner product: ``"fisher"`` (``G``), ``"diagonal"`` or
-            ``"identity"``. Identity on both sides is plain SGD.
+            ``"identity"``. Identity on both sides with ``kl_clip=None`` is plain SGD.
         exponent: ``p > 0``: 1 for K-FAC, ½ for an inverse square root.
         damping_method: ``"exact"`` (eigendecompositions; damps ``A ⊗ G`` exactly) or
             ``"factored"`` (π-damping of each factor, Cholesky inverses when ``p = 1``).
@@ -170,8 +170,32 @@ class FrobPreconditionedSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
         directions = self._directions()
+        finite = self._refresh(directions)
+        self._precondition(directions)
+        self._apply(directions, finite)
+        self._advance()
+        return loss
+
+    @torch.no_grad()
+    def precondition_grads(self, lrs: dict[Tensor, float] | None = None) -> None:
+        """Replace every gradient by the direction :meth:`step` would take, in place, and
+        advance the schedules, without touching parameters: for driving another optimizer
+        (see :mod:`kfrob.lightning`). ``lrs`` gives the learning rate of each parameter for
+        the KL clip (default: this optimizer's groups). Weight decay and momentum stay with
+        the other optimizer; a non-finite window leaves the gradients as they were."""
+        directions = {
+            p: p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
+        }
+        finite = self._refresh(directions)
+        self._precondition(directions, lrs)
+        for p, d in directions.items():
+            p.grad.copy_(_select(finite, d, p.grad))  # type: ignore[union-attr]
+        self._advance()
+
+    def _refresh(self, directions: dict[Tensor, Tensor]) -> Tensor:
+        """Fold this window's statistics and refresh inverses when due; returns whether the
+        step may proceed (finite gradients and an accepted window), as a bool tensor."""
         finite = _all_finite(directions.values())
         pre = self.preconditioner
         if pre.capture.active:
@@ -181,13 +205,11 @@ class FrobPreconditionedSGD(Optimizer):
             self._refresh_inverses()
         elif pre.capture.active and pre.missing_inverses():
             self._refresh_inverses(only_missing=True)
+        return finite
 
-        self._precondition(directions)
-        self._apply(directions, finite)
-
+    def _advance(self) -> None:
         self.steps += 1
-        pre.capture.active = self.steps % self.factor_update_freq == 0
-        return loss
+        self.preconditioner.capture.active = self.steps % self.factor_update_freq == 0
 
     def _directions(self) -> dict[Tensor, Tensor]:
         """``grad + weight_decay · param`` for every parameter with a gradient."""
@@ -203,10 +225,11 @@ class FrobPreconditionedSGD(Optimizer):
         return directions
 
     def _preconditioned(
-        self, directions: dict[Tensor, Tensor]
+        self, directions: dict[Tensor, Tensor], lrs: dict[Tensor, float] | None = None
     ) -> tuple[list[LayerStep], Tensor | float]:
         """Each layer's direction matrix and its preconditioned version, and the KL clip
-        factor ``ν`` that scales all of them (1.0 without clipping)."""
+        factor ``ν`` that scales all of them (1.0 without clipping). ``lrs`` overrides the
+        groups' learning rates."""
         group_of = self._group_of()
         steps: list[LayerStep] = []
         kl_terms = []
@@ -220,7 +243,7 @@ class FrobPreconditionedSGD(Optimizer):
                 preconditioned = self.preconditioner.precondition(layer.name, matrix)
             if preconditioned is None:  # no curvature (yet): a plain step, inside the KL budget
                 preconditioned = matrix.float()
-            lr = float(group_of[weight]["lr"])
+            lr = float(group_of[weight]["lr"] if lrs is None else lrs.get(weight, 0.0))
             # in float32: a float16 pairing overflows and would zero the step via the clip
             pairing = frobenius_inner(matrix.float(), preconditioned, check=False)
             kl_terms.append(lr**2 * pairing.sum())
@@ -230,9 +253,11 @@ class FrobPreconditionedSGD(Optimizer):
             nu = torch.sqrt(self.kl_clip / torch.stack(kl_terms).sum()).clamp(max=1.0)
         return steps, nu
 
-    def _precondition(self, directions: dict[Tensor, Tensor]) -> None:
+    def _precondition(
+        self, directions: dict[Tensor, Tensor], lrs: dict[Tensor, float] | None = None
+    ) -> None:
         """Replace each layer's direction by its preconditioned, KL-clipped version."""
-        steps, nu = self._preconditioned(directions)
+        steps, nu = self._preconditioned(directions, lrs)
         for step in steps:
             weight, bias = step.layer.module.weight, step.layer.module.bias  # type: ignore[union-attr]
             new_weight, new_bias = step.layer.math.from_matrix(step.preconditioned * nu)

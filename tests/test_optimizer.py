@@ -433,3 +433,18 @@ def test_kfac_beats_tuned_sgd_on_small_classification() -> None:
     # library defaults for damping and the KL clip (measured: 0.37 against SGD's best 0.78)
     kfac = final_loss(lambda m: FrobPreconditionedSGD(m, lr=0.3, momentum=0.9))
     assert kfac < 0.8 * sgd, (kfac, sgd)
+
+
+def test_precondition_grads_drives_another_optimizer_like_step() -> None:
+    data = batches(4)
+    model, reference = small_model(), small_model()
+    engine = quiet(model, lr=0.1, inverse_update_freq=2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in data:
+        sgd.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        engine.precondition_grads()
+        sgd.step()
+    train(reference, quiet(reference, lr=0.1, inverse_update_freq=2), data)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
