@@ -5,6 +5,11 @@ number of dimensions ``n`` — followed by ``n`` uint32 sizes and the data. File
 gzipped. The data directory is searched in order: the ``data_dir`` argument, ``$KFROB_DATA``,
 and ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package).
 Nothing is ever downloaded here.
+
+kfrob also ships an *embedded* stratified subset (10,000 training and 2,000 test images,
+1,000 and 200 per class; built by ``scripts/make_embedded_subset.py``) in the same format:
+``load_fashion_mnist(..., embedded=True)`` reads it, and :func:`load_any_fashion_mnist` falls
+back to it when the full set is not installed.
 """
 
 from __future__ import annotations
@@ -17,13 +22,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["FILES", "find_data_dir", "load_fashion_mnist", "read_idx"]
+__all__ = [
+    "EMBEDDED_DIR",
+    "FILES",
+    "find_data_dir",
+    "load_any_fashion_mnist",
+    "load_fashion_mnist",
+    "read_idx",
+]
 
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+EMBEDDED_DIR = Path(__file__).parent / "datasets" / "fashion-mnist-subset"
 _UINT8 = 0x08
 
 
@@ -69,12 +82,13 @@ def find_data_dir(data_dir: str | Path | None = None) -> Path:
 
 
 def load_fashion_mnist(
-    split: str = "train", data_dir: str | Path | None = None
+    split: str = "train", data_dir: str | Path | None = None, *, embedded: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """``(images, labels)``: float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and int64 ``(N,)``."""
+    """``(images, labels)``: float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and int64 ``(N,)``,
+    from the full set (see :func:`find_data_dir`) or, with ``embedded``, the shipped subset."""
     if split not in FILES:
         raise ValueError(f"invalid split={split!r}: expected one of {tuple(FILES)}")
-    directory = find_data_dir(data_dir)
+    directory = EMBEDDED_DIR if embedded else find_data_dir(data_dir)
     image_file, label_file = (directory / name for name in FILES[split])
     images, labels = read_idx(image_file), read_idx(label_file)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -83,3 +97,15 @@ def load_fashion_mnist(
         )
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def load_any_fashion_mnist(
+    split: str = "train", data_dir: str | Path | None = None
+) -> tuple[Tensor, Tensor, str]:
+    """The full set if it can be found, else the embedded subset; the third item says which
+    (``"full (<dir>)"`` or ``"embedded subset"``), for the user to see."""
+    try:
+        directory = find_data_dir(data_dir)
+    except FileNotFoundError:
+        return (*load_fashion_mnist(split, embedded=True), "embedded subset")
+    return (*load_fashion_mnist(split, directory), f"full ({directory})")

@@ -50,26 +50,48 @@ __all__ = ["FrobPreconditioner"]
 class FrobPreconditioner(pl.Callback):
     """Precondition the gradients of any Lightning optimizer with Kronecker factors.
 
-    Takes ``FrobPreconditionedSGD``'s curvature arguments (``damping``, ``factor_decay``,
-    ``factor_update_freq``, ``inverse_update_freq``, ``kl_clip``, ``domain``, ``codomain``,
-    ``exponent``, ``damping_method``, ``fisher``, ``loss``, ``loss_reduction``,
-    ``generator``) with the same defaults and meaning; ``log_diagnostics`` turns the logging
-    of :meth:`FrobPreconditionedSGD.diagnostics` on or off.
+    Takes ``FrobPreconditionedSGD``'s curvature arguments with the same defaults and
+    meaning (learning rate, momentum, weight decay and the ``GradScaler`` come from the
+    trainer); ``log_diagnostics`` turns the logging of
+    :meth:`FrobPreconditionedSGD.diagnostics` on or off.
     """
 
-    def __init__(self, *, log_diagnostics: bool = True, **options: Any) -> None:
-        for forbidden in ("lr", "momentum", "nesterov", "weight_decay", "grad_scaler"):
-            if forbidden in options:
-                raise ValueError(
-                    f"invalid {forbidden}: the callback takes it from the trainer's optimizer "
-                    "(or precision plugin), not as an argument"
-                )
-        self.options = options
+    def __init__(
+        self,
+        *,
+        damping: float = 1e-3,
+        factor_decay: float = 0.95,
+        factor_update_freq: int = 1,
+        inverse_update_freq: int = 10,
+        kl_clip: float | None = 1e-3,
+        domain: str = "covariance",
+        codomain: str = "fisher",
+        exponent: float = 1.0,
+        damping_method: str = "exact",
+        fisher: str | None = None,
+        loss: str | None = None,
+        loss_reduction: str = "mean",
+        log_diagnostics: bool = True,
+    ) -> None:
+        self.options: dict[str, Any] = {
+            "damping": damping,
+            "factor_decay": factor_decay,
+            "factor_update_freq": factor_update_freq,
+            "inverse_update_freq": inverse_update_freq,
+            "kl_clip": kl_clip,
+            "domain": domain,
+            "codomain": codomain,
+            "exponent": exponent,
+            "damping_method": damping_method,
+            "fisher": fisher,
+            "loss": loss,
+            "loss_reduction": loss_reduction,
+        }
         self.log_diagnostics = log_diagnostics
         self.engine: FrobPreconditionedSGD | None = None
         self._pending_state: dict[str, Any] | None = None
         # validate the arguments now, on a throwaway module, for an early clear error
-        FrobPreconditionedSGD(torch.nn.Linear(1, 1), lr=0.0, **options).close()
+        FrobPreconditionedSGD(torch.nn.Linear(1, 1), lr=0.0, **self.options).close()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.engine is not None:

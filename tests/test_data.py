@@ -7,8 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from kfrob.data import FILES, SYSTEM_DIR, find_data_dir, load_fashion_mnist, read_idx
+from kfrob.data import (
+    FILES,
+    SYSTEM_DIR,
+    find_data_dir,
+    load_any_fashion_mnist,
+    load_fashion_mnist,
+    read_idx,
+)
 
 
 def write_idx(path: Path, array: np.ndarray, *, magic: bytes | None = None, cut: int = 0) -> None:
@@ -75,3 +83,23 @@ def test_missing_files_say_where_and_how(tmp_path: Path, monkeypatch: pytest.Mon
 def test_system_copy_has_the_standard_sizes() -> None:
     x, y = load_fashion_mnist("test", data_dir=SYSTEM_DIR)
     assert x.shape == (10000, 1, 28, 28) and int(y.max()) == 9
+
+
+def test_embedded_subset_is_stratified_and_complete() -> None:
+    x, y = load_fashion_mnist("train", embedded=True)
+    assert x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(y).tolist() == [1000] * 10
+    x, y = load_fashion_mnist("test", embedded=True)
+    assert x.shape == (2000, 1, 28, 28) and torch.bincount(y).tolist() == [200] * 10
+
+
+def test_load_any_falls_back_to_the_embedded_subset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KFROB_DATA", raising=False)
+    monkeypatch.setattr("kfrob.data.SYSTEM_DIR", tmp_path / "nowhere")
+    x, _, source = load_any_fashion_mnist("test")
+    assert source == "embedded subset" and len(x) == 2000
+    fake_dataset(tmp_path)
+    x, _, source = load_any_fashion_mnist("test", tmp_path)
+    assert source == f"full ({tmp_path})" and len(x) == 6

@@ -216,8 +216,8 @@ def test_manual_optimization_is_refused() -> None:
 def test_invalid_options_fail_early() -> None:
     with pytest.raises(ValueError, match="invalid damping="):
         FrobPreconditioner(damping=-1.0)
-    with pytest.raises(ValueError, match="invalid lr"):
-        FrobPreconditioner(lr=0.1)
+    with pytest.raises(TypeError, match="lr"):
+        FrobPreconditioner(lr=0.1)  # type: ignore[call-arg]
 
 
 def test_import_without_lightning_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,3 +225,44 @@ def test_import_without_lightning_names_the_extra(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delitem(sys.modules, "kfrob.lightning", raising=False)
     with pytest.raises(ImportError, match=r"kfrob\[lightning\]"):
         importlib.import_module("kfrob.lightning")
+
+
+def test_16_mixed_with_a_grad_scaler_removes_the_loss_scale() -> None:
+    """On CPU Lightning's "16-mixed" means bf16; an explicit fp16 plugin with a scaler tests
+    the scaler path: ``G`` matches the float32 run (a leaked scale would multiply it by
+    4096²)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    mixed, full = FrobPreconditioner(), FrobPreconditioner()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer(max_steps=1, plugins=[plugin], callbacks=[mixed]).fit(Classifier(sgd), loader())
+    trainer(max_steps=1, callbacks=[full]).fit(Classifier(sgd), loader())
+    assert mixed.engine.grad_scaler is scaler  # type: ignore[union-attr]
+    for name, (a, g) in full.engine.preconditioner.factors().items():  # type: ignore[union-attr]
+        a16, g16 = mixed.engine.preconditioner.factors()[name]  # type: ignore[union-attr]
+        assert a16.dtype == g16.dtype == torch.float32
+        torch.testing.assert_close(g16, g, rtol=5e-3, atol=1e-5)
+        torch.testing.assert_close(a16, a, rtol=5e-3, atol=1e-4)
+
+
+def test_lightning_cli_example_runs_on_the_embedded_data() -> None:
+    example = importlib.import_module("examples.lightning_fashion_mnist")
+    config = Path(__file__).parents[1] / "configs" / "lightning_fashion_mnist.yaml"
+    cli = example.main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps",
+            "6",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, FrobPreconditioner)]
+    assert len(callbacks) == 1 and callbacks[0].engine is not None
+    assert callbacks[0].engine.steps == 6
+    assert callbacks[0].engine.preconditioner.fisher == "mc"
