@@ -1,0 +1,296 @@
+"""Step overhead: kfrob's amortised step against SGD, AdamW and the linear-algebra limit.
+
+For each workload (the MLP 784-512-256-10, the deep autoencoder 784-1000-500-250-30 with its
+mirrored decoder, a small CNN), batch size and (factor, inverse) update frequency, the
+optimizers run round-robin on the same model and batch; each round times a whole refresh
+cycle (``inverse_update_freq`` steps, at least ``--steps``) so kfrob's time is amortised over
+its refreshes. Reported, as medians over rounds:
+
+* ``kfrob / SGD`` and ``kfrob / AdamW``: step-time ratios (forward + backward + step);
+* ``kfrob / limit``: the limit is SGD's step + the bare ``torch.linalg.eigh`` time of all
+  factors / inverse_freq + the bare ``aᵀa``, ``gᵀg`` matmul time / factor_freq, measured in
+  the same run;
+* ``refresh / eigh``: one inverse refresh against the bare ``eigh`` calls on the same factors;
+* a breakdown of kfrob's step: factor update, inverse refresh, preconditioning, the rest
+  (forward, backward with hooks, momentum and update).
+
+    python scripts/bench_step.py                       # writes results/step_overhead.md
+    python scripts/bench_step.py --workloads mlp --batch-sizes 128 --rounds 3   # quick look
+
+Absolute times on a shared 2-core CPU are noise; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kfrob import FrobPreconditionedSGD
+from kfrob.preconditioner import KroneckerPreconditioner
+
+WORKLOADS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {
+    "mlp": (
+        lambda: nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 512),
+            nn.ReLU(),
+            nn.Linear(512, 256),
+            nn.ReLU(),
+            nn.Linear(256, 10),
+        ),
+        (1, 28, 28),
+        "classify",
+    ),
+    "autoencoder": (
+        lambda: nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 1000),
+            nn.ReLU(),
+            nn.Linear(1000, 500),
+            nn.ReLU(),
+            nn.Linear(500, 250),
+            nn.ReLU(),
+            nn.Linear(250, 30),
+            nn.Linear(30, 250),
+            nn.ReLU(),
+            nn.Linear(250, 500),
+            nn.ReLU(),
+            nn.Linear(500, 1000),
+            nn.ReLU(),
+            nn.Linear(1000, 784),
+        ),
+        (1, 28, 28),
+        "reconstruct",
+    ),
+    "cnn": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        ),
+        (1, 28, 28),
+        "classify",
+    ),
+}
+
+
+class PhaseTimer:
+    """Accumulates wall time of chosen preconditioner methods (patched for the run)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def patched(self) -> Any:
+        originals = {}
+        targets = {
+            "factor update": (KroneckerPreconditioner, "update_factors"),
+            "inverse refresh": (KroneckerPreconditioner, "update_inverses"),
+            "preconditioning": (FrobPreconditionedSGD, "_precondition"),
+        }
+        for phase, (cls, name) in targets.items():
+            original = getattr(cls, name)
+            originals[(cls, name)] = original
+
+            def timed(*args: Any, _original: Any = original, _phase: str = phase, **kw: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kw)
+                finally:
+                    self.totals[_phase] += time.perf_counter() - start
+
+            setattr(cls, name, timed)
+        try:
+            yield self
+        finally:
+            for (cls, name), original in originals.items():
+                setattr(cls, name, original)
+
+
+def loss_of(kind: str, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    out = model(x)
+    if kind == "reconstruct":
+        return F.mse_loss(out, x.flatten(1))
+    return F.cross_entropy(out, y)
+
+
+def timed_steps(
+    opt: torch.optim.Optimizer, model: nn.Module, kind: str, x: Tensor, y: Tensor, steps: int
+) -> float:
+    """Mean seconds per step over ``steps`` consecutive steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(kind, model, x, y).backward()
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def bare_linear_algebra(
+    opt: FrobPreconditionedSGD, x: Tensor, model: nn.Module, kind: str, y: Tensor
+) -> tuple[float, float]:
+    """Seconds for bare eigh of every factor, and for the bare aᵀa, gᵀg products."""
+    factors = [f for layer in opt.preconditioner.layers.values() for f in layer.factors]
+    start = time.perf_counter()
+    for f in factors:
+        try:
+            torch.linalg.eigh(f.value)
+        except torch.linalg.LinAlgError:  # float32 did not converge: kfrob retries in float64
+            torch.linalg.eigh(f.value.double())
+    eigh_time = time.perf_counter() - start
+    rows: list[Tensor] = []
+    hooks = []
+    for layer in opt.preconditioner.layers.values():
+
+        def grab(module: nn.Module, args: Any, output: Tensor, math: Any = layer.math) -> None:
+            rows.append(math.input_rows(args[0].detach()))
+            output.register_hook(lambda g, math=math: rows.append(math.output_rows(g)))
+
+        hooks.append(layer.module.register_forward_hook(grab))
+    opt.preconditioner.capture.active = False
+    loss_of(kind, model, x, y).backward()
+    for h in hooks:
+        h.remove()
+    start = time.perf_counter()
+    for r in rows:
+        r.mT @ r
+    return eigh_time, time.perf_counter() - start
+
+
+def bench(workload: str, batch: int, freqs: tuple[int, int], args: argparse.Namespace) -> dict:
+    make, shape, kind = WORKLOADS[workload]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, *shape, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    factor_freq, inverse_freq = freqs
+    cycle = max(args.steps, inverse_freq)
+    models = {name: make() for name in ("sgd", "adamw", "kfrob")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opts: dict[str, torch.optim.Optimizer] = {
+            "sgd": torch.optim.SGD(models["sgd"].parameters(), lr=1e-3),
+            "adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=1e-4),
+            "kfrob": FrobPreconditionedSGD(
+                models["kfrob"],
+                lr=1e-3,
+                factor_update_freq=factor_freq,
+                inverse_update_freq=inverse_freq,
+            ),
+        }
+    for name, opt in opts.items():  # warm-up: allocations, first refresh
+        timed_steps(opt, models[name], kind, x, y, min(cycle, 3))
+    times: dict[str, list[float]] = defaultdict(list)
+    timer = PhaseTimer()
+    for _ in range(args.rounds):
+        for name, opt in opts.items():
+            if name == "kfrob":
+                before = dict(timer.totals)
+                with timer.patched():
+                    t = timed_steps(opt, models[name], kind, x, y, cycle)
+                for phase, total in timer.totals.items():
+                    times[phase].append((total - before.get(phase, 0.0)) / cycle)
+            else:
+                t = timed_steps(opt, models[name], kind, x, y, cycle)
+            times[name].append(t)
+    kfrob_opt = opts["kfrob"]
+    assert isinstance(kfrob_opt, FrobPreconditionedSGD)
+    eighs, matmuls = [], []
+    for _ in range(args.rounds):
+        e, m = bare_linear_algebra(kfrob_opt, x, models["kfrob"], kind, y)
+        eighs.append(e)
+        matmuls.append(m)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    eigh_time, matmul_time = statistics.median(eighs), statistics.median(matmuls)
+    limit = med["sgd"] + eigh_time / inverse_freq + matmul_time / factor_freq
+    refresh = med.get("inverse refresh", 0.0) * cycle / max(1, cycle // inverse_freq)
+    phases = ("factor update", "inverse refresh", "preconditioning")
+    rest = med["kfrob"] - sum(med.get(p, 0.0) for p in phases)
+    return {
+        "workload": workload,
+        "batch": batch,
+        "freqs": f"{factor_freq}/{inverse_freq}",
+        "sgd_ms": 1e3 * med["sgd"],
+        "adamw_ms": 1e3 * med["adamw"],
+        "kfrob_ms": 1e3 * med["kfrob"],
+        "vs_sgd": med["kfrob"] / med["sgd"],
+        "vs_adamw": med["kfrob"] / med["adamw"],
+        "vs_limit": med["kfrob"] / limit,
+        "refresh_vs_eigh": refresh / eigh_time,
+        "breakdown": {p: med.get(p, 0.0) / med["kfrob"] for p in phases}
+        | {"rest": rest / med["kfrob"]},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", default="mlp,autoencoder,cnn")
+    parser.add_argument("--batch-sizes", default="128,512")
+    parser.add_argument("--freqs", default="1/10,10/100")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="minimum steps per timed cycle")
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args()
+    rows = []
+    for workload in args.workloads.split(","):
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            for freq in args.freqs.split(","):
+                f, i = (int(v) for v in freq.split("/"))
+                row = bench(workload, batch, (f, i), args)
+                rows.append(row)
+                print(
+                    f"{workload:12s} B={batch:<4d} {row['freqs']:>6s}  "
+                    f"kfrob {row['kfrob_ms']:7.1f} ms"
+                    f"  ×SGD {row['vs_sgd']:5.2f}  ×AdamW {row['vs_adamw']:5.2f}"
+                    f"  ×limit {row['vs_limit']:5.2f}  refresh/eigh {row['refresh_vs_eigh']:5.2f}",
+                    flush=True,
+                )
+    lines = [
+        "# Step overhead of kfrob",
+        "",
+        f"`python {' '.join(sys.argv)}` on {date.today()}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}. Medians over "
+        f"{args.rounds} round-robin rounds; kfrob's time is amortised over whole refresh cycles.",
+        "",
+        "| workload | batch | factor/inverse freq | SGD ms | AdamW ms | kfrob ms | kfrob/SGD | "
+        "kfrob/AdamW | kfrob/limit | refresh/eigh | factors | refresh | precond | rest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = r["breakdown"]
+        lines.append(
+            f"| {r['workload']} | {r['batch']} | {r['freqs']} | {r['sgd_ms']:.1f} | "
+            f"{r['adamw_ms']:.1f} | {r['kfrob_ms']:.1f} | {r['vs_sgd']:.2f} | "
+            f"{r['vs_adamw']:.2f} | "
+            f"{r['vs_limit']:.2f} | {r['refresh_vs_eigh']:.2f} | {b['factor update']:.0%} | "
+            f"{b['inverse refresh']:.0%} | {b['preconditioning']:.0%} | {b['rest']:.0%} |"
+        )
+    report = "\n".join(lines)
+    print(report)
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    (out / "step_overhead.md").write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
