@@ -23,20 +23,17 @@ Absolute times on a shared 2-core CPU are noise; the ratios are the result.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
-from datetime import date
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from report import provenance, write_report
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
@@ -268,9 +265,8 @@ def main() -> None:
     lines = [
         "# Step overhead of kfrob",
         "",
-        f"`python {' '.join(sys.argv)}` on {date.today()}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}. Medians over "
-        f"{args.rounds} round-robin rounds; kfrob's time is amortised over whole refresh cycles.",
+        f"{provenance()} Medians over {args.rounds} round-robin rounds; kfrob's time is "
+        "amortised over whole refresh cycles.",
         "",
         "| workload | batch | factor/inverse freq | SGD ms | AdamW ms | kfrob ms | kfrob/SGD | "
         "kfrob/AdamW | kfrob/limit | refresh/eigh | factors | refresh | precond | rest |",
@@ -285,11 +281,7 @@ def main() -> None:
             f"{r['vs_limit']:.2f} | {r['refresh_vs_eigh']:.2f} | {b['factor update']:.0%} | "
             f"{b['inverse refresh']:.0%} | {b['preconditioning']:.0%} | {b['rest']:.0%} |"
         )
-    report = "\n".join(lines)
-    print(report)
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    (out / "step_overhead.md").write_text(report + "\n")
+    write_report(args.out, "step_overhead.md", lines)
 
 
 if __name__ == "__main__":

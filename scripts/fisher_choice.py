@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import provenance, write_report
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
@@ -147,10 +145,8 @@ def main() -> None:
     lines = [
         f"# Fisher choice: time to {args.target:.0%} test accuracy, Fashion-MNIST MLP",
         "",
-        f"`python {' '.join(sys.argv)}` on {date.today()}, "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}. Best learning rate of a 2-point grid, median over "
-        f"{args.seeds} seeds; seconds are training time only.",
+        f"{provenance()} Best learning rate of a 2-point grid, median over {args.seeds} "
+        "seeds; seconds are training time only.",
         "",
         "| optimizer | steps | seconds | steps / AdamW | seconds / AdamW |",
         "|---|---|---|---|---|",
@@ -167,12 +163,8 @@ def main() -> None:
             f"| {name} | {row['steps'] or 'missed'} | {seconds} | "
             f"{ratio('steps')} | {ratio('seconds')} |"
         )
-    report = "\n".join(lines)
-    print(report)
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    (out / "fisher_choice.md").write_text(report + "\n")
-    (out / "fisher_choice.json").write_text(
+    write_report(args.out, "fisher_choice.md", lines)
+    (Path(args.out) / "fisher_choice.json").write_text(
         json.dumps({"args": vars(args), "runs": runs, "summary": summary}, indent=2)
     )
 

@@ -14,17 +14,15 @@ run, which should stay flat.
 from __future__ import annotations
 
 import argparse
-import platform
 import random
-import sys
 import tempfile
 import time
 import warnings
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import provenance, write_report
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
@@ -142,8 +140,7 @@ def main() -> None:
     lines = [
         "# Soak: kfrob under injected faults",
         "",
-        f"`python {' '.join(sys.argv)}` on {date.today()}, {platform.machine()}, "
-        f"torch {torch.__version__}, {elapsed:.0f} s for both runs.",
+        f"{provenance()} {elapsed:.0f} s for both runs.",
         "",
         "| quantity | value |",
         "|---|---|",
@@ -157,11 +154,7 @@ def main() -> None:
         f"| RSS after warm-up → end (MiB) | {faulty['rss_start']:.1f} → "
         f"{faulty['rss_end']:.1f} ({growth:+.1f}) |",
     ]
-    report = "\n".join(lines)
-    print(report)
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    (out / "soak.md").write_text(report + "\n")
+    write_report(args.out, "soak.md", lines)
     if not faulty["finite"] or abs(growth) > 50:
         raise SystemExit("soak failed: non-finite parameters or memory growth over 50 MiB")
 
