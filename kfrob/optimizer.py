@@ -63,7 +63,8 @@ class FrobPreconditionedSGD(Optimizer):
 
     Factors are updated every ``factor_update_freq`` steps (the hooks record nothing on the
     other steps) and inverted every ``inverse_update_freq`` steps; all of it runs on the
-    parameters' device without host synchronisation except at inverse refreshes.
+    parameters' device without host synchronisation except at inverse refreshes
+    (and one read per sparse gradient, e.g. from ``nn.Embedding(sparse=True)``).
 
     Args:
         model: the model to train; hooks are registered on its supported layers, and all its
@@ -286,12 +287,12 @@ class FrobPreconditionedSGD(Optimizer):
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
                     if buf is None:
-                        buf = _select(finite, d, torch.zeros_like(d)).detach().clone()
+                        buf = _select(finite, d, 0.0).detach().clone()
                     else:
                         buf = _select(finite, buf * momentum + d, buf)
                     state["momentum_buffer"] = buf
                     d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
-                p.add_(_select(finite, d, torch.zeros_like(d)), alpha=-lr)
+                p.add_(_select(finite, d, 0.0), alpha=-lr)
 
     def _refresh_inverses(self, only_missing: bool = False) -> None:
         group_of = self._group_of()
@@ -362,11 +363,14 @@ class FrobPreconditionedSGD(Optimizer):
         return text
 
 
-def _select(condition: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """``new`` where the 0-dim bool ``condition`` holds, else ``old``: a ``torch.where``
-    without host sync, except for sparse tensors (sparse embeddings), which need one read."""
-    if new.is_sparse or old.is_sparse:
-        return new if bool(condition) else old
+def _select(condition: Tensor, new: Tensor, old: Tensor | float) -> Tensor:
+    """``new`` where the 0-dim bool ``condition`` holds, else ``old`` (a tensor or a scalar):
+    a ``torch.where`` without host sync, except for sparse tensors (sparse embeddings), which
+    need one read."""
+    if new.is_sparse:
+        if bool(condition):
+            return new
+        return old if isinstance(old, Tensor) else torch.zeros_like(new)
     return torch.where(condition, new, old)
 
 

@@ -205,13 +205,6 @@ class KroneckerPreconditioner:
         self.skipped_windows = self.skipped_windows.to(accept.device) + (~accept).long()
         return accept
 
-    def discard_pending(self) -> None:
-        """Drop statistics recorded since the last fold (e.g. after a skipped step)."""
-        for layer in self.layers.values():
-            for factor in layer.factors:
-                factor.discard()
-        self.capture.new_window()
-
     # --- inverses ------------------------------------------------------------------------
     def missing_inverses(self) -> bool:
         """Whether some active layer that has run forward has no inverse yet."""
