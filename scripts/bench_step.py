@@ -27,7 +27,6 @@ import statistics
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,61 +34,10 @@ import torch
 import torch.nn.functional as F
 from report import provenance, write_report
 from torch import Tensor, nn
+from workloads import WORKLOADS
 
 from kfrob import FrobPreconditionedSGD
 from kfrob.preconditioner import KroneckerPreconditioner
-
-WORKLOADS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {
-    "mlp": (
-        lambda: nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(784, 512),
-            nn.ReLU(),
-            nn.Linear(512, 256),
-            nn.ReLU(),
-            nn.Linear(256, 10),
-        ),
-        (1, 28, 28),
-        "classify",
-    ),
-    "autoencoder": (
-        lambda: nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(784, 1000),
-            nn.ReLU(),
-            nn.Linear(1000, 500),
-            nn.ReLU(),
-            nn.Linear(500, 250),
-            nn.ReLU(),
-            nn.Linear(250, 30),
-            nn.Linear(30, 250),
-            nn.ReLU(),
-            nn.Linear(250, 500),
-            nn.ReLU(),
-            nn.Linear(500, 1000),
-            nn.ReLU(),
-            nn.Linear(1000, 784),
-        ),
-        (1, 28, 28),
-        "reconstruct",
-    ),
-    "cnn": (
-        lambda: nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64 * 7 * 7, 128),
-            nn.ReLU(),
-            nn.Linear(128, 10),
-        ),
-        (1, 28, 28),
-        "classify",
-    ),
-}
 
 
 class PhaseTimer:
@@ -176,7 +124,8 @@ def bare_linear_algebra(
 
 
 def bench(workload: str, batch: int, freqs: tuple[int, int], args: argparse.Namespace) -> dict:
-    make, shape, kind = WORKLOADS[workload]
+    make, kind = WORKLOADS[workload]
+    shape = (1, 28, 28)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, *shape, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)

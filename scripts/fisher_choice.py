@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from report import provenance, write_report
 from torch import Tensor, nn
+from workloads import mlp
 
 from kfrob import FrobPreconditionedSGD
 from kfrob.data import load_fashion_mnist
@@ -43,17 +44,6 @@ CANDIDATES: dict[str, tuple[OptimizerFactory, tuple[float, ...]]] = {
     ),
     "adamw": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr), (1e-3, 3e-3)),
 }
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 512),
-        nn.ReLU(),
-        nn.Linear(512, 256),
-        nn.ReLU(),
-        nn.Linear(256, 10),
-    )
 
 
 @torch.no_grad()
@@ -107,7 +97,6 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="results")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     x_train, y_train = load_fashion_mnist("train", args.data_dir)
     x_test, y_test = load_fashion_mnist("test", args.data_dir)
