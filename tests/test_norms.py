@@ -43,6 +43,16 @@ def _single_thread() -> Iterator[None]:
 # ----------------------------------------------------------------------------- helpers
 
 
+# Functions of one map and its two Grams, checked alike by several properties.
+GRAM_FUNCTIONS = (
+    frobenius_norm,
+    operator_norm,
+    riesz_representative,
+    stable_rank,
+    nuclear_to_frobenius_ratio,
+)
+
+
 def random_spd(n: int, gen: torch.Generator, batch: tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
     """Return (M, M⁻¹) with M = Q diag(λ) Qᵀ, λ in [e^-1.5, e^1.5]; the inverse is exact."""
     q, _ = torch.linalg.qr(torch.randn(*batch, n, n, generator=gen, dtype=DTYPE))
@@ -170,13 +180,7 @@ def test_inner_matches_kronecker_formula(c: Case) -> None:
 def test_domain_and_domain_inverse_agree(c: Case, p: float) -> None:
     a = {"domain": c.MX, "codomain": c.MY}
     b = {"domain_inverse": c.MX_inv, "codomain": c.MY}
-    for f in (
-        frobenius_norm,
-        operator_norm,
-        riesz_representative,
-        stable_rank,
-        nuclear_to_frobenius_ratio,
-    ):
+    for f in GRAM_FUNCTIONS:
         close(f(c.S, **a), f(c.S, **b))
     close(frobenius_inner(c.S, c.T, **a), frobenius_inner(c.S, c.T, **b))
     close(schatten_norm(c.S, p, **a), schatten_norm(c.S, p, **b))
@@ -371,13 +375,7 @@ def test_batch_equals_separate_calls() -> None:
     ):
         batched = kw_of(slice(None))
         single = [kw_of(i) for i in range(3)]
-        for f in (
-            frobenius_norm,
-            operator_norm,
-            riesz_representative,
-            stable_rank,
-            nuclear_to_frobenius_ratio,
-        ):
+        for f in GRAM_FUNCTIONS:
             close(f(S, **batched), torch.stack([f(S[i], **single[i]) for i in range(3)]))
         close(
             schatten_norm(S, 1.5, **batched),
