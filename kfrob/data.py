@@ -3,8 +3,12 @@
 An IDX file is a big-endian header — two zero bytes, a type code (``0x08`` = uint8), the
 number of dimensions ``n`` — followed by ``n`` uint32 sizes and the data. Files may be
 gzipped. The data directory is searched in order: the ``data_dir`` argument, ``$KFROB_DATA``,
-and ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package).
-Nothing is ever downloaded here.
+``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package) and the
+user cache (``$XDG_CACHE_HOME/kfrob/fashion-mnist``, by default ``~/.cache/kfrob/...``).
+Nothing is downloaded unless asked: :func:`download_fashion_mnist` fetches the four files
+from the dataset's official location into the cache, checks each file's SHA-256 (of the
+decompressed content, so any gzip packing of the same data passes) and moves it into place
+only then; an interrupted or failed download leaves nothing behind.
 
 kfrob also ships an *embedded* stratified subset (10,000 training and 2,000 test images,
 1,000 and 200 per class; built by ``scripts/make_embedded_subset.py``) in the same format:
@@ -14,8 +18,12 @@ back to it when the full set is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import os
+import tempfile
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +31,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CHECKSUMS",
     "EMBEDDED_DIR",
     "FILES",
+    "OFFICIAL_URL",
+    "cache_dir",
+    "download_fashion_mnist",
     "find_data_dir",
     "load_any_fashion_mnist",
     "load_fashion_mnist",
@@ -37,7 +49,33 @@ FILES = {
 }
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 EMBEDDED_DIR = Path(__file__).parent / "datasets" / "fashion-mnist-subset"
+OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# SHA-256 of each file's decompressed content (the IDX bytes)
+CHECKSUMS = {
+    "train-images-idx3-ubyte.gz": (
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"
+    ),
+}
 _UINT8 = 0x08
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed if they are gzipped (by their magic number, whatever
+    the file's name); gzip's CRC catches corruption."""
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable (gzip) IDX file: {err}") from None
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -47,10 +85,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     size that does not match the header (truncated or padded files).
     """
     path = Path(path)
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable (gzip) IDX file: {err}") from None
+    raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: bad IDX magic number {raw[:4].hex()!r}")
     if raw[2] != _UINT8:
@@ -66,9 +101,16 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def cache_dir() -> Path:
+    """The user cache for downloads: ``$XDG_CACHE_HOME/kfrob/fashion-mnist``."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "kfrob" / "fashion-mnist"
+
+
 def find_data_dir(data_dir: str | Path | None = None) -> Path:
     """The first candidate directory holding all four Fashion-MNIST files."""
-    candidates = [Path(d) for d in (data_dir, os.environ.get("KFROB_DATA")) if d] + [SYSTEM_DIR]
+    candidates = [Path(d) for d in (data_dir, os.environ.get("KFROB_DATA")) if d]
+    candidates += [SYSTEM_DIR, cache_dir()]
     names = [name for pair in FILES.values() for name in pair]
     for candidate in candidates:
         if all((candidate / name).is_file() for name in names):
@@ -76,25 +118,83 @@ def find_data_dir(data_dir: str | Path | None = None) -> Path:
     looked = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(
         f"Fashion-MNIST IDX files ({', '.join(names)}) not found; looked in: {looked}. "
-        "Install Debian's package (apt-get install dataset-fashion-mnist), or set "
-        "KFROB_DATA / pass data_dir to a directory holding them."
+        "Install Debian's package (apt-get install dataset-fashion-mnist), set "
+        "KFROB_DATA / pass data_dir to a directory holding them, or download them into the "
+        "cache (`kfrob train --download`, or kfrob.data.download_fashion_mnist())."
     )
+
+
+def download_fashion_mnist(
+    destination: str | Path | None = None,
+    *,
+    url: str = OFFICIAL_URL,
+    checksums: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Download the four files from ``url`` into ``destination`` (default :func:`cache_dir`).
+
+    Each file is written to a temporary file in ``destination``, its decompressed content's
+    SHA-256 is checked against ``checksums`` (default :data:`CHECKSUMS`), and only then is it
+    renamed into place (atomic on one file system). Files already present and valid are kept.
+    A failed or interrupted download raises and leaves no partial file behind: ``ValueError``
+    for a checksum mismatch or a corrupt file, ``OSError`` for a network failure.
+    """
+    destination = Path(destination) if destination is not None else cache_dir()
+    checksums = CHECKSUMS if checksums is None else checksums
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in (name for pair in FILES.values() for name in pair):
+        target = destination / name
+        if target.is_file() and _sha256_ok(target, checksums[name]):
+            continue
+        handle, temporary = tempfile.mkstemp(dir=destination, prefix=f".{name}.", suffix=".part")
+        try:
+            with (
+                os.fdopen(handle, "wb") as out,
+                urllib.request.urlopen(url + name, timeout=timeout) as response,
+            ):
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+            if not _sha256_ok(Path(temporary), checksums[name]):
+                raise ValueError(
+                    f"{url + name}: corrupt gzip or checksum mismatch (expected SHA-256 "
+                    f"{checksums[name]} of the decompressed file); the download was discarded"
+                )
+            os.replace(temporary, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+    return destination
+
+
+def _sha256_ok(path: Path, expected: str) -> bool:
+    """Whether ``path`` decompresses to content with SHA-256 ``expected``."""
+    try:
+        return hashlib.sha256(_read_bytes(path)).hexdigest() == expected
+    except ValueError:
+        return False
 
 
 def load_fashion_mnist(
     split: str = "train", data_dir: str | Path | None = None, *, embedded: bool = False
 ) -> tuple[Tensor, Tensor]:
     """``(images, labels)``: float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and int64 ``(N,)``,
-    from the full set (see :func:`find_data_dir`) or, with ``embedded``, the shipped subset."""
+    from the full set (see :func:`find_data_dir`) or, with ``embedded``, the shipped subset.
+
+    Raises ``ValueError`` naming the file for anything but 28×28 images with one label in
+    ``0..9`` each."""
     if split not in FILES:
         raise ValueError(f"invalid split={split!r}: expected one of {tuple(FILES)}")
     directory = EMBEDDED_DIR if embedded else find_data_dir(data_dir)
     image_file, label_file = (directory / name for name in FILES[split])
     images, labels = read_idx(image_file), read_idx(label_file)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{image_file}: shape {images.shape}, expected (N, 28, 28)")
+    if labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(
             f"{directory}: images {images.shape} and labels {labels.shape} do not match"
         )
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"{label_file}: label {labels.max()} outside 0..9")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     return x, torch.from_numpy(labels.astype(np.int64))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,11 @@ import pytest
 import torch
 
 from kfrob.data import (
+    CHECKSUMS,
+    EMBEDDED_DIR,
     FILES,
     SYSTEM_DIR,
+    download_fashion_mnist,
     find_data_dir,
     load_any_fashion_mnist,
     load_fashion_mnist,
@@ -74,9 +78,152 @@ def test_load_from_explicit_dir_and_env(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_missing_files_say_where_and_how(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KFROB_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr("kfrob.data.SYSTEM_DIR", tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(FileNotFoundError) as info:
         find_data_dir(tmp_path)
+    message = str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in message and "--download" in message
+    assert str(tmp_path / "cache" / "kfrob" / "fashion-mnist") in message
+
+
+def test_user_cache_is_searched_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KFROB_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("kfrob.data.SYSTEM_DIR", tmp_path / "nowhere")
+    cache = tmp_path / "kfrob" / "fashion-mnist"
+    cache.mkdir(parents=True)
+    fake_dataset(cache)
+    assert find_data_dir() == cache
+    explicit = tmp_path / "mine"
+    explicit.mkdir()
+    fake_dataset(explicit)
+    assert find_data_dir(explicit) == explicit
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        ("t10k-labels-idx1-ubyte.gz", "do not match"),  # 5 labels for 6 images
+        ("t10k-images-idx3-ubyte.gz", r"expected \(N, 28, 28\)"),
+    ],
+)
+def test_inconsistent_files_are_rejected(tmp_path: Path, broken: str, message: str) -> None:
+    fake_dataset(tmp_path)
+    shape = (5,) if "labels" in broken else (6, 28, 27)
+    write_idx(tmp_path / broken, np.zeros(shape))
+    with pytest.raises(ValueError, match=message):
+        load_fashion_mnist("test", tmp_path)
+
+
+def test_labels_outside_the_ten_classes_are_rejected(tmp_path: Path) -> None:
+    fake_dataset(tmp_path)
+    write_idx(tmp_path / FILES["test"][1], np.full(6, 12))
+    with pytest.raises(ValueError, match=r"label 12 outside 0\.\.9"):
+        load_fashion_mnist("test", tmp_path)
+
+
+# --- downloads, from a local "server" (file:// URLs): the tests never touch the network --------
+
+
+def served_dataset(tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """A directory of fake files to download from, and their content checksums."""
+    server = tmp_path / "server"
+    server.mkdir()
+    fake_dataset(server)
+    sums = {
+        name: hashlib.sha256(gzip.decompress((server / name).read_bytes())).hexdigest()
+        for name in CHECKSUMS
+    }
+    return server.as_uri() + "/", sums
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def test_download_verifies_and_places_the_files(tmp_path: Path) -> None:
+    url, sums = served_dataset(tmp_path)
+    destination = download_fashion_mnist(tmp_path / "cache", url=url, checksums=sums)
+    assert leftovers(destination) == sorted(CHECKSUMS)  # no temporary files
+    x, _ = load_fashion_mnist("train", destination)
+    assert x.shape == (6, 1, 28, 28)
+
+
+def test_download_with_wrong_checksum_leaves_nothing(tmp_path: Path) -> None:
+    url, sums = served_dataset(tmp_path)
+    name = FILES["train"][0]
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        download_fashion_mnist(tmp_path / "cache", url=url, checksums={**sums, name: "0" * 64})
+    assert name not in leftovers(tmp_path / "cache")
+    assert not [n for n in leftovers(tmp_path / "cache") if n.endswith(".part")]
+
+
+def test_truncated_download_leaves_nothing(tmp_path: Path) -> None:
+    url, sums = served_dataset(tmp_path)
+    served = tmp_path / "server" / FILES["test"][0]
+    served.write_bytes(served.read_bytes()[:-20])  # a cut-off gzip stream
+    with pytest.raises(ValueError, match="corrupt gzip"):
+        download_fashion_mnist(tmp_path / "cache", url=url, checksums=sums)
+    assert FILES["test"][0] not in leftovers(tmp_path / "cache")
+    assert not [n for n in leftovers(tmp_path / "cache") if n.endswith(".part")]
+
+
+def test_interrupted_download_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, sums = served_dataset(tmp_path)
+
+    class Dropped:
+        def __init__(self, *args, **kwargs) -> None:
+            self.calls = 0
+
+        def __enter__(self) -> Dropped:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def read(self, size: int) -> bytes:
+            self.calls += 1
+            if self.calls > 1:
+                raise ConnectionResetError("connection dropped")
+            return b"\x1f\x8b partial"
+
+    monkeypatch.setattr("urllib.request.urlopen", Dropped)
+    with pytest.raises(OSError, match="connection dropped"):
+        download_fashion_mnist(tmp_path / "cache", url=url, checksums=sums)
+    assert leftovers(tmp_path / "cache") == []
+
+
+def test_valid_files_are_not_downloaded_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, sums = served_dataset(tmp_path)
+    download_fashion_mnist(tmp_path / "cache", url=url, checksums=sums)
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fetched although the files were present and valid")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    download_fashion_mnist(tmp_path / "cache", url=url, checksums=sums)
+
+
+@pytest.mark.skipif(not SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_official_checksums_match_the_system_copy() -> None:
+    for name, expected in CHECKSUMS.items():
+        content = gzip.decompress((SYSTEM_DIR / name).read_bytes())
+        assert hashlib.sha256(content).hexdigest() == expected
+
+
+def test_embedded_subset_is_a_subset_of_the_full_set() -> None:
+    # the subset's images all occur in the full set (checked where it is installed)
+    if not SYSTEM_DIR.is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    full = read_idx(SYSTEM_DIR / FILES["test"][0]).reshape(10000, -1)
+    subset = read_idx(EMBEDDED_DIR / FILES["test"][0]).reshape(2000, -1)
+    known = {row.tobytes() for row in full}
+    assert all(row.tobytes() in known for row in subset)
 
 
 @pytest.mark.skipif(not SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
