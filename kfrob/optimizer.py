@@ -160,6 +160,7 @@ class FrobPreconditionedSGD(Optimizer):
         )
         self.generator = generator
         self.steps = 0
+        self.refreshes = 0  # inverse refreshes so far in this process (for loggers)
         self._nonfinite_steps = torch.zeros((), dtype=torch.long, device=params[0].device)
         self._warned_nonfinite = False
 
@@ -301,6 +302,7 @@ class FrobPreconditionedSGD(Optimizer):
             for name, layer in self.preconditioner.layers.items()
         }
         self.preconditioner.update_inverses(damping, only_missing=only_missing)
+        self.refreshes += 1
         if not self._warned_nonfinite and int(self._nonfinite_steps) > 0:
             self._warned_nonfinite = True
             warnings.warn(

@@ -162,6 +162,26 @@ class KroneckerPreconditioner:
             out[name] = (a, g)
         return out
 
+    def eigenvalues(self) -> dict[str, dict[str, Tensor]]:
+        """``{layer name: {"A": eigenvalues, "G": eigenvalues}}`` of the factors behind each
+        current inverse, ascending, ``(blocks, n)``; identity sides are left out.
+
+        Exact damping stores them with its eigenbases; for factored (Cholesky) inverses they
+        are computed here from the current factors with ``torch.linalg.eigvalsh``.
+        """
+        out: dict[str, dict[str, Tensor]] = {}
+        for name, inverse in self.inverses.items():
+            layer = self.layers[name]
+            if isinstance(inverse, EigenInverse):
+                sides = {"A": inverse.domain, "G": inverse.codomain}
+                out[name] = {k: s.eigenvalues for k, s in sides.items() if s.estimated}
+            else:
+                factors = {"A": layer.domain, "G": layer.codomain}
+                out[name] = {
+                    k: torch.linalg.eigvalsh(f.value) for k, f in factors.items() if f is not None
+                }
+        return out
+
     def active_layers(self) -> Iterator[TrackedLayer]:
         """Layers that are preconditioned (not fallen back to plain SGD)."""
         return (layer for name, layer in self.layers.items() if name not in self.disabled)

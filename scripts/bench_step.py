@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from report import provenance, write_report
 from torch import Tensor, nn
-from workloads import WORKLOADS
 
 from kfrob import FrobPreconditionedSGD
+from kfrob.job.workloads import WORKLOADS
 from kfrob.preconditioner import KroneckerPreconditioner
 
 
@@ -124,7 +124,7 @@ def bare_linear_algebra(
 
 
 def bench(workload: str, batch: int, freqs: tuple[int, int], args: argparse.Namespace) -> dict:
-    make, kind = WORKLOADS[workload]
+    make, kind = WORKLOADS[workload].build, WORKLOADS[workload].task
     shape = (1, 28, 28)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, *shape, generator=gen)

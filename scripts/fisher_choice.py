@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from report import provenance, write_report
 from torch import Tensor, nn
-from workloads import mlp
 
 from kfrob import FrobPreconditionedSGD
 from kfrob.data import load_fashion_mnist
+from kfrob.job.workloads import mlp
 
 OptimizerFactory = Callable[[nn.Module, float], torch.optim.Optimizer]
 

@@ -1,17 +1,26 @@
-"""The benchmark workloads, defined once: Fashion-MNIST-shaped models (input ``(1, 28, 28)``).
+"""The three Fashion-MNIST workloads (input ``(N, 1, 28, 28)``), defined once for the
+training job, the examples and the benchmark scripts.
 
-* ``mlp``: 784-512-256-10 with ReLU, a classifier;
+* ``mlp``: 784-512-256-10 with ReLU, a classifier (cross-entropy);
 * ``autoencoder``: the deep autoencoder of the K-FAC literature, 784-1000-500-250-30 and the
-  mirrored decoder, ReLU except at the code layer, trained to reconstruct its input;
-* ``cnn``: two 5×5 conv layers (32, 64 channels) with max-pooling, then 3136-128-10.
+  mirrored decoder, ReLU except at the code and output layers, trained to reconstruct its
+  input with the loss ``½‖f(x) − x‖²`` summed over pixels and averaged over the batch (the
+  negative log-likelihood of a unit-variance Gaussian, which kfrob's ``loss="mse"`` Fisher
+  samples from);
+* ``cnn``: two 5×5 conv layers (32, 64 channels) with max-pooling, then 3136-128-10, a
+  classifier (cross-entropy).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import pairwise
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["WORKLOADS", "Workload", "autoencoder", "cnn", "mlp", "relu_stack"]
 
 
 def relu_stack(widths: list[int]) -> list[nn.Module]:
@@ -41,9 +50,36 @@ def cnn() -> nn.Module:
     )  # fmt: skip
 
 
-# name -> (model factory, "classify" or "reconstruct")
-WORKLOADS: dict[str, tuple[Callable[[], nn.Module], str]] = {
-    "mlp": (mlp, "classify"),
-    "autoencoder": (autoencoder, "reconstruct"),
-    "cnn": (cnn, "classify"),
+def reconstruction_loss(output: Tensor, images: Tensor) -> Tensor:
+    """``½‖f(x) − x‖²`` summed over pixels, averaged over the batch."""
+    return 0.5 * (output - images.flatten(1)).square().sum(1).mean()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model factory and how it is trained.
+
+    ``task`` is ``"classify"`` (loss = cross-entropy against the labels; accuracy is
+    reported) or ``"reconstruct"`` (loss = :func:`reconstruction_loss` against the input);
+    ``kfrob_loss`` names that loss for kfrob's Monte Carlo Fisher.
+    """
+
+    build: Callable[[], nn.Module]
+    task: str
+
+    @property
+    def kfrob_loss(self) -> str:
+        return "cross_entropy" if self.task == "classify" else "mse"
+
+    def loss(self, output: Tensor, images: Tensor, labels: Tensor) -> Tensor:
+        """The training loss of a batch (mean over its samples)."""
+        if self.task == "classify":
+            return F.cross_entropy(output, labels)
+        return reconstruction_loss(output, images)
+
+
+WORKLOADS: dict[str, Workload] = {
+    "mlp": Workload(mlp, "classify"),
+    "autoencoder": Workload(autoencoder, "reconstruct"),
+    "cnn": Workload(cnn, "classify"),
 }

@@ -1,0 +1,189 @@
+"""The ``kfrob`` command.
+
+    kfrob train   [--config FILE] [--optimizer NAME] [options] [dotted.key=value ...]
+    kfrob compare [--config FILE] [--optimizers kfrob,sgd,adamw] [options] [dotted.key=value ...]
+
+With no config the embedded default runs (the MLP on the Fashion-MNIST subset shipped with
+kfrob). Each run gets a fresh directory ``<logdir>/<name>/version_<n>`` (checkpoints,
+TensorBoard events, results); ``--resume`` continues the latest one, or the one named.
+Exit status: 0 done, 2 bad config or data, 130 interrupted (a checkpoint was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kfrob.job.config import Config
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kfrob", description="Train with kfrob on Fashion-MNIST, alone or side by side."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config (default: the embedded default)")
+    common.add_argument("--logdir", default="runs", help="root of the run directories")
+    common.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_DIR",
+        help="continue the latest run of this config (or RUN_DIR) from its checkpoint",
+    )
+    common.add_argument("--device", help="override training.device (cpu, cuda, cuda:1, …)")
+    common.add_argument("--data-dir", help="read the full Fashion-MNIST from this directory")
+    common.add_argument(
+        "--download",
+        action="store_true",
+        help="download the full Fashion-MNIST into the user cache if it is not found",
+    )
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.epochs=3")
+
+    train = commands.add_parser("train", parents=[common], help="train one optimizer")
+    train.add_argument("--optimizer", help="a key of the config's optimizers (default: the first)")
+    compare = commands.add_parser(
+        "compare", parents=[common], help="train several optimizers on the same workload"
+    )
+    compare.add_argument(
+        "--optimizers", help="comma-separated keys of the config's optimizers (default: all)"
+    )
+    compare.add_argument(
+        "--out", help="where comparison.{md,png,json} go (default: the run directory)"
+    )
+    return parser
+
+
+def _run_dir(root: Path, resume: str | None) -> Path:
+    """A new ``root/version_<n>``, or for ``resume`` the latest existing one (or the path
+    given)."""
+    if resume is not None and resume != "latest":
+        return Path(resume)
+    versions = sorted(
+        (int(p.name.removeprefix("version_")), p)
+        for p in root.glob("version_*")
+        if p.name.removeprefix("version_").isdigit()
+    )
+    if resume is not None:
+        if not versions:
+            raise FileNotFoundError(f"nothing to resume under {root}")
+        return versions[-1][1]
+    return root / f"version_{versions[-1][0] + 1 if versions else 0}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # overrides may come before or after the options
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    try:
+        from kfrob.job.compare import compare
+        from kfrob.job.config import load_config
+        from kfrob.job.training import train
+    except ImportError as err:
+        print(
+            f"kfrob: the training job needs its extra dependencies ({err.name} is missing): "
+            "pip install 'kfrob[train]'",
+            file=sys.stderr,
+        )
+        return 2
+
+    overrides = [*args.overrides, *extra]
+    if args.device:
+        overrides.append(f"training.device={args.device}")
+    if args.data_dir:
+        overrides.append(f"data.dir={args.data_dir}")
+    if args.download:
+        overrides.append("data.download=true")
+    try:
+        config = load_config(args.config, overrides)
+        if (args.data_dir or args.download) and config.data.source == "embedded":
+            config.data.source = "full"
+        progress = False if args.no_progress else None
+        if args.command == "train":
+            name = args.optimizer or next(iter(config.optimizers))
+            if name not in config.optimizers:
+                raise ValueError(
+                    f"--optimizer {name!r} is not in the config's optimizers "
+                    f"({', '.join(config.optimizers)})"
+                )
+            _preflight(config, [name])
+            run_dir = _run_dir(Path(args.logdir) / f"{config.workload}-{name}", args.resume)
+            result = train(config, name, run_dir, resume=args.resume is not None, progress=progress)
+            interrupted = result.interrupted
+            print(f"run directory: {run_dir}")
+        else:
+            names = args.optimizers.split(",") if args.optimizers else list(config.optimizers)
+            unknown = [n for n in names if n not in config.optimizers]
+            if unknown:
+                raise ValueError(
+                    f"--optimizers: {', '.join(map(repr, unknown))} not in the config's "
+                    f"optimizers ({', '.join(config.optimizers)})"
+                )
+            _preflight(config, names)
+            run_dir = _run_dir(Path(args.logdir) / f"compare-{config.workload}", args.resume)
+            out = Path(args.out) if args.out else run_dir
+            out.mkdir(parents=True, exist_ok=True)
+            results = compare(
+                config, names, run_dir, resume=args.resume is not None, progress=progress
+            )
+            interrupted = any(r.interrupted for r in results.values())
+            if not interrupted:
+                _publish(run_dir, out)
+                print((out / "comparison.md").read_text(), end="")
+                print(f"figure: {out / 'comparison.png'}, data: {out / 'comparison.json'}")
+            print(f"run directory: {run_dir}")
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"kfrob: error: {err}", file=sys.stderr)
+        return 2
+    if interrupted:
+        print(
+            f"kfrob: interrupted; checkpoint written. Continue with: kfrob {args.command} "
+            f"--resume {run_dir} (and the same config)",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def _preflight(config: Config, names: list[str]) -> None:
+    """Check the device and build the model and every optimizer once, so that a bad
+    hyperparameter fails before any training (and before the data is read)."""
+    import torch
+
+    from kfrob.job.optimizers import build_optimizer
+    from kfrob.job.workloads import WORKLOADS
+
+    device = torch.device(config.training.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"training.device: {device} requested, but no CUDA device is available")
+    workload = WORKLOADS[config.workload]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            model = workload.build()
+            optimizer = build_optimizer(name, config.optimizers[name], model, workload, 0)
+            close = getattr(optimizer, "close", None)
+            if close is not None:
+                close()
+
+
+def _publish(run_dir: Path, out: Path) -> None:
+    if out.resolve() == run_dir.resolve():
+        return
+    for name in ("comparison.md", "comparison.png", "comparison.json"):
+        (out / name).write_bytes((run_dir / name).read_bytes())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

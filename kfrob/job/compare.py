@@ -1,0 +1,131 @@
+"""Several optimizers on one workload, side by side: what ``kfrob compare`` runs.
+
+Each optimizer trains with the same config, hence the same seed, initial model and batch
+order (:func:`kfrob.job.training.train`). The comparison is written to ``out_dir`` as
+``comparison.md`` (the table), ``comparison.png`` (loss and accuracy against steps and
+against training time, one line per optimizer) and ``comparison.json`` (every evaluation of
+every run, machine-readable).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kfrob.job.config import Config
+from kfrob.job.training import RunResult, load_data, train
+
+__all__ = ["compare", "plot", "table"]
+
+
+def compare(
+    config: Config,
+    names: list[str],
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+) -> dict[str, RunResult]:
+    """Train each optimizer in ``names`` (keys of ``config.optimizers``) into
+    ``out_dir/<name>`` and write the comparison; stops early if one run is interrupted
+    (``resume=True`` picks every run up where it stopped; finished runs are not re-run)."""
+    out_dir = Path(out_dir)
+    data = load_data(config.data)
+    results: dict[str, RunResult] = {}
+    for name in names:
+        results[name] = train(
+            config, name, out_dir / name, resume=resume and (out_dir / name).exists(),
+            progress=progress, data=data,
+        )  # fmt: skip
+        if results[name].interrupted:
+            return results
+    (out_dir / "comparison.md").write_text(table(config, results) + "\n")
+    plot(config, results, out_dir / "comparison.png")
+    (out_dir / "comparison.json").write_text(json.dumps(report(config, results), indent=2) + "\n")
+    return results
+
+
+def report(config: Config, results: dict[str, RunResult]) -> dict[str, Any]:
+    """Everything in the comparison, for machines: the config, where and when it ran, and
+    each run's result."""
+    return {
+        "config": config.model_dump(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        "runs": {name: result.to_json() for name, result in results.items()},
+    }
+
+
+def table(config: Config, results: dict[str, RunResult]) -> str:
+    """A Markdown table: final training loss, test accuracy (or loss), training time, and
+    steps and seconds to the target, with the seconds-to-target ratio to the first run."""
+    target = config.training.target
+    classify = any(r.final.get("test_accuracy") is not None for r in results.values())
+    quality = "test accuracy" if classify else "test loss"
+    header = ["optimizer", "steps", "final train loss", quality, "train time (s)"]
+    if target is not None:
+        relation = "≥" if target.higher_is_better else "≤"
+        header += [f"steps to {target.metric} {relation} {target.value:g}", "seconds to target"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in results.items():
+        final = result.final
+        value = final["test_accuracy"] if classify else final["test_loss"]
+        row = [
+            name,
+            str(result.steps),
+            f"{final['train_loss']:.4f}",
+            f"{value:.4f}",
+            f"{result.seconds:.1f}",
+        ]
+        if target is not None:
+            reached = result.target_step is not None
+            row += [
+                str(result.target_step) if reached else "not reached",
+                f"{result.target_seconds:.1f}" if reached else "—",
+            ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(config: Config, results: dict[str, RunResult], path: str | Path) -> None:
+    """A 2×2 figure: training loss and test accuracy (test loss for a reconstruction
+    workload) against steps and against training seconds, one line per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classify = any(r.final.get("test_accuracy") is not None for r in results.values())
+    second = "test_accuracy" if classify else "test_loss"
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
+    for name, result in results.items():
+        steps = [e["step"] for e in result.history]
+        seconds = [e["seconds"] for e in result.history]
+        for row, metric in enumerate(("train_loss", second)):
+            values = [e[metric] for e in result.history]
+            axes[row, 0].plot(steps, values, label=name)
+            axes[row, 1].plot(seconds, values, label=name)
+    for row, metric in enumerate(("training loss", second.replace("_", " "))):
+        axes[row, 0].set_ylabel(metric)
+        for column, x_label in enumerate(("step", "training time (s)")):
+            axes[row, column].set_xlabel(x_label)
+            axes[row, column].grid(alpha=0.3)
+            if metric.endswith("loss"):
+                axes[row, column].set_yscale("log")
+    target = config.training.target
+    if target is not None:
+        row = 0 if target.metric == "train_loss" else 1
+        if target.metric == second or row == 0:
+            for ax in axes[row]:
+                ax.axhline(target.value, color="grey", linestyle=":", linewidth=1)
+    axes[0, 0].legend()
+    fig.suptitle(f"{config.workload} on {next(iter(results.values())).data}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

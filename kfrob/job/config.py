@@ -1,0 +1,244 @@
+"""The training job's configuration: a YAML file, validated whole before anything runs.
+
+A config has five sections; every key has a default, so an empty file (or none at all) is
+the embedded default: the MLP on the Fashion-MNIST subset shipped inside kfrob, compared
+across kfrob, SGD and AdamW::
+
+    workload: mlp                 # mlp | autoencoder | cnn
+    data:
+      source: embedded            # embedded | full | auto (full if found, else embedded)
+      dir: null                   # a directory holding the four IDX .gz files
+      download: false             # full/auto: download into the user cache if not found
+      train_size: null            # use only the first N training / test images
+      test_size: null
+    training:
+      batch_size: 128
+      epochs: 5
+      max_steps: null             # stop after this many steps (before the epochs run out)
+      eval_every: 20              # steps between test-set evaluations (null: each epoch)
+      seed: 0                     # model initialisation, data order, kfrob's MC sampler
+      device: cpu                 # cpu | cuda | cuda:1 | mps ...
+      target: {metric: test_accuracy, value: 0.85}   # for steps/seconds to target
+    logging:
+      log_every: 10               # steps between TensorBoard scalars and kfrob diagnostics
+      histograms: true            # factor eigenvalue histograms at each inverse refresh
+      checkpoint_every: null      # steps between checkpoints (always: each epoch and at exit)
+    optimizers:                   # name -> keyword arguments of its constructor
+      kfrob: {lr: 0.1}
+      sgd: {lr: 0.05, momentum: 0.9}
+      adamw: {lr: 0.001}
+
+Unknown keys are errors that name the key (and the closest known one), values are checked
+against their types and ranges, and optimizer arguments against the optimizer's signature:
+:func:`load_config` raises one ``ValueError`` listing every problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kfrob.job.optimizers import OPTIMIZERS, check_arguments
+from kfrob.job.workloads import WORKLOADS
+
+__all__ = ["Config", "apply_overrides", "load_config", "parse_yaml"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["embedded", "full", "auto"] = "embedded"
+    dir: str | None = None
+    download: bool = False
+    train_size: int | None = Field(default=None, ge=1)
+    test_size: int | None = Field(default=None, ge=1)
+
+
+class TargetConfig(Section):
+    metric: Literal["test_accuracy", "test_loss", "train_loss"]
+    value: float
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "test_accuracy"
+
+    def reached(self, value: float) -> bool:
+        return value >= self.value if self.higher_is_better else value <= self.value
+
+
+class TrainingConfig(Section):
+    batch_size: int = Field(default=128, ge=1)
+    epochs: int = Field(default=5, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    eval_every: int | None = Field(default=20, ge=1)
+    seed: int = Field(default=0, ge=0)
+    device: str = "cpu"
+    target: TargetConfig | None = TargetConfig(metric="test_accuracy", value=0.85)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            torch.device(value)
+        except RuntimeError as err:
+            raise ValueError(f"not a torch device: {err}") from None
+        return value
+
+
+class LoggingConfig(Section):
+    log_every: int = Field(default=10, ge=1)
+    histograms: bool = True
+    checkpoint_every: int | None = Field(default=None, ge=1)
+
+
+def _default_optimizers() -> dict[str, dict[str, Any]]:
+    return {
+        "kfrob": {"lr": 0.1},
+        "sgd": {"lr": 0.05, "momentum": 0.9},
+        "adamw": {"lr": 0.001},
+    }
+
+
+class Config(Section):
+    """The whole job; see the module docstring for every key and its default."""
+
+    workload: str = "mlp"
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    logging: LoggingConfig = LoggingConfig()
+    optimizers: dict[str, dict[str, Any]] = Field(default_factory=_default_optimizers)
+
+    @field_validator("workload")
+    @classmethod
+    def _known_workload(cls, name: str) -> str:
+        if name not in WORKLOADS:
+            raise ValueError(f"unknown workload {name!r}; choose one of {sorted(WORKLOADS)}")
+        return name
+
+    @field_validator("optimizers")
+    @classmethod
+    def _known_optimizers(cls, optimizers: dict[str, dict[str, Any]]) -> dict[str, dict]:
+        if not optimizers:
+            raise ValueError("at least one optimizer is needed")
+        problems = []
+        for name, arguments in optimizers.items():
+            if name not in OPTIMIZERS:
+                problems.append(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}")
+            else:
+                problems += check_arguments(name, arguments)
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return optimizers
+
+    @model_validator(mode="after")
+    def _target_fits_workload(self) -> Config:
+        target = self.training.target
+        classifier = WORKLOADS[self.workload].task == "classify"
+        if target is not None and target.metric == "test_accuracy" and not classifier:
+            raise ValueError(
+                f"training.target.metric: 'test_accuracy' needs a classifier; workload "
+                f"{self.workload!r} reconstructs (use 'train_loss' or 'test_loss')"
+            )
+        return self
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; read every decimal number as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?$|^[-+]?\d+[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML with numbers such as ``1e-3`` read as floats."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r}: expected dotted.key=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {override!r}: {'.'.join(parents[: i + 1])} is a value")
+            node = child
+        node[leaf] = parse_yaml(text)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a config (``path=None``: the defaults)."""
+    raw: Any = {}
+    if path is not None:
+        try:
+            raw = parse_yaml(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"config {path}: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path}: expected a mapping at the top level")
+    try:
+        config = Config.model_validate(raw)
+        if overrides:  # on top of the file's values and the defaults it left alone
+            raw = apply_overrides(config.model_dump(), overrides)
+            config = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(_explain(err, path)) from None
+    return config
+
+
+def _keys_at(location: list[str]) -> list[str]:
+    """The known keys of the section at ``location`` (``[]`` for a free-form mapping)."""
+    section: Any = Config
+    for part in location:
+        field = section.model_fields.get(part) if isinstance(section, type) else None
+        if field is None:
+            return []
+        candidates = (field.annotation, *get_args(field.annotation))
+        section = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+    return list(section.model_fields) if section is not None else []
+
+
+def _explain(err: ValidationError, path: str | Path | None) -> str:
+    """One line per problem, naming the dotted key; unknown keys get a suggestion."""
+    lines = []
+    for problem in err.errors():
+        location = [str(part) for part in problem["loc"]]
+        key = ".".join(location)
+        if problem["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(location[-1], _keys_at(location[:-1]), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"unknown key {key!r}{hint}")
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
+            if problem["type"] == "value_error":  # our own messages name their keys
+                lines.append(message if message.startswith(key) or not key else f"{key}: {message}")
+            else:
+                lines.append(f"{key}: {message} (got {problem['input']!r})")
+    where = f"config {path}" if path is not None else "config"
+    return f"invalid {where}:\n  " + "\n  ".join(lines)

@@ -1,0 +1,405 @@
+"""One training run: a workload, its data, one optimizer, checkpoints and TensorBoard.
+
+:func:`train` is what ``kfrob train`` runs. It is deterministic given the config: the seed
+fixes the model's initialisation, the data order (one permutation per epoch from its own
+generator) and kfrob's Monte Carlo sampler, so every optimizer of a comparison sees the same
+initial model and the same batches, and a resumed run takes exactly the steps of an
+uninterrupted one.
+
+The run directory holds ``checkpoint.pt`` (written atomically at each epoch's end, every
+``logging.checkpoint_every`` steps, on ``Ctrl-C`` and at the end), the TensorBoard event files
+and ``result.json``. Training time (``seconds``) counts the training steps only: evaluation,
+diagnostics, logging and checkpoints are excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from kfrob.data import download_fashion_mnist, find_data_dir, load_fashion_mnist
+from kfrob.job.board import Board
+from kfrob.job.config import Config, DataConfig
+from kfrob.job.optimizers import build_optimizer
+from kfrob.job.workloads import WORKLOADS, Workload
+from kfrob.optimizer import FrobPreconditionedSGD
+
+__all__ = ["Dataset", "RunResult", "load_data", "train"]
+
+CHECKPOINT = "checkpoint.pt"
+# config keys that may change between a run and its resumption
+RESUMABLE_CHANGES = ("training.epochs", "training.max_steps", "training.device", "logging.")
+
+
+@dataclass
+class Dataset:
+    """Train and test tensors and a description of where they came from."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    source: str
+
+    def to(self, device: torch.device) -> Dataset:
+        moved = (t.to(device) for t in (self.x_train, self.y_train, self.x_test, self.y_test))
+        return Dataset(*moved, self.source)
+
+
+def load_data(config: DataConfig) -> Dataset:
+    """The data a config asks for: the embedded subset, the full set (found, or downloaded
+    into the user cache when ``download`` is set), or ``auto``: full if found, else embedded.
+    ``train_size``/``test_size`` keep the first images of each split."""
+    directory: Path | None = None
+    if config.source != "embedded":
+        try:
+            directory = find_data_dir(config.dir)
+        except FileNotFoundError:
+            if config.download:
+                directory = download_fashion_mnist()
+            elif config.source == "full":
+                raise
+    if directory is None:
+        source = "the embedded Fashion-MNIST subset shipped with kfrob"
+        splits = [load_fashion_mnist(split, embedded=True) for split in ("train", "test")]
+    else:
+        source = f"Fashion-MNIST from {directory}"
+        splits = [load_fashion_mnist(split, directory) for split in ("train", "test")]
+    (x_train, y_train), (x_test, y_test) = splits
+    x_train, y_train = x_train[: config.train_size], y_train[: config.train_size]
+    x_test, y_test = x_test[: config.test_size], y_test[: config.test_size]
+    source += f" ({len(x_train)} training / {len(x_test)} test images)"
+    return Dataset(x_train, y_train, x_test, y_test, source)
+
+
+@dataclass
+class RunResult:
+    """What a run measured. ``history`` has one entry per evaluation: ``step``, ``epoch``,
+    ``seconds`` (training time so far), ``train_loss`` (mean over the steps since the last
+    evaluation), ``train_accuracy``, ``test_loss``, ``test_accuracy`` (``None`` for a
+    reconstruction workload)."""
+
+    optimizer: str
+    workload: str
+    data: str
+    steps: int
+    seconds: float
+    history: list[dict[str, float | None]]
+    target_step: int | None = None
+    target_seconds: float | None = None
+    interrupted: bool = False
+    run_dir: str = ""
+    final: dict[str, float | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, workload: Workload, x: Tensor, y: Tensor, batch_size: int = 1000
+) -> dict[str, float | None]:
+    """Mean loss and (for classifiers) accuracy over ``(x, y)``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+        out = model(xb)
+        loss_sum += workload.loss(out, xb, yb) * len(xb)
+        if workload.task == "classify":
+            correct += (out.argmax(-1) == yb).sum()
+    model.train(was_training)
+    accuracy = float(correct) / len(x) if workload.task == "classify" else None
+    return {"test_loss": float(loss_sum) / len(x), "test_accuracy": accuracy}
+
+
+class _Interrupt:
+    """Turns the first SIGINT into a flag checked between steps (a second one aborts)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextmanager
+    def installed(self) -> Iterator[_Interrupt]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            self.requested = True
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file, then an atomic rename: never a torn checkpoint."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_resumable(saved: dict[str, Any], config: Config, optimizer: str) -> None:
+    if saved["optimizer"] != optimizer:
+        raise ValueError(f"checkpoint is of optimizer {saved['optimizer']!r}, not {optimizer!r}")
+    old, new = _flatten(saved["config"]), _flatten(config.model_dump())
+    changed = sorted(
+        key
+        for key in old.keys() | new.keys()
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    )
+    if changed:
+        raise ValueError(
+            "cannot resume: the config differs from the checkpoint's in "
+            + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
+            + f"; only {', '.join(RESUMABLE_CHANGES)}* may change"
+        )
+
+
+def train(
+    config: Config,
+    optimizer_name: str,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    data: Dataset | None = None,
+) -> RunResult:
+    """Train ``config.workload`` with ``config.optimizers[optimizer_name]``, logging into
+    ``run_dir``; ``resume`` continues from ``run_dir/checkpoint.pt``. ``progress=None``
+    shows the tqdm bar only on a terminal. Returns the result also written to
+    ``run_dir/result.json``; on ``Ctrl-C`` it checkpoints and returns with
+    ``interrupted=True``."""
+    run_dir = Path(run_dir)
+    checkpoint_path = run_dir / CHECKPOINT
+    saved: dict[str, Any] | None = None
+    if resume:
+        if not checkpoint_path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {checkpoint_path}")
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        _check_resumable(saved, config, optimizer_name)
+    elif checkpoint_path.exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or another --logdir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    settings = config.training
+    device = torch.device(settings.device)
+    workload = WORKLOADS[config.workload]
+    data = (data or load_data(config.data)).to(device)
+    torch.manual_seed(settings.seed)
+    model = workload.build().to(device)
+    optimizer = build_optimizer(
+        optimizer_name, config.optimizers[optimizer_name], model, workload, settings.seed
+    )
+    order = torch.Generator().manual_seed(settings.seed)
+    n_train = len(data.x_train)
+    steps_per_epoch = math.ceil(n_train / settings.batch_size)
+    total_steps = settings.epochs * steps_per_epoch
+    if settings.max_steps is not None:
+        total_steps = min(total_steps, settings.max_steps)
+
+    step, seconds, history = 0, 0.0, []
+    epoch_order = order.get_state()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer_state"])
+        step, seconds, history = saved["step"], saved["seconds"], saved["history"]
+        epoch_order = saved["epoch_order"]
+
+    def checkpoint() -> None:
+        _save(
+            checkpoint_path,
+            {
+                "config": config.model_dump(),
+                "optimizer": optimizer_name,
+                "model": model.state_dict(),
+                "optimizer_state": optimizer.state_dict(),
+                "step": step,
+                "seconds": seconds,
+                "history": history,
+                "epoch_order": epoch_order,
+            },
+        )
+
+    board = Board(run_dir)
+    is_kfrob = isinstance(optimizer, FrobPreconditionedSGD)
+    window: list[Tensor] = []  # per-step (loss, correct) since the last log, on the device
+    eval_window: list[Tensor] = []  # the same since the last evaluation
+    window_seconds = 0.0
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=f"{optimizer_name} ({config.workload})",
+        unit="step",
+        disable=(not progress) if progress is not None else None,
+        dynamic_ncols=True,
+    )
+    model.train()
+    interrupt = _Interrupt()
+    permutation: Tensor | None = None
+    with interrupt.installed():
+        bar.write(f"{optimizer_name}: training on {data.source}, {device}")
+        while step < total_steps and not interrupt.requested:
+            in_epoch = step % steps_per_epoch
+            if in_epoch == 0 or permutation is None:  # an epoch's order: from its saved state
+                if in_epoch == 0:
+                    epoch_order = order.get_state()
+                order.set_state(epoch_order)
+                permutation = torch.randperm(n_train, generator=order).to(device)
+            batch = permutation[in_epoch * settings.batch_size :][: settings.batch_size]
+            x, y = data.x_train[batch], data.y_train[batch]
+
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            output = model(x)
+            loss = workload.loss(output, x, y)
+            loss.backward()
+            paused = time.perf_counter()
+            log_now = (step + 1) % config.logging.log_every == 0
+            diagnostics = optimizer.diagnostics() if is_kfrob and log_now else None
+            resumed = time.perf_counter()
+            refreshes = getattr(optimizer, "refreshes", 0)
+            optimizer.step()
+            if workload.task == "classify":
+                accuracy = (output.detach().argmax(-1) == y).float().mean()
+            else:
+                accuracy = torch.zeros((), device=device)
+            stats = torch.stack([loss.detach(), accuracy])
+            elapsed = (paused - started) + (time.perf_counter() - resumed)
+            step += 1
+            window.append(stats)
+            eval_window.append(stats)
+
+            if log_now or step == total_steps:
+                synced = time.perf_counter()
+                means = torch.stack(window).mean(0).tolist()  # one host read per log window
+                elapsed += time.perf_counter() - synced
+                seconds += elapsed
+                window_seconds += elapsed
+                train_values = {
+                    "loss": means[0],
+                    "accuracy": means[1] if workload.task == "classify" else None,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "step_time": window_seconds / len(window),
+                }
+                board.scalars("train", train_values, step)
+                if diagnostics is not None:
+                    board.scalars("kfrob", dict(diagnostics), step)
+                bar.set_postfix(
+                    loss=f"{means[0]:.4f}",
+                    **({"acc": f"{means[1]:.3f}"} if workload.task == "classify" else {}),
+                )
+                window, window_seconds = [], 0.0
+            else:
+                seconds += elapsed
+                window_seconds += elapsed
+            bar.update(1)
+            if config.logging.histograms and getattr(optimizer, "refreshes", 0) != refreshes:
+                board.eigenvalues(optimizer, step)  # type: ignore[arg-type]
+
+            epoch_done = step % steps_per_epoch == 0
+            eval_due = settings.eval_every is not None and step % settings.eval_every == 0
+            if eval_due or epoch_done or step == total_steps:
+                train_means = torch.stack(eval_window).mean(0).tolist()
+                eval_window = []
+                entry = {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "seconds": seconds,
+                    "train_loss": train_means[0],
+                    "train_accuracy": train_means[1] if workload.task == "classify" else None,
+                    **evaluate(model, workload, data.x_test, data.y_test),
+                }
+                history.append(entry)
+                board.scalars(
+                    "test", {"loss": entry["test_loss"], "accuracy": entry["test_accuracy"]}, step
+                )
+                if epoch_done or step == total_steps:
+                    bar.write(_describe(optimizer_name, entry))
+            every = config.logging.checkpoint_every
+            if epoch_done or step == total_steps or (every is not None and step % every == 0):
+                checkpoint()
+        if interrupt.requested:
+            checkpoint()
+    bar.close()
+
+    result = _result(config, optimizer_name, data.source, step, seconds, history, run_dir)
+    result.interrupted = interrupt.requested
+    if not result.interrupted:
+        hyperparameters = {
+            "optimizer": optimizer_name,
+            "workload": config.workload,
+            "batch_size": settings.batch_size,
+            "seed": settings.seed,
+            **config.optimizers[optimizer_name],
+        }
+        board.hparams(hyperparameters, result.final)
+    board.close()
+    (run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return result
+
+
+def _describe(name: str, entry: dict[str, float | None]) -> str:
+    parts = [f"{name}: epoch {entry['epoch']:.2f}", f"step {entry['step']}"]
+    parts.append(f"train loss {entry['train_loss']:.4f}")
+    parts.append(f"test loss {entry['test_loss']:.4f}")
+    if entry["test_accuracy"] is not None:
+        parts.append(f"test accuracy {entry['test_accuracy']:.4f}")
+    parts.append(f"{entry['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+def _result(
+    config: Config,
+    name: str,
+    source: str,
+    step: int,
+    seconds: float,
+    history: list[dict[str, float | None]],
+    run_dir: Path,
+) -> RunResult:
+    result = RunResult(name, config.workload, source, step, seconds, history, run_dir=str(run_dir))
+    target = config.training.target
+    if target is not None:
+        for entry in history:
+            value = entry[target.metric]
+            if value is not None and target.reached(value):
+                result.target_step = int(entry["step"])  # type: ignore[arg-type]
+                result.target_seconds = entry["seconds"]
+                break
+    if history:
+        last = history[-1]
+        result.final = {
+            key: last[key] for key in ("train_loss", "test_loss", "test_accuracy", "seconds")
+        }
+    return result

@@ -1,0 +1,287 @@
+"""The training job: configs, ``kfrob train`` / ``kfrob compare`` end to end on a tiny
+config, checkpoints and resumption, Ctrl-C, TensorBoard tags, the figure and the JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("yaml")
+pytest.importorskip("pydantic")
+pytest.importorskip("tensorboard")
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from kfrob.job.cli import main
+from kfrob.job.config import load_config, parse_yaml
+from kfrob.job.training import CHECKPOINT, load_data, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# 256 training images in batches of 64: 4 steps an epoch
+TINY = [
+    "data.train_size=256",
+    "data.test_size=128",
+    "training.batch_size=64",
+    "training.epochs=2",
+    "training.eval_every=2",
+    "logging.log_every=2",
+    "optimizers.kfrob.inverse_update_freq=3",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return load_data(load_config(None, TINY).data)
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --- configs -------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_embedded_mlp_comparison() -> None:
+    config = load_config()
+    assert config.workload == "mlp" and config.data.source == "embedded"
+    assert list(config.optimizers) == ["kfrob", "sgd", "adamw"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    if path.name.startswith("lightning"):
+        pytest.skip("a LightningCLI config, validated by its own test")
+    config = load_config(path)
+    assert config.optimizers
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("training:\n  epoch: 3\n", "unknown key 'training.epoch'; did you mean 'epochs'"),
+        ("trainng:\n  epochs: 3\n", "unknown key 'trainng'; did you mean 'training'"),
+        ("training:\n  batch_size: 0\n", "training.batch_size: Input should be greater"),
+        ("training:\n  batch_size: many\n", "training.batch_size: Input should be a valid int"),
+        ("data:\n  source: web\n", "data.source"),
+        ("workload: resnet\n", "unknown workload 'resnet'"),
+        ("optimizers:\n  kfrob: {lrr: 0.1}\n", "optimizers.kfrob: unknown argument 'lrr'; did you"),
+        ("optimizers:\n  kfrob: {momentum: 0.9}\n", "missing required argument 'lr'"),
+        ("optimizers:\n  rmsprop: {lr: 0.1}\n", "unknown optimizer 'rmsprop'"),
+        ("workload: autoencoder\n", "'test_accuracy' needs a classifier"),
+        ("training:\n  device: gpu0\n", "training.device: not a torch device"),
+        ("- a list\n", "expected a mapping"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load_config(write_config(tmp_path / "c.yaml", text))
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    text = "training:\n  epochs: -1\n  seed: x\nlogging:\n  histogram: true\n"
+    with pytest.raises(ValueError) as info:
+        load_config(write_config(tmp_path / "c.yaml", text))
+    assert all(k in str(info.value) for k in ("training.epochs", "training.seed", "histogram"))
+
+
+def test_overrides_apply_on_top_of_file_and_defaults(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", "training:\n  epochs: 3\n")
+    config = load_config(path, ["optimizers.kfrob.lr=1e-3", "training.target=null"])
+    assert config.training.epochs == 3 and config.training.target is None
+    assert config.optimizers["kfrob"] == {"lr": 0.001}  # a float, not the string "1e-3"
+    assert set(config.optimizers) == {"kfrob", "sgd", "adamw"}
+    with pytest.raises(ValueError, match=r"expected dotted\.key=value"):
+        load_config(None, ["training.epochs"])
+
+
+def test_yaml_reads_exponent_numbers_as_floats() -> None:
+    assert parse_yaml("a: 1e-3\nb: 2E5\nc: 3\nd: '1e-3'") == {
+        "a": 1e-3,
+        "b": 2e5,
+        "c": 3,
+        "d": "1e-3",
+    }
+
+
+def test_bad_hyperparameter_fails_before_training(tmp_path: Path, capsys) -> None:
+    code = main(["train", "--logdir", str(tmp_path), "optimizers.kfrob.damping=-1"])
+    assert code == 2
+    assert "optimizers.kfrob: invalid damping=-1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was started
+    code = main(["compare", "--logdir", str(tmp_path), "optimizers.sgd.lr=-1"])
+    assert code == 2 and "optimizers.sgd" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--logdir", str(tmp_path), "--device", "cuda"]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+# --- training, checkpoints, resumption -------------------------------------------------------
+
+
+def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / CHECKPOINT, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("optimizer", ["kfrob", "sgd"])
+def test_resume_takes_exactly_the_uninterrupted_steps(tmp_path: Path, tiny_data, optimizer) -> None:
+    config = load_config(None, [*TINY, "optimizers.sgd.momentum=0.9"])
+    straight = train(config, optimizer, tmp_path / "a", progress=False, data=tiny_data)
+    # stop mid-epoch (step 3 of 4 per epoch), then resume with the step limit lifted
+    first = load_config(None, [*TINY, "optimizers.sgd.momentum=0.9", "training.max_steps=3"])
+    stopped = train(first, optimizer, tmp_path / "b", progress=False, data=tiny_data)
+    assert stopped.steps == 3
+    resumed = train(config, optimizer, tmp_path / "b", resume=True, progress=False, data=tiny_data)
+    assert resumed.steps == straight.steps == 8
+    a, b = final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.final["test_loss"] == straight.final["test_loss"]
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_data) -> None:
+    config = load_config(None, [*TINY, "training.max_steps=2"])
+    train(config, "sgd", tmp_path, progress=False, data=tiny_data)
+    changed = load_config(None, [*TINY, "optimizers.sgd.lr=0.5"])
+    with pytest.raises(ValueError, match=r"optimizers\.sgd\.lr"):
+        train(changed, "sgd", tmp_path, resume=True, progress=False, data=tiny_data)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, "sgd", tmp_path, progress=False, data=tiny_data)
+
+
+def test_same_initial_model_and_batches_for_every_optimizer(tmp_path: Path, tiny_data) -> None:
+    # learning rate 0: the parameters never move, so equal histories mean equal
+    # initialisation and equal batches
+    config = load_config(None, [*TINY, "optimizers={sgd: {lr: 0.0}, adam: {lr: 0.0}}"])
+    runs = [
+        train(config, name, tmp_path / name, progress=False, data=tiny_data)
+        for name in ("sgd", "adam")
+    ]
+    strip = [[{k: v for k, v in e.items() if k != "seconds"} for e in r.history] for r in runs]
+    assert strip[0] == strip[1] and len(strip[0]) >= 4
+
+
+def test_tensorboard_event_file_has_the_tags(tmp_path: Path, tiny_data) -> None:
+    config = load_config(None, TINY)
+    train(config, "kfrob", tmp_path, progress=False, data=tiny_data)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/accuracy", "train/lr", "train/step_time"):
+        assert tag in tags["scalars"]
+    assert {"test/loss", "test/accuracy"} <= set(tags["scalars"])
+    layers = ("1", "3", "5")  # the Linear layers of the MLP (index 0 is Flatten)
+    for layer in layers:
+        for quantity in ("update_norm", "update_norm_metric", "damping", "cond_A", "cond_G"):
+            assert f"kfrob/{layer}/{quantity}" in tags["scalars"]
+        for side in ("A", "G"):
+            assert f"eigenvalues/{layer}/{side}" in tags["histograms"]
+    assert "kfrob/kl_clip_factor" in tags["scalars"]
+    # a histogram at each inverse refresh: steps 1, 4, 7 (every 3 steps)
+    assert [e.step for e in events.Histograms("eigenvalues/1/A")] == [1, 4, 7]
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+    assert "hparam/test_accuracy" in tags["scalars"]
+
+
+def test_result_json_and_target(tmp_path: Path, tiny_data) -> None:
+    config = load_config(None, [*TINY, "training.target={metric: train_loss, value: 100.0}"])
+    result = train(config, "adamw", tmp_path, progress=False, data=tiny_data)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["steps"] == 8 and saved["target_step"] == 2  # reached at the first evaluation
+    assert [e["step"] for e in saved["history"]] == [2, 4, 6, 8]
+    assert saved["history"][-1]["test_accuracy"] == result.final["test_accuracy"]
+
+
+@pytest.mark.parametrize("workload", ["autoencoder", "cnn"])
+def test_other_workloads_train(tmp_path: Path, workload: str) -> None:
+    target = "training.target={metric: train_loss, value: 1.0}" if workload == "autoencoder" else ""
+    overrides = [*TINY, f"workload={workload}", "training.epochs=1", "data.train_size=128"]
+    config = load_config(None, [o for o in [*overrides, target] if o])
+    result = train(config, "kfrob", tmp_path, progress=False)
+    assert result.steps == 2 and all(v is not None for v in (result.final["test_loss"],))
+    assert (result.final["test_accuracy"] is None) == (workload == "autoencoder")
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def test_cli_compare_writes_table_figure_and_json(tmp_path: Path, capsys) -> None:
+    config = write_config(tmp_path / "tiny.yaml", "workload: mlp\ntraining:\n  seed: 3\n")
+    out = tmp_path / "out"
+    args = ["compare", "--config", str(config), "--logdir", str(tmp_path / "runs")]
+    code = main([*args, "--optimizers", "kfrob,sgd", "--out", str(out), "--no-progress", *TINY])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| kfrob |" in printed and "| sgd |" in printed and "steps to test_accuracy" in printed
+    report = json.loads((out / "comparison.json").read_text())
+    assert set(report["runs"]) == {"kfrob", "sgd"}
+    assert report["runs"]["kfrob"]["steps"] == report["runs"]["sgd"]["steps"] == 8
+    png = (out / "comparison.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "comparison.png").shape[0] > 300
+    assert (out / "comparison.md").read_text().startswith("| optimizer |")
+    # a second comparison gets a new run directory; --resume finds the finished one
+    assert main([*args, "--optimizers", "sgd", "--no-progress", *TINY]) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs" / "compare-mlp").iterdir())
+    assert runs == ["version_0", "version_1"]
+    assert main([*args, "--optimizers", "sgd", "--resume", "--no-progress", *TINY]) == 0
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "kfrob.job.cli", "train", "--optimizer", "kfrob"]
+    command += ["--logdir", str(tmp_path), "--no-progress", *TINY, "training.epochs=1000"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert process.stdout is not None
+    assert "training on" in process.stdout.readline().decode()  # the handler is installed
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err.decode()
+    assert "--resume" in err.decode()
+    run_dir = tmp_path / "mlp-kfrob" / "version_0"
+    saved = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert 0 < saved["step"] < 1000 * 4
+    resume = [*command, "--resume", str(run_dir), f"training.max_steps={saved['step'] + 2}"]
+    done = subprocess.run(resume, capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert torch.load(run_dir / CHECKPOINT, weights_only=True)["step"] == saved["step"] + 2
+
+
+def test_full_data_is_downloaded_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kfrob.job.config import DataConfig
+    from tests.test_data import fake_dataset
+
+    monkeypatch.delenv("KFROB_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("kfrob.data.SYSTEM_DIR", tmp_path / "nowhere")
+    fetched = []
+
+    def download() -> Path:  # stands in for the network
+        cache = tmp_path / "kfrob" / "fashion-mnist"
+        cache.mkdir(parents=True)
+        fake_dataset(cache)
+        fetched.append(cache)
+        return cache
+
+    monkeypatch.setattr("kfrob.job.training.download_fashion_mnist", download)
+    with pytest.raises(FileNotFoundError, match="--download"):
+        load_data(DataConfig(source="full"))
+    assert "embedded" in load_data(DataConfig(source="auto")).source
+    assert not fetched
+    data = load_data(DataConfig(source="full", download=True))
+    assert fetched and str(fetched[0]) in data.source and len(data.x_train) == 6
