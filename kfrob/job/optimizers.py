@@ -1,4 +1,9 @@
-"""The optimizers the training job can run, by name, and how each is built for a model."""
+"""The optimizers the training job can run, and how each is built for a model.
+
+A config names its optimizers by label; the label is the optimizer's name (``kfrob``,
+``sgd``, ``adam``, ``adamw``) unless its arguments say ``type: <name>``, so one config can
+hold variants, e.g. ``kfrob-factored: {type: kfrob, lr: 0.1, damping_method: factored}``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from torch import nn
 from kfrob.job.workloads import Workload
 from kfrob.optimizer import FrobPreconditionedSGD
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "check_arguments"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "check_arguments", "optimizer_type"]
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "kfrob": FrobPreconditionedSGD,
@@ -24,10 +29,19 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 _RESERVED = {"params", "model", "generator", "grad_scaler"}
 
 
+def optimizer_type(label: str, arguments: dict[str, Any]) -> str:
+    """The optimizer a config entry names: ``arguments["type"]``, else the label itself."""
+    return str(arguments.get("type", label))
+
+
 def check_arguments(name: str, arguments: dict[str, Any]) -> list[str]:
-    """Problems with ``arguments`` for optimizer ``name``: keys its constructor does not
-    take (with the closest one that it does) and required ones that are missing."""
-    parameters = inspect.signature(OPTIMIZERS[name]).parameters
+    """Problems with config entry ``name``: an unknown optimizer, keys its constructor does
+    not take (with the closest one that it does) and required ones that are missing."""
+    kind = optimizer_type(name, arguments)
+    if kind not in OPTIMIZERS:
+        return [f"optimizers.{name}: unknown optimizer {kind!r}; choose from {sorted(OPTIMIZERS)}"]
+    arguments = {k: v for k, v in arguments.items() if k != "type"}
+    parameters = inspect.signature(OPTIMIZERS[kind]).parameters
     known = [key for key in parameters if key not in _RESERVED]
     problems = []
     for key in arguments:
@@ -46,16 +60,18 @@ def check_arguments(name: str, arguments: dict[str, Any]) -> list[str]:
 def build_optimizer(
     name: str, arguments: dict[str, Any], model: nn.Module, workload: Workload, seed: int
 ) -> torch.optim.Optimizer:
-    """Optimizer ``name`` for ``model``. kfrob gets the workload's loss (so it samples the
-    Monte Carlo Fisher) unless the arguments say otherwise, and a generator seeded from
-    ``seed`` whose state travels in its ``state_dict``. A value out of range raises
-    ``ValueError`` naming ``optimizers.<name>``."""
+    """The optimizer of config entry ``name`` for ``model``. kfrob gets the workload's loss
+    (so it samples the Monte Carlo Fisher) unless the arguments say otherwise, and a
+    generator seeded from ``seed`` whose state travels in its ``state_dict``. A value out of
+    range raises ``ValueError`` naming ``optimizers.<name>``."""
+    kind = optimizer_type(name, arguments)
+    arguments = {k: v for k, v in arguments.items() if k != "type"}
     try:
-        if name == "kfrob":
+        if kind == "kfrob":
             device = next(model.parameters()).device
             generator = torch.Generator(device).manual_seed(seed + 1)
             arguments = {"loss": workload.kfrob_loss, **arguments}
             return FrobPreconditionedSGD(model, generator=generator, **arguments)
-        return OPTIMIZERS[name](model.parameters(), **arguments)
+        return OPTIMIZERS[kind](model.parameters(), **arguments)
     except (ValueError, TypeError) as err:
         raise ValueError(f"optimizers.{name}: {err}") from None
