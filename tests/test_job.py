@@ -155,6 +155,7 @@ def test_resume_takes_exactly_the_uninterrupted_steps(tmp_path: Path, tiny_data,
     a, b = final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.final["test_loss"] == straight.final["test_loss"]
+    assert resumed.final["train_loss"] == straight.final["train_loss"]
 
 
 def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_data) -> None:

@@ -44,9 +44,14 @@ def compare(
         )  # fmt: skip
         if results[name].interrupted:
             return results
-    (out_dir / "comparison.md").write_text(table(config, results) + "\n")
+    summary = report(config, results)
+    provenance = (
+        f"{config.workload} on {next(iter(results.values())).data}; measured "
+        f"{summary['date']} on {summary['machine']}. Training time excludes evaluation."
+    )
+    (out_dir / "comparison.md").write_text(table(config, results) + "\n\n" + provenance + "\n")
     plot(config, results, out_dir / "comparison.png")
-    (out_dir / "comparison.json").write_text(json.dumps(report(config, results), indent=2) + "\n")
+    (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     return results
 
 

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -88,9 +89,9 @@ def load_data(config: DataConfig) -> Dataset:
 @dataclass
 class RunResult:
     """What a run measured. ``history`` has one entry per evaluation: ``step``, ``epoch``,
-    ``seconds`` (training time so far), ``train_loss`` (mean over the steps since the last
-    evaluation), ``train_accuracy``, ``test_loss``, ``test_accuracy`` (``None`` for a
-    reconstruction workload)."""
+    ``seconds`` (training time so far), ``train_loss`` and ``train_accuracy`` (means over the
+    last ``eval_every`` training batches, or an epoch's), ``test_loss``, ``test_accuracy``
+    (``None`` for a reconstruction workload)."""
 
     optimizer: str
     workload: str
@@ -229,12 +230,16 @@ def train(
         total_steps = min(total_steps, settings.max_steps)
 
     step, seconds, history = 0, 0.0, []
+    # per-step (loss, accuracy) of the last eval_every steps (an epoch if unset): the training
+    # loss an evaluation reports is a moving average of the same length every time
+    recent: deque[Tensor] = deque(maxlen=settings.eval_every or steps_per_epoch)
     epoch_order = order.get_state()
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer_state"])
         step, seconds, history = saved["step"], saved["seconds"], saved["history"]
         epoch_order = saved["epoch_order"]
+        recent.extend(t.to(device) for t in saved["recent"])
 
     def checkpoint() -> None:
         _save(
@@ -248,13 +253,13 @@ def train(
                 "seconds": seconds,
                 "history": history,
                 "epoch_order": epoch_order,
+                "recent": [t.cpu() for t in recent],
             },
         )
 
     board = Board(run_dir)
     is_kfrob = isinstance(optimizer, FrobPreconditionedSGD)
     window: list[Tensor] = []  # per-step (loss, correct) since the last log, on the device
-    eval_window: list[Tensor] = []  # the same since the last evaluation
     window_seconds = 0.0
     bar = tqdm(
         total=total_steps,
@@ -298,7 +303,7 @@ def train(
             elapsed = (paused - started) + (time.perf_counter() - resumed)
             step += 1
             window.append(stats)
-            eval_window.append(stats)
+            recent.append(stats)
 
             if log_now or step == total_steps:
                 synced = time.perf_counter()
@@ -330,8 +335,7 @@ def train(
             epoch_done = step % steps_per_epoch == 0
             eval_due = settings.eval_every is not None and step % settings.eval_every == 0
             if eval_due or epoch_done or step == total_steps:
-                train_means = torch.stack(eval_window).mean(0).tolist()
-                eval_window = []
+                train_means = torch.stack(list(recent)).mean(0).tolist()
                 entry = {
                     "step": step,
                     "epoch": step / steps_per_epoch,
