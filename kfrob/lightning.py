@@ -53,7 +53,9 @@ class FrobPreconditioner(pl.Callback):
     Takes ``FrobPreconditionedSGD``'s curvature arguments with the same defaults and
     meaning (learning rate, momentum, weight decay and the ``GradScaler`` come from the
     trainer); ``log_diagnostics`` turns the logging of
-    :meth:`FrobPreconditionedSGD.diagnostics` on or off.
+    :meth:`FrobPreconditionedSGD.diagnostics` on or off. Under a DDP strategy the
+    trainer's process group is detected: factors are averaged over ranks and the inverse
+    work is shared (``inverse_placement`` as in the optimizer).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class FrobPreconditioner(pl.Callback):
         fisher: str | None = None,
         loss: str | None = None,
         loss_reduction: str = "mean",
+        inverse_placement: str = "replicated",
         log_diagnostics: bool = True,
     ) -> None:
         self.options: dict[str, Any] = {
@@ -86,6 +89,7 @@ class FrobPreconditioner(pl.Callback):
             "fisher": fisher,
             "loss": loss,
             "loss_reduction": loss_reduction,
+            "inverse_placement": inverse_placement,
         }
         self.log_diagnostics = log_diagnostics
         self.engine: FrobPreconditionedSGD | None = None

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from kfrob.capture import TrackedLayer
+from kfrob.distributed import check_not_sharded, default_communicator, unwrap
 from kfrob.fisher import SAMPLED_LOSSES
 from kfrob.norms import frobenius_inner
 from kfrob.preconditioner import (
@@ -20,6 +21,7 @@ from kfrob.preconditioner import (
     DAMPING_METHODS,
     DOMAINS,
     FISHERS,
+    INVERSE_PLACEMENTS,
     LOSS_REDUCTIONS,
     KroneckerPreconditioner,
 )
@@ -96,6 +98,20 @@ class FrobPreconditionedSGD(Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` whose loss scale the backward pass runs
             under, so that it is removed from ``G``.
         generator: random generator for the MC Fisher.
+        process_group: the data-parallel group (``torch.distributed``, any backend). By
+            default the default group when one is initialised with more than one rank,
+            else none (single-process behaviour). The model may be wrapped in
+            ``DistributedDataParallel``; FSDP / sharded parameters are refused.
+        inverse_placement: with more than one rank, ``"replicated"`` (default: every rank
+            keeps every layer's eigenbases and preconditions all layers; traffic only at
+            refreshes) or ``"owner"`` (a layer's inverse stays on the rank that decomposed
+            it, which preconditions that layer and broadcasts the result every step: less
+            memory, more traffic). See ``docs/distributed.md``.
+
+    Under data parallelism every rank must call :meth:`step` (and :meth:`diagnostics`)
+    together: factor statistics are averaged over ranks before they are folded, and each
+    layer's decompositions run on one rank only, so all ranks hold identical factors and
+    inverses and take identical steps.
     """
 
     def __init__(
@@ -120,9 +136,13 @@ class FrobPreconditionedSGD(Optimizer):
         loss_reduction: str = "mean",
         grad_scaler: torch.amp.GradScaler | None = None,
         generator: torch.Generator | None = None,
+        process_group: Any = None,
+        inverse_placement: str = "replicated",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        model = unwrap(model)
+        check_not_sharded(model)
         params = list(model.parameters())
         if not params:
             raise ValueError("model has no parameters to optimize")
@@ -157,6 +177,8 @@ class FrobPreconditionedSGD(Optimizer):
             loss=loss,
             loss_reduction=loss_reduction,
             generator=generator,
+            communicator=default_communicator(process_group),
+            inverse_placement=inverse_placement,
         )
         self.generator = generator
         self.steps = 0
@@ -233,23 +255,31 @@ class FrobPreconditionedSGD(Optimizer):
         factor ``ν`` that scales all of them (1.0 without clipping). ``lrs`` overrides the
         groups' learning rates."""
         group_of = self._group_of()
-        steps: list[LayerStep] = []
-        kl_terms = []
+        layers, matrices, to_precondition = [], {}, {}
         for layer in self.preconditioner.active_layers():
             weight, bias = layer.module.weight, layer.module.bias  # type: ignore[union-attr]
             if weight not in directions:
                 continue
             matrix = layer.math.to_matrix(directions[weight], directions.get(bias))
-            preconditioned = None
+            layers.append(layer)
+            matrices[layer.name] = matrix
             if not layer.math.has_bias or bias in directions:
-                preconditioned = self.preconditioner.precondition(layer.name, matrix)
-            if preconditioned is None:  # no curvature (yet): a plain step, inside the KL budget
-                preconditioned = matrix.float()
+                to_precondition[layer.name] = matrix
+        # a layer without curvature (yet) takes a plain step, inside the KL budget
+        preconditioned = self.preconditioner.precondition_layers(to_precondition)
+        steps: list[LayerStep] = []
+        kl_terms = []
+        for layer in layers:
+            weight = layer.module.weight  # type: ignore[union-attr]
+            matrix = matrices[layer.name]
+            direction = preconditioned.get(layer.name)
+            if direction is None:
+                direction = matrix.float()
             lr = float(group_of[weight]["lr"] if lrs is None else lrs.get(weight, 0.0))
             # in float32: a float16 pairing overflows and would zero the step via the clip
-            pairing = frobenius_inner(matrix.float(), preconditioned, check=False)
+            pairing = frobenius_inner(matrix.float(), direction, check=False)
             kl_terms.append(lr**2 * pairing.sum())
-            steps.append(LayerStep(layer, matrix, preconditioned, lr))
+            steps.append(LayerStep(layer, matrix, direction, lr))
         nu: Tensor | float = 1.0
         if self.kl_clip is not None and kl_terms:
             nu = torch.sqrt(self.kl_clip / torch.stack(kl_terms).sum()).clamp(max=1.0)
@@ -423,6 +453,7 @@ def _check_hyperparameters(args: dict[str, Any]) -> None:
     fisher_ok = args["fisher"] is None or args["fisher"] in FISHERS
     require("fisher", fisher_ok, f"None or one of {FISHERS}")
     choice("loss_reduction", LOSS_REDUCTIONS)
+    choice("inverse_placement", INVERSE_PLACEMENTS)
     losses = tuple(SAMPLED_LOSSES)
     if args["fisher"] == "mc" or args["loss"] is not None:
         choice("loss", losses)

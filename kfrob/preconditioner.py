@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kfrob.capture import CurvatureCapture, TrackedLayer
+from kfrob.distributed import Communicator, assign_owners
 from kfrob.factors import RunningFactor
 from kfrob.fisher import SAMPLED_LOSSES
 from kfrob.kronecker import (
@@ -35,8 +37,10 @@ __all__ = [
     "DAMPING_METHODS",
     "DOMAINS",
     "FISHERS",
+    "INVERSE_PLACEMENTS",
     "LOSS_REDUCTIONS",
     "KroneckerPreconditioner",
+    "RemoteInverse",
 ]
 
 DOMAINS = ("covariance", "diagonal", "identity")
@@ -44,8 +48,17 @@ CODOMAINS = ("fisher", "diagonal", "identity")
 DAMPING_METHODS = ("exact", "factored")
 FISHERS = ("empirical", "mc")
 LOSS_REDUCTIONS = ("mean", "sum")
+INVERSE_PLACEMENTS = ("replicated", "owner")
 
-Inverse = EigenInverse | InverseFactors
+
+@dataclass(frozen=True)
+class RemoteInverse:
+    """A layer's inverse held by another rank (``inverse_placement="owner"``)."""
+
+    owner: int
+
+
+Inverse = EigenInverse | InverseFactors | RemoteInverse
 
 
 class KroneckerPreconditioner:
@@ -63,6 +76,14 @@ class KroneckerPreconditioner:
         loss: the training loss kind for ``fisher="mc"``: ``"cross_entropy"`` or ``"mse"``.
         loss_reduction: ``"mean"`` or ``"sum"``: how the training loss reduces over samples.
         generator: random generator for the MC Fisher's labels.
+        communicator: data-parallel collectives (:mod:`kfrob.distributed`), or ``None``
+            for a single process. With one, the window statistics are averaged over ranks
+            before they are folded, and each layer's decompositions run on one rank only.
+        inverse_placement: with a communicator, ``"replicated"`` (every rank receives and
+            keeps every layer's inverse and preconditions all layers itself; traffic only at
+            refreshes) or ``"owner"`` (a layer's inverse stays on its owner, which
+            preconditions that layer and broadcasts the result every step; less memory,
+            more traffic).
     """
 
     def __init__(
@@ -77,7 +98,12 @@ class KroneckerPreconditioner:
         loss: str | None = None,
         loss_reduction: str = "mean",
         generator: torch.Generator | None = None,
+        communicator: Communicator | None = None,
+        inverse_placement: str = "replicated",
     ) -> None:
+        self.communicator = communicator
+        self.inverse_placement = inverse_placement
+        self._owners: dict[str, int] | None = None
         self.domain = domain
         self.codomain = codomain
         self.exponent = exponent
@@ -172,6 +198,8 @@ class KroneckerPreconditioner:
         out: dict[str, dict[str, Tensor]] = {}
         for name, inverse in self.inverses.items():
             layer = self.layers[name]
+            if isinstance(inverse, RemoteInverse):
+                continue
             if isinstance(inverse, EigenInverse):
                 sides = {"A": inverse.domain, "G": inverse.codomain}
                 out[name] = {k: s.eigenvalues for k, s in sides.items() if s.estimated}
@@ -198,32 +226,47 @@ class KroneckerPreconditioner:
         ``G``. ``accept`` (a bool tensor) can veto the window, e.g. for non-finite gradients.
         Returns whether the window was accepted (a bool tensor; no host sync).
         """
-        pending = [
-            (f, f is layer.codomain)
-            for layer in self.layers.values()
-            for f in layer.factors
-            if f.pending
+        factors = [
+            (f, f is layer.codomain) for layer in self.layers.values() for f in layer.factors
         ]
-        if not pending:
+        # a single process folds what it recorded; ranks must agree on one list of factors
+        if self.communicator is None:
+            factors = [(f, codomain) for f, codomain in factors if f.pending]
+        if not any(f.pending for f, _ in factors) and self.communicator is None:
             return torch.ones((), dtype=torch.bool) if accept is None else accept
-        stats = []
-        for factor, is_codomain in pending:
-            repeats = self.capture.calls_per_forward(factor)
-            # the MC Fisher's sampled loss is a per-sample sum (see kfrob.fisher)
-            reduction = "sum" if is_codomain and self.fisher == "mc" else self.loss_reduction
-            stat = factor.statistic(reduction, repeats)
-            # the MC Fisher differentiates its own, unscaled loss: only the empirical G
-            # carries the loss scale of the training backward
-            if is_codomain and grad_scale is not None and self.fisher == "empirical":
-                stat = stat / grad_scale.to(stat).square()
-            stats.append(stat)
+        stats = [
+            self._statistic(f, codomain, grad_scale)
+            if f.pending
+            else torch.zeros_like(f.value, dtype=torch.float32)
+            for f, codomain in factors
+        ]
+        present: list[Tensor] | None = None
+        if self.communicator is not None:  # the statistics of the global batch
+            weights = [
+                float(f.samples if codomain else f.rows) if f.pending else 0.0
+                for f, codomain in factors
+            ]
+            present = [total > 0 for total in self.communicator.average_(stats, weights)]
         finite = torch.stack([torch.isfinite(s).all() for s in stats]).all()
         accept = finite if accept is None else finite & accept.to(finite.device)
-        for (factor, _), stat in zip(pending, stats, strict=True):
-            factor.fold(stat, decay, accept)
+        for i, ((factor, _), stat) in enumerate(zip(factors, stats, strict=True)):
+            factor.fold(stat, decay, accept if present is None else accept & present[i])
         self.capture.new_window()
         self.skipped_windows = self.skipped_windows.to(accept.device) + (~accept).long()
         return accept
+
+    def _statistic(
+        self, factor: RunningFactor, is_codomain: bool, grad_scale: Tensor | None
+    ) -> Tensor:
+        repeats = self.capture.calls_per_forward(factor)
+        # the MC Fisher's sampled loss is a per-sample sum (see kfrob.fisher)
+        reduction = "sum" if is_codomain and self.fisher == "mc" else self.loss_reduction
+        stat = factor.statistic(reduction, repeats)
+        # the MC Fisher differentiates its own, unscaled loss: only the empirical G
+        # carries the loss scale of the training backward
+        if is_codomain and grad_scale is not None and self.fisher == "empirical":
+            stat = stat / grad_scale.to(stat).square()
+        return stat
 
     # --- inverses ------------------------------------------------------------------------
     def missing_inverses(self) -> bool:
@@ -239,8 +282,11 @@ class KroneckerPreconditioner:
         ``damping`` maps layer names to ``λ``. A layer whose hooks never fired although its
         weight has a gradient falls back to plain SGD with a warning. A decomposition that
         fails even in float64 keeps the layer's last good inverse (warned once per layer).
-        ``only_missing`` refreshes only layers that have no inverse yet.
+        ``only_missing`` refreshes only layers that have no inverse yet. With a
+        communicator each layer is decomposed on its owner only (:meth:`owners`) and the
+        results are shared as ``inverse_placement`` says.
         """
+        due: list[TrackedLayer] = []
         for name, layer in self.layers.items():
             if name in self.disabled or (only_missing and name in self.inverses):
                 continue
@@ -254,7 +300,12 @@ class KroneckerPreconditioner:
                 if layer.forward_calls == 0 and weight.grad is not None:
                     self._disable(name, "its forward hooks never fired (called functionally?)")
                 continue
-            inverse = self._inverse(layer, damping[name])
+            due.append(layer)
+        if self.communicator is None:
+            results = {layer.name: self._inverse(layer, damping[layer.name]) for layer in due}
+        else:
+            results = self._owned_inverses(due, damping, self.communicator)
+        for name, inverse in results.items():
             if inverse is None:
                 if name not in self.inverses:
                     self._disable(name, "its factors could not be decomposed")
@@ -265,6 +316,67 @@ class KroneckerPreconditioner:
                     )
                 continue
             self.inverses[name] = inverse
+
+    def owners(self) -> dict[str, int]:
+        """The rank that decomposes each layer: a greedy balance of the estimated cost
+        ``Σ_sides blocks · n³`` (see :func:`kfrob.distributed.assign_owners`)."""
+        assert self.communicator is not None
+        if self._owners is None:
+            costs = {
+                name: float(
+                    sum(
+                        f.value.shape[0] * f.value.shape[-1] ** (2 if f.diagonal else 3)
+                        for f in layer.factors
+                    )
+                )
+                for name, layer in self.layers.items()
+            }
+            self._owners = assign_owners(costs, self.communicator.world_size)
+        return self._owners
+
+    def _owned_inverses(
+        self, due: list[TrackedLayer], damping: dict[str, float], communicator: Communicator
+    ) -> dict[str, Inverse | None]:
+        """Decompose this rank's due layers, then share: the inverses themselves
+        (``"replicated"``) or only whether each succeeded (``"owner"``)."""
+        owners = self.owners()
+        mine = {
+            layer.name: self._inverse(layer, damping[layer.name])
+            for layer in due
+            if owners[layer.name] == communicator.rank
+        }
+        if self.inverse_placement == "owner":
+            flags = {name: None if inverse is None else {} for name, inverse in mine.items()}
+            shared = communicator.share_states(flags, owners)
+            return {
+                name: None if ok is None else mine.get(name, RemoteInverse(owners[name]))
+                for name, ok in shared.items()
+            }
+        # eigenbases and eigenvalues travel; the cheap scaling is recomputed on arrival
+        states = {
+            name: None if inv is None else _without_scaling(inv.state_dict())
+            for name, inv in mine.items()
+        }
+        return {
+            name: None if state is None else self._assemble(name, state, damping[name])
+            for name, state in communicator.share_states(states, owners).items()
+        }
+
+    def _assemble(self, name: str, state: dict[str, Any], damping: float) -> Inverse:
+        """An inverse from shared state; an eigen inverse gets its scaling computed here,
+        exactly as its owner computed it."""
+        if state["kind"] != "eigen":
+            return _inverse_from_state(state, self._device_of(name))
+        inverse = EigenInverse.from_state_dict(
+            {**state, "scaling": torch.empty(0)}, self._device_of(name)
+        )
+        inverse.scaling = eigen_scaling(
+            inverse.codomain, inverse.domain, damping, self.exponent, self.damping_method
+        )
+        return inverse
+
+    def _device_of(self, name: str) -> torch.device:
+        return self.layers[name].module.weight.device  # type: ignore[union-attr]
 
     def _inverse(self, layer: TrackedLayer, damping: float) -> Inverse | None:
         math = layer.math
@@ -297,11 +409,32 @@ class KroneckerPreconditioner:
     # --- preconditioning -----------------------------------------------------------------
     def precondition(self, name: str, matrix: Tensor) -> Tensor | None:
         """The layer's preconditioned gradient matrix in float32, or ``None`` if it has no
-        inverse yet."""
+        inverse (yet, or on this rank)."""
         inverse = self.inverses.get(name)
-        if inverse is None or name in self.disabled:
+        if inverse is None or isinstance(inverse, RemoteInverse) or name in self.disabled:
             return None
         return inverse.apply(matrix.to(torch.float32))
+
+    def precondition_layers(self, matrices: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every layer's preconditioned gradient matrix (float32); a layer without an
+        inverse yet gets its matrix unchanged (a plain gradient step). With
+        ``inverse_placement="owner"`` each owner preconditions its layers and broadcasts
+        the results, so every rank must call this together."""
+        communicator = self.communicator
+        if communicator is None or self.inverse_placement == "replicated":
+            return {
+                name: _or_plain(self.precondition(name, matrix), matrix)
+                for name, matrix in matrices.items()
+            }
+        owners = self.owners()
+        mine = {
+            name: _or_plain(self.precondition(name, matrix), matrix)
+            for name, matrix in matrices.items()
+            if owners[name] == communicator.rank
+        }
+        shapes = {name: matrix.shape for name, matrix in matrices.items()}
+        device = next(iter(matrices.values())).device if matrices else torch.device("cpu")
+        return communicator.share_tensors(mine, shapes, owners, torch.float32, device)
 
     # --- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -310,7 +443,7 @@ class KroneckerPreconditioner:
                 name: {
                     "domain": layer.domain.state_dict() if layer.domain else None,
                     "codomain": layer.codomain.state_dict() if layer.codomain else None,
-                    "inverse": self.inverses[name].state_dict() if name in self.inverses else None,
+                    "inverse": _held(self.inverses.get(name)),
                 }
                 for name, layer in self.layers.items()
             },
@@ -349,18 +482,43 @@ class KroneckerPreconditioner:
         for name, layer in self.layers.items():
             for factor, entry in zip(layer.factors, _present(saved[name]), strict=True):
                 factor.load_state_dict(entry)
-            device = layer.module.weight.device  # type: ignore[union-attr]
             inverse = saved[name]["inverse"]
             if inverse is None:
                 self.inverses.pop(name, None)
+            elif self.communicator is not None and self.inverse_placement == "owner":
+                owner = self.owners()[name]  # only the owner keeps it
+                self.inverses[name] = (
+                    _inverse_from_state(inverse, self._device_of(name))
+                    if owner == self.communicator.rank
+                    else RemoteInverse(owner)
+                )
             else:
-                kind = EigenInverse if inverse["kind"] == "eigen" else InverseFactors
-                self.inverses[name] = kind.from_state_dict(inverse, device)
+                self.inverses[name] = _inverse_from_state(inverse, self._device_of(name))
         self.disabled = dict(state.get("disabled", {}))
         self.skipped_windows = state["skipped_windows"].clone()
 
     def remove_hooks(self) -> None:
         self.capture.remove()
+
+
+def _inverse_from_state(state: dict[str, Any], device: torch.device) -> Inverse:
+    kind = EigenInverse if state["kind"] == "eigen" else InverseFactors
+    return kind.from_state_dict(state, device)
+
+
+def _without_scaling(state: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in state.items() if key != "scaling"}
+
+
+def _held(inverse: Inverse | None) -> dict[str, Any] | None:
+    """The state of an inverse this rank holds (``None`` if absent or remote)."""
+    if inverse is None or isinstance(inverse, RemoteInverse):
+        return None
+    return inverse.state_dict()
+
+
+def _or_plain(preconditioned: Tensor | None, matrix: Tensor) -> Tensor:
+    return matrix.float() if preconditioned is None else preconditioned
 
 
 def _present(entry: dict[str, Any]) -> list[dict[str, Tensor]]:

@@ -266,3 +266,38 @@ def test_lightning_cli_example_runs_on_the_embedded_data() -> None:
     assert len(callbacks) == 1 and callbacks[0].engine is not None
     assert callbacks[0].engine.steps == 6
     assert callbacks[0].engine.preconditioner.fisher == "mc"
+
+
+class SaveFactors(pl.Callback):
+    """Each rank writes its factors and parameters at the end of training."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        callback = next(c for c in trainer.callbacks if isinstance(c, FrobPreconditioner))
+        engine = callback.engine
+        assert engine is not None
+        torch.save(
+            {
+                "factors": engine.preconditioner.factors(),
+                "params": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                "distributed": engine.preconditioner.communicator is not None,
+            },
+            Path(self.out) / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def test_ddp_ranks_share_their_factors(tmp_path: Path) -> None:
+    # two CPU ranks see different halves of each batch (DistributedSampler); kfrob's
+    # factors are averaged over them, so both ranks hold the same factors and parameters
+    callbacks = [FrobPreconditioner(loss="cross_entropy"), SaveFactors(str(tmp_path))]
+    run = trainer(strategy="ddp_spawn", devices=2, max_steps=6, callbacks=callbacks)
+    run.fit(Classifier(sgd), loader())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert all(r["distributed"] for r in ranks)
+    for name, (a, g) in ranks[0]["factors"].items():
+        a1, g1 = ranks[1]["factors"][name]
+        assert torch.equal(a, a1) and torch.equal(g, g1), name
+    for key, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][key]), key

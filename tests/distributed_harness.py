@@ -1,0 +1,196 @@
+"""Run a function on several gloo ranks, each a process spawned on loopback, within a time
+limit; and the tiny data-parallel training run the distributed tests compare."""
+
+from __future__ import annotations
+
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from kfrob import FrobPreconditionedSGD
+
+GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
+STEPS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(
+    rank: int,
+    world_size: int,
+    port: int,
+    out: str,
+    worker: Callable[..., Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=60),
+        )
+        result = worker(rank, world_size, *args, **kwargs)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out) / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(
+    world_size: int,
+    worker: Callable[..., Any],
+    out: Path,
+    *args: Any,
+    timeout: float = 120.0,
+    **kwargs: Any,
+) -> list[Any]:
+    """``worker(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned gloo ranks; returns
+    their results (what each returned), failing with the rank's traceback or on timeout."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    context = mp.get_context("spawn")
+    processes = [
+        context.Process(
+            target=_entry, args=(rank, world_size, port, str(out), worker, args, kwargs)
+        )
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    alive = [p for p in processes if p.is_alive()]
+    for process in alive:
+        process.kill()
+    errors = [(out / f"rank{r}.error") for r in range(world_size)]
+    messages = [e.read_text() for e in errors if e.exists()]
+    assert not messages, "\n".join(messages)
+    assert not alive, f"ranks timed out after {timeout} s"
+    # a rank that wrote its result has finished kfrob's work; its exit status after that
+    # (process-group teardown) is torch's business, not the test's
+    missing = [r for r in range(world_size) if not (out / f"rank{r}.pt").exists()]
+    assert not missing, (
+        f"ranks {missing} wrote no result; exit codes {[p.exitcode for p in processes]}"
+    )
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+# --- the training run ------------------------------------------------------------------------
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5), nn.Tanh(), nn.Linear(5, 4),
+    )  # fmt: skip
+
+
+def batches(steps: int = STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batches ``(steps, GLOBAL_BATCH, 2, 4, 4)`` and their labels."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(steps, GLOBAL_BATCH, 2, 4, 4, generator=gen)
+    y = torch.randint(0, 4, (steps, GLOBAL_BATCH), generator=gen)
+    return x, y
+
+
+def make_optimizer(model: nn.Module, **options: Any) -> FrobPreconditionedSGD:
+    settings = {
+        "lr": 0.1,
+        "momentum": 0.5,
+        "fisher": "empirical",
+        "inverse_update_freq": 2,
+        "damping": 1e-2,
+        **options,
+    }
+    return FrobPreconditionedSGD(model, **settings)
+
+
+def train(
+    rank: int,
+    world_size: int,
+    options: dict[str, Any] | None = None,
+    *,
+    first_step: int = 0,
+    last_step: int = STEPS,
+    checkpoint: dict[str, Any] | None = None,
+    nan_at: tuple[int, int] | None = None,
+    pack_triangles: bool = False,
+    ddp: bool = True,
+) -> dict[str, Any]:
+    """Steps ``first_step .. last_step - 1`` on this rank's slice of the global batches
+    (the whole batch on one rank), from ``checkpoint`` if given. ``nan_at=(rank, step)``
+    poisons that rank's input at that step. Returns parameters, factors, the optimizer's
+    state and how often this rank decomposed each layer."""
+    inner = make_model()
+    model: nn.Module = inner
+    if ddp and dist.is_initialized():
+        model = nn.parallel.DistributedDataParallel(inner)
+    opt = make_optimizer(model, **(options or {}))
+    if checkpoint is not None:
+        inner.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+    pre = opt.preconditioner
+    if pre.communicator is not None:
+        pre.communicator.pack_triangles = pack_triangles
+    counts: dict[str, int] = {}
+    decompose = pre._inverse
+
+    def counting(layer: Any, damping: float) -> Any:
+        counts[layer.name] = counts.get(layer.name, 0) + 1
+        return decompose(layer, damping)
+
+    pre._inverse = counting  # type: ignore[method-assign]
+    x_all, y_all = batches()
+    per_rank = GLOBAL_BATCH // world_size
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    for step in range(first_step, last_step):
+        x, y = x_all[step, rows].clone(), y_all[step, rows]
+        if nan_at == (rank, step):
+            x[0, 0, 0, 0] = float("nan")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return {
+        "params": {k: v.detach().clone() for k, v in inner.state_dict().items()},
+        "factors": pre.factors(),
+        "state": {"model": inner.state_dict(), "optimizer": opt.state_dict()},
+        "counts": counts,
+        "owners": pre.owners() if pre.communicator is not None else {},
+        "skipped": int(pre.skipped_windows),
+        "traffic": dict(pre.communicator.traffic.bytes) if pre.communicator else {},
+    }
+
+
+def refuse_fsdp(rank: int, world_size: int) -> str:
+    """Try kfrob on an FSDP-sharded model; returns the error message."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(make_model())
+    try:
+        make_optimizer(model)
+    except ValueError as err:
+        return str(err)
+    return "no error"

@@ -1,0 +1,117 @@
+"""Data parallelism on gloo: 2 and 3 ranks spawned on loopback, each run bounded in time.
+
+The reference for every distributed run is the single-process run over the concatenated
+global batch (DistributedDataParallel averages the ranks' gradients, which for equal
+per-rank batches is the gradient of the global mean loss)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from kfrob.distributed import assign_owners
+from tests.distributed_harness import STEPS, refuse_fsdp, run_ranks, train
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
+)
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = (torch.stack(list(v)) if isinstance(v, tuple) else v for v in (a[key], b[key]))
+        if exact:
+            assert torch.equal(x, y), key
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def factors_flat(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}/{side}": f for name, (a, g) in factors.items() for side, f in (("A", a), ("G", g))
+    }
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    """The single-process run over the global batches."""
+    return train(0, 1)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "options", "pack"),
+    [
+        (2, {}, False),
+        (3, {}, True),
+        (2, {"damping_method": "factored"}, False),
+        (3, {"inverse_placement": "owner"}, False),
+    ],
+    ids=["2-ranks", "3-ranks-packed-triangles", "2-ranks-factored", "3-ranks-owner"],
+)
+def test_ranks_agree_and_equal_the_global_batch_run(
+    tmp_path: Path, world_size: int, options: dict, pack: bool, single: dict
+) -> None:
+    reference = single if not options else train(0, 1, options)
+    ranks = run_ranks(world_size, train, tmp_path, options, pack_triangles=pack)
+    for other in ranks[1:]:  # bit-identical on every rank
+        assert_same(ranks[0]["params"], other["params"], exact=True)
+        assert_same(factors_flat(ranks[0]["factors"]), factors_flat(other["factors"]), exact=True)
+    assert_same(ranks[0]["params"], reference["params"], exact=False)
+    assert_same(factors_flat(ranks[0]["factors"]), factors_flat(reference["factors"]), exact=False)
+
+
+@pytest.mark.parametrize("placement", ["replicated", "owner"])
+def test_each_decomposition_runs_on_exactly_one_rank(tmp_path: Path, placement: str) -> None:
+    ranks = run_ranks(3, train, tmp_path, {"inverse_placement": placement})
+    owners = ranks[0]["owners"]
+    assert all(r["owners"] == owners for r in ranks)
+    assert set(owners.values()) == {0, 1, 2}  # three layers, three ranks: one each
+    refreshes = STEPS // 2  # inverse_update_freq=2
+    for layer, owner in owners.items():
+        per_rank = [r["counts"].get(layer, 0) for r in ranks]
+        assert per_rank[owner] == refreshes and sum(per_rank) == refreshes, (layer, per_rank)
+
+
+def test_both_placements_take_the_same_steps(tmp_path: Path) -> None:
+    replicated = run_ranks(2, train, tmp_path / "r", {"inverse_placement": "replicated"})
+    owner = run_ranks(2, train, tmp_path / "o", {"inverse_placement": "owner"})
+    assert_same(replicated[0]["params"], owner[0]["params"], exact=False)
+    # the owner placement sends preconditioned gradients every step instead of inverses
+    assert "gradients" in owner[0]["traffic"] and "gradients" not in replicated[0]["traffic"]
+
+
+def test_resume_from_rank0_checkpoint_on_other_world_sizes(tmp_path: Path, single: dict) -> None:
+    half = STEPS // 2
+    first = run_ranks(2, train, tmp_path / "a", None, last_step=half)
+    checkpoint = first[0]["state"]  # rank 0's state_dict alone
+    three = run_ranks(3, train, tmp_path / "b", None, first_step=half, checkpoint=checkpoint)
+    one = train(0, 1, first_step=half, checkpoint=checkpoint)
+    for resumed in (three[0], one):
+        assert_same(resumed["params"], single["params"], exact=False)
+    # the new world size reassigned the inverse work over its three ranks
+    assert set(three[0]["owners"].values()) == {0, 1, 2}
+
+
+def test_rank_local_nan_does_not_desynchronise(tmp_path: Path) -> None:
+    ranks = run_ranks(2, train, tmp_path, None, nan_at=(1, 3))
+    assert_same(ranks[0]["params"], ranks[1]["params"], exact=True)
+    assert_same(factors_flat(ranks[0]["factors"]), factors_flat(ranks[1]["factors"]), exact=True)
+    assert all(torch.isfinite(p).all() for p in ranks[0]["params"].values())
+    assert [r["skipped"] for r in ranks] == [1, 1]  # both skipped the poisoned window
+
+
+def test_fsdp_is_refused(tmp_path: Path) -> None:
+    messages = run_ranks(2, refuse_fsdp, tmp_path)
+    assert all("does not support FSDP" in m for m in messages), messages
+
+
+def test_owner_assignment_is_greedy_balanced_and_deterministic() -> None:
+    costs = {"a": 8.0, "b": 7.0, "c": 4.0, "d": 4.0, "e": 1.0}
+    owners = assign_owners(costs, 2)
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}  # loads 12 and 12
+    assert assign_owners(dict(reversed(costs.items())), 2) == owners
+    assert set(assign_owners(costs, 1).values()) == {0}
