@@ -19,3 +19,14 @@ def test_workload_example_runs(name: str, monkeypatch: pytest.MonkeyPatch, capsy
     assert "epoch 2:" in out
     if name == "cnn":
         assert "resumed from cnn.pt at step 2" in out
+
+
+def test_distributed_example_runs_under_torchrun() -> None:
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(EXAMPLES / "distributed.py")]
+    command += ["--epochs", "1", "--max-steps", "3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(3 steps on 2 ranks)" in done.stdout
