@@ -3,6 +3,7 @@ limit; and the tiny data-parallel training run the distributed tests compare."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 import traceback
@@ -139,16 +140,21 @@ def train(
     nan_at: tuple[int, int] | None = None,
     pack_triangles: bool = False,
     ddp: bool = True,
+    accumulate: int = 1,
+    subgroup: bool = False,
 ) -> dict[str, Any]:
     """Steps ``first_step .. last_step - 1`` on this rank's slice of the global batches
     (the whole batch on one rank), from ``checkpoint`` if given. ``nan_at=(rank, step)``
-    poisons that rank's input at that step. Returns parameters, factors, the optimizer's
-    state and how often this rank decomposed each layer."""
+    poisons that rank's input at that step; ``accumulate`` splits each rank's batch into
+    micro-batches, all but the last under ``DDP.no_sync()``; ``subgroup`` passes an explicit
+    process group (a new group of all ranks). Returns parameters, factors, the optimizer's
+    state, the last step's diagnostics and how often this rank decomposed each layer."""
     inner = make_model()
     model: nn.Module = inner
     if ddp and dist.is_initialized():
         model = nn.parallel.DistributedDataParallel(inner)
-    opt = make_optimizer(model, **(options or {}))
+    group = {"process_group": dist.new_group(list(range(world_size)))} if subgroup else {}
+    opt = make_optimizer(model, **(options or {}), **group)
     if checkpoint is not None:
         inner.load_state_dict(checkpoint["model"])
         opt.load_state_dict(checkpoint["optimizer"])
@@ -171,9 +177,19 @@ def train(
         if nan_at == (rank, step):
             x[0, 0, 0, 0] = float("nan")
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        for i, (xs, ys) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate), strict=True)):
+            last = i == accumulate - 1
+            window = (
+                model.no_sync()
+                if isinstance(model, nn.parallel.DistributedDataParallel) and not last
+                else contextlib.nullcontext()
+            )
+            with window:
+                (F.cross_entropy(model(xs), ys) / accumulate).backward()
+        diagnostics = opt.diagnostics() if step == last_step - 1 else {}
         opt.step()
     return {
+        "diagnostics": diagnostics,
         "params": {k: v.detach().clone() for k, v in inner.state_dict().items()},
         "factors": pre.factors(),
         "state": {"model": inner.state_dict(), "optimizer": opt.state_dict()},

@@ -43,23 +43,34 @@ def single() -> dict:
 
 
 @pytest.mark.parametrize(
-    ("world_size", "options", "pack"),
+    ("world_size", "options", "extra"),
     [
-        (2, {}, False),
-        (3, {}, True),
-        (2, {"damping_method": "factored"}, False),
-        (3, {"inverse_placement": "owner"}, False),
+        (2, {}, {}),
+        (3, {}, {"pack_triangles": True}),
+        (2, {"damping_method": "factored"}, {}),
+        (3, {"inverse_placement": "owner"}, {}),
+        (2, {}, {"accumulate": 2}),
+        (2, {}, {"subgroup": True}),
     ],
-    ids=["2-ranks", "3-ranks-packed-triangles", "2-ranks-factored", "3-ranks-owner"],
+    ids=[
+        "2-ranks",
+        "3-ranks-packed-triangles",
+        "2-ranks-factored",
+        "3-ranks-owner",
+        "2-ranks-no_sync-accumulation",
+        "2-ranks-explicit-group",
+    ],
 )
 def test_ranks_agree_and_equal_the_global_batch_run(
-    tmp_path: Path, world_size: int, options: dict, pack: bool, single: dict
+    tmp_path: Path, world_size: int, options: dict, extra: dict, single: dict
 ) -> None:
     reference = single if not options else train(0, 1, options)
-    ranks = run_ranks(world_size, train, tmp_path, options, pack_triangles=pack)
-    for other in ranks[1:]:  # bit-identical on every rank
+    ranks = run_ranks(world_size, train, tmp_path, options, **extra)
+    for other in ranks[1:]:  # bit-identical on every rank, the KL clip and diagnostics too
         assert_same(ranks[0]["params"], other["params"], exact=True)
         assert_same(factors_flat(ranks[0]["factors"]), factors_flat(other["factors"]), exact=True)
+        assert ranks[0]["diagnostics"] == other["diagnostics"]
+    assert "kl_clip_factor" in ranks[0]["diagnostics"]
     assert_same(ranks[0]["params"], reference["params"], exact=False)
     assert_same(factors_flat(ranks[0]["factors"]), factors_flat(reference["factors"]), exact=False)
 
