@@ -127,27 +127,29 @@ class Communicator:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     # --- factor statistics ---------------------------------------------------------------
-    def average_(self, statistics: list[Tensor], weights: list[float]) -> list[Tensor]:
-        """Replace each statistic by its weighted mean over ranks, in place; returns the
-        summed weights (0-dim tensors). A statistic with weight 0 on a rank does not count
-        there (its value is ignored)."""
-        if not statistics:
-            return []
-        device = statistics[0].device
+    def average_(
+        self, statistics: list[Tensor], weights: list[float], accept: Tensor
+    ) -> tuple[list[Tensor], Tensor]:
+        """Replace each statistic by its weighted mean over ranks, in place. Returns the
+        summed weights (0-dim tensors) and whether every rank accepted the window (``accept``
+        is this rank's vote, a bool tensor; it travels in the same buffer). A statistic with
+        weight 0 on a rank does not count there (its value is ignored)."""
+        device = accept.device if not statistics else statistics[0].device
         pieces = []
         for statistic, weight in zip(statistics, weights, strict=True):
             packed = self._pack(statistic) if weight else torch.zeros_like(self._pack(statistic))
             pieces.append((packed * weight).reshape(-1))
         pieces.append(torch.tensor(weights, dtype=torch.float32, device=device))
+        pieces.append((~accept).float().reshape(1).to(device))
         flat = self._all_reduce(pieces, "factors")
-        totals = flat[flat.numel() - len(weights) :]
+        totals = flat[flat.numel() - len(weights) - 1 : -1]
         offset = 0
         for i, statistic in enumerate(statistics):
             size = self._packed_size(statistic)
             summed = flat[offset : offset + size] / totals[i].clamp(min=1e-30)
             statistic.copy_(self._unpack(summed, statistic))
             offset += size
-        return list(totals.unbind())
+        return list(totals.unbind()), flat[-1] == 0
 
     def _pack(self, statistic: Tensor) -> Tensor:
         if not self.pack_triangles or statistic.dim() != 3:
@@ -182,6 +184,12 @@ class Communicator:
             work.wait()
         return flat
 
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (small, picklable), in rank order."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self.group)
+        return gathered
+
     # --- results from their owners -------------------------------------------------------
     def share_states(
         self, owned: dict[str, dict[str, Any] | None], owners: dict[str, int]
@@ -189,8 +197,7 @@ class Communicator:
         """Every owner's per-layer states (dicts of tensors and plain values, or ``None`` for
         a failed computation), on every rank. ``owned`` holds this rank's layers."""
         local = {name: _describe(state) for name, state in owned.items()}
-        gathered: list[dict[str, Any] | None] = [None] * self.world_size
-        dist.all_gather_object(gathered, local, group=self.group)
+        gathered = self.gather_objects(local)
         metadata = {name: meta for part in gathered for name, meta in (part or {}).items()}
         tensors = {
             name: [state[key] for key, _ in _tensor_entries(metadata[name])]

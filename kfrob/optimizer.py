@@ -182,9 +182,10 @@ class FrobPreconditionedSGD(Optimizer):
         )
         self.generator = generator
         self.steps = 0
-        self.refreshes = 0  # inverse refreshes so far in this process (for loggers)
+        self.refreshes = 0  # refreshes that decomposed something, in this process (for loggers)
         self._nonfinite_steps = torch.zeros((), dtype=torch.long, device=params[0].device)
         self._warned_nonfinite = False
+        self._inverses_after_load = False
 
     # --- the update --------------------------------------------------------------------
     @torch.no_grad()
@@ -222,6 +223,9 @@ class FrobPreconditionedSGD(Optimizer):
         step may proceed (finite gradients and an accepted window), as a bool tensor."""
         finite = _all_finite(directions.values())
         pre = self.preconditioner
+        if self._inverses_after_load:  # from the loaded factors, on every rank alike
+            self._inverses_after_load = False
+            self._refresh_inverses(only_missing=True)
         if pre.capture.active:
             # a window with non-finite statistics is skipped whole: no step either
             finite = pre.update_factors(self.factor_decay, self._loss_scale(), finite)
@@ -331,8 +335,8 @@ class FrobPreconditionedSGD(Optimizer):
             name: float(group_of[layer.module.weight]["damping"])  # type: ignore[index]
             for name, layer in self.preconditioner.layers.items()
         }
-        self.preconditioner.update_inverses(damping, only_missing=only_missing)
-        self.refreshes += 1
+        if self.preconditioner.update_inverses(damping, only_missing=only_missing):
+            self.refreshes += 1
         if not self._warned_nonfinite and int(self._nonfinite_steps) > 0:
             self._warned_nonfinite = True
             warnings.warn(
@@ -376,6 +380,11 @@ class FrobPreconditionedSGD(Optimizer):
             self.generator.set_state(extra["generator"])
         self._nonfinite_steps = extra["nonfinite_steps"].to(self._nonfinite_steps.device)
         self.preconditioner.capture.active = self.steps % self.factor_update_freq == 0
+        # a state without some inverses (e.g. saved with inverse_placement="owner") gets
+        # them at the next step, from the factors it carried
+        self._inverses_after_load = any(
+            entry["inverse"] is None for entry in extra["preconditioner"]["layers"].values()
+        )
 
     def close(self) -> None:
         """Remove kfrob's hooks from the model (idempotent)."""

@@ -232,7 +232,7 @@ class KroneckerPreconditioner:
         # a single process folds what it recorded; ranks must agree on one list of factors
         if self.communicator is None:
             factors = [(f, codomain) for f, codomain in factors if f.pending]
-        if not any(f.pending for f, _ in factors) and self.communicator is None:
+        if not factors:
             return torch.ones((), dtype=torch.bool) if accept is None else accept
         stats = [
             self._statistic(f, codomain, grad_scale)
@@ -246,7 +246,9 @@ class KroneckerPreconditioner:
                 float(f.samples if codomain else f.rows) if f.pending else 0.0
                 for f, codomain in factors
             ]
-            present = [total > 0 for total in self.communicator.average_(stats, weights)]
+            vote = torch.ones((), dtype=torch.bool) if accept is None else accept
+            totals, accept = self.communicator.average_(stats, weights, vote)
+            present = [total > 0 for total in totals]
         finite = torch.stack([torch.isfinite(s).all() for s in stats]).all()
         accept = finite if accept is None else finite & accept.to(finite.device)
         for i, ((factor, _), stat) in enumerate(zip(factors, stats, strict=True)):
@@ -270,13 +272,22 @@ class KroneckerPreconditioner:
 
     # --- inverses ------------------------------------------------------------------------
     def missing_inverses(self) -> bool:
-        """Whether some active layer that has run forward has no inverse yet."""
+        """Whether some active, trainable layer that has run forward has no inverse yet.
+
+        Always ``False`` with a communicator: ``forward_calls`` is local to a rank, and an
+        early refresh is a collective that every rank must agree on, so under data
+        parallelism inverses are refreshed on the schedule only (a layer first seen between
+        refreshes takes plain, KL-clipped steps until the next one)."""
+        if self.communicator is not None:
+            return False
         return any(
-            layer.forward_calls > 0 and layer.name not in self.inverses
+            layer.forward_calls > 0
+            and layer.name not in self.inverses
+            and layer.module.weight.requires_grad  # type: ignore[union-attr]
             for layer in self.active_layers()
         )
 
-    def update_inverses(self, damping: dict[str, float], only_missing: bool = False) -> None:
+    def update_inverses(self, damping: dict[str, float], only_missing: bool = False) -> int:
         """Recompute each active layer's damped inverse from its current factors.
 
         ``damping`` maps layer names to ``λ``. A layer whose hooks never fired although its
@@ -284,8 +295,10 @@ class KroneckerPreconditioner:
         fails even in float64 keeps the layer's last good inverse (warned once per layer).
         ``only_missing`` refreshes only layers that have no inverse yet. With a
         communicator each layer is decomposed on its owner only (:meth:`owners`) and the
-        results are shared as ``inverse_placement`` says.
+        results are shared as ``inverse_placement`` says. Returns how many layers were
+        due (decomposed, or tried).
         """
+        fired = self._fired_anywhere()
         due: list[TrackedLayer] = []
         for name, layer in self.layers.items():
             if name in self.disabled or (only_missing and name in self.inverses):
@@ -297,7 +310,7 @@ class KroneckerPreconditioner:
                 self._disable(name, "its bias was frozen or unfrozen after kfrob was created")
                 continue
             if not all(bool(f.initialized) for f in layer.factors):
-                if layer.forward_calls == 0 and weight.grad is not None:
+                if not fired[name] and weight.grad is not None:
                     self._disable(name, "its forward hooks never fired (called functionally?)")
                 continue
             due.append(layer)
@@ -316,6 +329,16 @@ class KroneckerPreconditioner:
                     )
                 continue
             self.inverses[name] = inverse
+        return len(results)
+
+    def _fired_anywhere(self) -> dict[str, bool]:
+        """Whether each layer's hooks have fired, on any rank (one small gather of flags
+        per refresh with a communicator, so that every rank disables the same layers)."""
+        local = {name: layer.forward_calls > 0 for name, layer in self.layers.items()}
+        if self.communicator is None:
+            return local
+        gathered = self.communicator.gather_objects(local)
+        return {name: any(flags[name] for flags in gathered) for name in local}
 
     def owners(self) -> dict[str, int]:
         """The rank that decomposes each layer: a greedy balance of the estimated cost

@@ -200,6 +200,44 @@ def train(
     }
 
 
+class TwoHeads(nn.Module):
+    """A trunk and two heads; the second head runs only when asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, use_b: bool = False) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        return self.a(h) + (self.b(h) if use_b else 0.0)
+
+
+def train_rank_dependent(rank: int, world_size: int, nan_grad_at: int | None = None) -> dict:
+    """Ranks that run different layers (head ``b`` only on rank 0, at step 1) or see
+    different gradients (without DDP, a NaN gradient on rank 1 at ``nan_grad_at``): the
+    ranks must still take the same collectives and hold the same factors."""
+    inner = TwoHeads()
+    model: nn.Module = inner
+    if nan_grad_at is None:
+        model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+    opt = make_optimizer(model, momentum=0.0, inverse_update_freq=3)
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(6):
+        x, y = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x, use_b=step == 1 and rank == 0), y).backward()
+        if nan_grad_at == step and rank == 1:
+            inner.a.weight.grad[0, 0] = float("nan")
+        opt.step()
+    return {
+        "params": {k: v.detach().clone() for k, v in inner.state_dict().items()},
+        "factors": opt.preconditioner.factors(),
+        "disabled": dict(opt.preconditioner.disabled),
+        "skipped": int(opt.preconditioner.skipped_windows),
+    }
+
+
 def refuse_fsdp(rank: int, world_size: int) -> str:
     """Try kfrob on an FSDP-sharded model; returns the error message."""
     from torch.distributed.fsdp import fully_shard

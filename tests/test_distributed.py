@@ -13,7 +13,13 @@ import torch
 import torch.distributed as dist
 
 from kfrob.distributed import assign_owners
-from tests.distributed_harness import STEPS, refuse_fsdp, run_ranks, train
+from tests.distributed_harness import (
+    STEPS,
+    refuse_fsdp,
+    run_ranks,
+    train,
+    train_rank_dependent,
+)
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
@@ -107,12 +113,43 @@ def test_resume_from_rank0_checkpoint_on_other_world_sizes(tmp_path: Path, singl
     assert set(three[0]["owners"].values()) == {0, 1, 2}
 
 
+def test_owner_placement_checkpoint_gets_its_missing_inverses_back(tmp_path: Path) -> None:
+    owner = {"inverse_placement": "owner", "inverse_update_freq": 3}
+    first = run_ranks(2, train, tmp_path / "a", owner, last_step=4)
+    checkpoint = first[0]["state"]  # holds rank 0's inverses only
+    saved = checkpoint["optimizer"]["kfrob"]["preconditioner"]["layers"]
+    assert any(entry["inverse"] is None for entry in saved.values())
+    resumed = run_ranks(2, train, tmp_path / "b", owner, first_step=4, checkpoint=checkpoint)
+    assert_same(resumed[0]["params"], resumed[1]["params"], exact=True)
+    # at the first step after loading, each missing layer was decomposed by its owner
+    # (once), then at the scheduled refresh of step 6 (once more)
+    missing = [name for name, entry in saved.items() if entry["inverse"] is None]
+    for name in missing:
+        owner_rank = resumed[0]["owners"][name]
+        assert resumed[owner_rank]["counts"][name] == 2, name
+
+
 def test_rank_local_nan_does_not_desynchronise(tmp_path: Path) -> None:
     ranks = run_ranks(2, train, tmp_path, None, nan_at=(1, 3))
     assert_same(ranks[0]["params"], ranks[1]["params"], exact=True)
     assert_same(factors_flat(ranks[0]["factors"]), factors_flat(ranks[1]["factors"]), exact=True)
     assert all(torch.isfinite(p).all() for p in ranks[0]["params"].values())
     assert [r["skipped"] for r in ranks] == [1, 1]  # both skipped the poisoned window
+
+
+def test_a_layer_run_on_one_rank_only_neither_hangs_nor_diverges(tmp_path: Path) -> None:
+    ranks = run_ranks(2, train_rank_dependent, tmp_path, timeout=60)
+    assert_same(ranks[0]["params"], ranks[1]["params"], exact=True)
+    assert_same(factors_flat(ranks[0]["factors"]), factors_flat(ranks[1]["factors"]), exact=True)
+    assert ranks[0]["disabled"] == ranks[1]["disabled"] == {}
+
+
+def test_a_rank_local_bad_gradient_vetoes_the_window_everywhere(tmp_path: Path) -> None:
+    # no DDP: each rank keeps its own gradients, so only rank 1 sees the NaN; the window
+    # is still skipped on both, and their factors stay identical
+    ranks = run_ranks(2, train_rank_dependent, tmp_path, nan_grad_at=2, timeout=60)
+    assert_same(factors_flat(ranks[0]["factors"]), factors_flat(ranks[1]["factors"]), exact=True)
+    assert [r["skipped"] for r in ranks] == [1, 1]
 
 
 def test_fsdp_is_refused(tmp_path: Path) -> None:

@@ -142,14 +142,18 @@ def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / CHECKPOINT, weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("optimizer", ["kfrob", "sgd"])
-def test_resume_takes_exactly_the_uninterrupted_steps(tmp_path: Path, tiny_data, optimizer) -> None:
+@pytest.mark.parametrize(("optimizer", "stop"), [("kfrob", 3), ("sgd", 3), ("sgd", 4)])
+def test_resume_takes_exactly_the_uninterrupted_steps(
+    tmp_path: Path, tiny_data, optimizer: str, stop: int
+) -> None:
     config = load_config(None, [*TINY, "optimizers.sgd.momentum=0.9"])
     straight = train(config, optimizer, tmp_path / "a", progress=False, data=tiny_data)
-    # stop mid-epoch (step 3 of 4 per epoch), then resume with the step limit lifted
-    first = load_config(None, [*TINY, "optimizers.sgd.momentum=0.9", "training.max_steps=3"])
+    # stop mid-epoch (step 3 of 4 per epoch) or at the epoch's end, then resume with the
+    # step limit lifted
+    limit = f"training.max_steps={stop}"
+    first = load_config(None, [*TINY, "optimizers.sgd.momentum=0.9", limit])
     stopped = train(first, optimizer, tmp_path / "b", progress=False, data=tiny_data)
-    assert stopped.steps == 3
+    assert stopped.steps == stop
     resumed = train(config, optimizer, tmp_path / "b", resume=True, progress=False, data=tiny_data)
     assert resumed.steps == straight.steps == 8
     a, b = final_parameters(tmp_path / "a"), final_parameters(tmp_path / "b")

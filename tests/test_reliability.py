@@ -552,3 +552,17 @@ def test_submodules_called_directly_with_accumulation() -> None:
         model.zero_grad()
         traces.append(float(torch.trace(opt.preconditioner.factors()["dec"][1])))
     assert traces[1] == pytest.approx(traces[0], rel=1e-5)
+
+
+def test_a_frozen_layer_does_not_force_a_refresh_every_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    opt = FrobPreconditionedSGD(model, lr=0.1, inverse_update_freq=10)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.refreshes == 1  # the scheduled one at step 0, nothing in between
+    assert not opt.preconditioner.missing_inverses()

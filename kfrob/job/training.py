@@ -238,7 +238,8 @@ def train(
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer_state"])
         step, seconds, history = saved["step"], saved["seconds"], saved["history"]
-        epoch_order = saved["epoch_order"]
+        epoch_order = saved["epoch_order"]  # where this epoch's permutation came from
+        order.set_state(saved["order"])  # where the next epoch's will come from
         recent.extend(t.to(device) for t in saved["recent"])
 
     def checkpoint() -> None:
@@ -253,6 +254,7 @@ def train(
                 "seconds": seconds,
                 "history": history,
                 "epoch_order": epoch_order,
+                "order": order.get_state(),
                 "recent": [t.cpu() for t in recent],
             },
         )
