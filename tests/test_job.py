@@ -288,3 +288,22 @@ def test_full_data_is_downloaded_only_when_asked(
     assert not fetched
     data = load_data(DataConfig(source="full", download=True))
     assert fetched and str(fetched[0]) in data.source and len(data.x_train) == 6
+
+
+def test_batch_order_covers_each_epoch_and_resumes_anywhere() -> None:
+    from kfrob.job.training import BatchOrder
+
+    straight = BatchOrder(10, 4, seed=3)  # 3 steps an epoch, the last one short
+    batches = [straight.indices(step) for step in range(9)]
+    for epoch in range(3):
+        seen = torch.cat(batches[3 * epoch : 3 * epoch + 3])
+        assert sorted(seen.tolist()) == list(range(10))
+    assert not torch.equal(batches[0], batches[3])  # a new permutation each epoch
+    for stop in range(9):  # save after `stop` steps, resume in a fresh object
+        first = BatchOrder(10, 4, seed=3)
+        for step in range(stop):
+            first.indices(step)
+        resumed = BatchOrder(10, 4, seed=3)
+        resumed.load_state_dict(first.state_dict())
+        for step in range(stop, 9):
+            assert torch.equal(resumed.indices(step), batches[step]), (stop, step)

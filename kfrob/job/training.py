@@ -38,7 +38,7 @@ from kfrob.job.optimizers import build_optimizer
 from kfrob.job.workloads import WORKLOADS, Workload
 from kfrob.optimizer import FrobPreconditionedSGD
 
-__all__ = ["Dataset", "RunResult", "load_data", "train"]
+__all__ = ["BatchOrder", "Dataset", "RunResult", "load_data", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 # config keys that may change between a run and its resumption
@@ -185,6 +185,58 @@ def _check_resumable(saved: dict[str, Any], config: Config, optimizer: str) -> N
         )
 
 
+class BatchOrder:
+    """The batches of every epoch: one permutation of the ``n`` training indices per epoch,
+    drawn from a generator seeded with ``seed``, cut into batches. Its state (where the
+    current epoch's permutation and the next one's come from) lets a resumed run draw
+    exactly the batches an uninterrupted one would."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.steps_per_epoch = math.ceil(n / batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._epoch_start = self.generator.get_state()
+        self._epoch = -1
+        self._permutation = torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> Tensor:
+        """The training indices of optimizer step ``step`` (counting from 0)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            if position == 0:  # a new epoch; mid-epoch, a loaded state says where it began
+                self._epoch_start = self.generator.get_state()
+            self.generator.set_state(self._epoch_start)
+            self._permutation = torch.randperm(self.n, generator=self.generator)
+            self._epoch = epoch
+        return self._permutation[position * self.batch_size :][: self.batch_size]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"epoch_start": self._epoch_start, "next": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._epoch_start = state["epoch_start"]
+        self.generator.set_state(state["next"])
+        self._epoch = -1
+
+
+def _open_run_dir(run_dir: Path, resume: bool, config: Config, name: str) -> dict | None:
+    """The checkpoint to resume from (validated against the config), or ``None`` for a new
+    run, which must not overwrite an old one."""
+    path = run_dir / CHECKPOINT
+    if resume:
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        _check_resumable(saved, config, name)
+        return saved
+    if path.exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or another --logdir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
 def train(
     config: Config,
     optimizer_name: str,
@@ -200,19 +252,7 @@ def train(
     ``run_dir/result.json``; on ``Ctrl-C`` it checkpoints and returns with
     ``interrupted=True``."""
     run_dir = Path(run_dir)
-    checkpoint_path = run_dir / CHECKPOINT
-    saved: dict[str, Any] | None = None
-    if resume:
-        if not checkpoint_path.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {checkpoint_path}")
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        _check_resumable(saved, config, optimizer_name)
-    elif checkpoint_path.exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it, or another --logdir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-
+    saved = _open_run_dir(run_dir, resume, config, optimizer_name)
     settings = config.training
     device = torch.device(settings.device)
     workload = WORKLOADS[config.workload]
@@ -222,9 +262,8 @@ def train(
     optimizer = build_optimizer(
         optimizer_name, config.optimizers[optimizer_name], model, workload, settings.seed
     )
-    order = torch.Generator().manual_seed(settings.seed)
-    n_train = len(data.x_train)
-    steps_per_epoch = math.ceil(n_train / settings.batch_size)
+    order = BatchOrder(len(data.x_train), settings.batch_size, settings.seed)
+    steps_per_epoch = order.steps_per_epoch
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
@@ -233,28 +272,25 @@ def train(
     # per-step (loss, accuracy) of the last eval_every steps (an epoch if unset): the training
     # loss an evaluation reports is a moving average of the same length every time
     recent: deque[Tensor] = deque(maxlen=settings.eval_every or steps_per_epoch)
-    epoch_order = order.get_state()
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer_state"])
+        order.load_state_dict(saved["order"])
         step, seconds, history = saved["step"], saved["seconds"], saved["history"]
-        epoch_order = saved["epoch_order"]  # where this epoch's permutation came from
-        order.set_state(saved["order"])  # where the next epoch's will come from
         recent.extend(t.to(device) for t in saved["recent"])
 
     def checkpoint() -> None:
         _save(
-            checkpoint_path,
+            run_dir / CHECKPOINT,
             {
                 "config": config.model_dump(),
                 "optimizer": optimizer_name,
                 "model": model.state_dict(),
                 "optimizer_state": optimizer.state_dict(),
+                "order": order.state_dict(),
                 "step": step,
                 "seconds": seconds,
                 "history": history,
-                "epoch_order": epoch_order,
-                "order": order.get_state(),
                 "recent": [t.cpu() for t in recent],
             },
         )
@@ -273,17 +309,10 @@ def train(
     )
     model.train()
     interrupt = _Interrupt()
-    permutation: Tensor | None = None
     with interrupt.installed():
         bar.write(f"{optimizer_name}: training on {data.source}, {device}")
         while step < total_steps and not interrupt.requested:
-            in_epoch = step % steps_per_epoch
-            if in_epoch == 0 or permutation is None:  # an epoch's order: from its saved state
-                if in_epoch == 0:
-                    epoch_order = order.get_state()
-                order.set_state(epoch_order)
-                permutation = torch.randperm(n_train, generator=order).to(device)
-            batch = permutation[in_epoch * settings.batch_size :][: settings.batch_size]
+            batch = order.indices(step).to(device)
             x, y = data.x_train[batch], data.y_train[batch]
 
             started = time.perf_counter()
@@ -362,17 +391,20 @@ def train(
     result = _result(config, optimizer_name, data.source, step, seconds, history, run_dir)
     result.interrupted = interrupt.requested
     if not result.interrupted:
-        hyperparameters = {
-            "optimizer": optimizer_name,
-            "workload": config.workload,
-            "batch_size": settings.batch_size,
-            "seed": settings.seed,
-            **config.optimizers[optimizer_name],
-        }
-        board.hparams(hyperparameters, result.final)
+        board.hparams(_hyperparameters(config, optimizer_name), result.final)
     board.close()
     (run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
+
+
+def _hyperparameters(config: Config, name: str) -> dict[str, Any]:
+    return {
+        "optimizer": name,
+        "workload": config.workload,
+        "batch_size": config.training.batch_size,
+        "seed": config.training.seed,
+        **config.optimizers[name],
+    }
 
 
 def _describe(name: str, entry: dict[str, float | None]) -> str:
