@@ -72,13 +72,17 @@ class CurvatureCapture:
         # Hooks hold the capture weakly: the model never keeps its optimizer alive.
         self._handles: list[RemovableHandle] = [
             layer.module.register_forward_hook(
-                partial(_weak(self._on_forward), layer), with_kwargs=True
+                partial(weak_callable(self._on_forward), layer), with_kwargs=True
             )
             for layer in self.layers
         ]
-        self._handles.append(model.register_forward_pre_hook(_weak(self._on_model_call)))
+        self._handles.append(model.register_forward_pre_hook(weak_callable(self._on_model_call)))
         if sampled_loss is not None:
-            self._handles.append(model.register_forward_hook(_weak(self._on_model_output)))
+            self._handles.append(model.register_forward_hook(weak_callable(self._on_model_output)))
+        # called after each recording forward pass of the model (after the MC Fisher's
+        # sampling): the statistics of that pass are complete, except a backward's G
+        self.on_forward_end: Callable[[], None] | None = None
+        self._handles.append(model.register_forward_hook(weak_callable(self._on_model_done)))
 
     def _recording(self, module: nn.Module) -> bool:
         return self.active and module.training and torch.is_grad_enabled()
@@ -137,6 +141,10 @@ class CurvatureCapture:
             if grad is not None:
                 self._on_output_grad(layer, grad)
 
+    def _on_model_done(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.on_forward_end is not None and self._recording(module):
+            self.on_forward_end()
+
     def new_window(self) -> None:
         """Start counting the model's forward passes afresh (after a fold or discard)."""
         self.model_calls = 0
@@ -150,7 +158,7 @@ class CurvatureCapture:
             layer.outputs = []
 
 
-def _weak(method: Callable[..., Any]) -> Callable[..., Any]:
+def weak_callable(method: Callable[..., Any]) -> Callable[..., Any]:
     """A hook that calls the bound ``method`` while its object lives, else does nothing."""
     ref = weakref.WeakMethod(method)
 

@@ -134,6 +134,17 @@ class Communicator:
         summed weights (0-dim tensors) and whether every rank accepted the window (``accept``
         is this rank's vote, a bool tensor; it travels in the same buffer). A statistic with
         weight 0 on a rank does not count there (its value is ignored)."""
+        return self.start_average(statistics, weights, accept).finish()
+
+    def start_average(
+        self,
+        statistics: list[Tensor],
+        weights: list[float],
+        accept: Tensor,
+        purpose: str = "factors",
+    ) -> PendingAverage:
+        """Launch :meth:`average_` asynchronously; ``finish()`` the result to wait for it.
+        ``purpose`` labels the bytes in :attr:`traffic`."""
         device = accept.device if not statistics else statistics[0].device
         pieces = []
         for statistic, weight in zip(statistics, weights, strict=True):
@@ -141,15 +152,8 @@ class Communicator:
             pieces.append((packed * weight).reshape(-1))
         pieces.append(torch.tensor(weights, dtype=torch.float32, device=device))
         pieces.append((~accept).float().reshape(1).to(device))
-        flat = self._all_reduce(pieces, "factors")
-        totals = flat[flat.numel() - len(weights) - 1 : -1]
-        offset = 0
-        for i, statistic in enumerate(statistics):
-            size = self._packed_size(statistic)
-            summed = flat[offset : offset + size] / totals[i].clamp(min=1e-30)
-            statistic.copy_(self._unpack(summed, statistic))
-            offset += size
-        return list(totals.unbind()), flat[-1] == 0
+        flat, works = self._start_all_reduce(pieces, purpose)
+        return PendingAverage(self, statistics, flat, works)
 
     def _pack(self, statistic: Tensor) -> Tensor:
         if not self.pack_triangles or statistic.dim() != 3:
@@ -173,16 +177,15 @@ class Communicator:
         full[:, cols, rows] = values
         return full
 
-    def _all_reduce(self, pieces: list[Tensor], purpose: str) -> Tensor:
-        """Sum the concatenation of ``pieces`` over ranks, in buckets launched back to back."""
+    def _start_all_reduce(self, pieces: list[Tensor], purpose: str) -> tuple[Tensor, list]:
+        """Start summing the concatenation of ``pieces`` over ranks, in buckets launched
+        back to back; returns the buffer and the works to wait for."""
         flat = torch.cat([p.float() for p in pieces])
         works = []
         for bucket in flat.split(self.bucket_elements):
             self.traffic.add(purpose, bucket)
             works.append(dist.all_reduce(bucket, group=self.group, async_op=True))
-        for work in works:
-            work.wait()
-        return flat
+        return flat, works
 
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (small, picklable), in rank order."""
@@ -266,6 +269,35 @@ class Communicator:
             for (name, index, shape), piece in zip(entries, flat.split(sizes), strict=True):
                 out[name][index] = tensors[name][index] if owner == self.rank else piece.view(shape)
         return out
+
+
+class PendingAverage:
+    """A weighted average of statistics on its way (see :meth:`Communicator.average_`)."""
+
+    def __init__(
+        self, communicator: Communicator, statistics: list[Tensor], flat: Tensor, works: list
+    ) -> None:
+        self.communicator, self.statistics = communicator, statistics
+        self.flat, self.works = flat, works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works = []
+
+    def finish(self) -> tuple[list[Tensor], Tensor]:
+        """Wait, write the averages into the statistics; the summed weights and whether
+        every rank accepted the window."""
+        self.wait()
+        flat, statistics, unpack = self.flat, self.statistics, self.communicator
+        totals = flat[flat.numel() - len(statistics) - 1 : -1]
+        offset = 0
+        for i, statistic in enumerate(statistics):
+            size = unpack._packed_size(statistic)
+            summed = flat[offset : offset + size] / totals[i].clamp(min=1e-30)
+            statistic.copy_(unpack._unpack(summed, statistic))
+            offset += size
+        return list(totals.unbind()), flat[-1] == 0
 
 
 def default_communicator(

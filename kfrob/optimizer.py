@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -141,7 +142,7 @@ class FrobPreconditionedSGD(Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        model = unwrap(model)
+        wrapper, model = model, unwrap(model)
         check_not_sharded(model)
         params = list(model.parameters())
         if not params:
@@ -180,6 +181,8 @@ class FrobPreconditionedSGD(Optimizer):
             communicator=default_communicator(process_group),
             inverse_placement=inverse_placement,
         )
+        if wrapper is not model and self.preconditioner.communicator is not None:
+            self.preconditioner.window_ends = _window_ends(wrapper)
         self.generator = generator
         self.steps = 0
         self.refreshes = 0  # refreshes that decomposed something, in this process (for loggers)
@@ -402,6 +405,18 @@ class FrobPreconditionedSGD(Optimizer):
         if plain:
             text += f"\nPlain SGD for: {', '.join(plain)}"
         return text
+
+
+def _window_ends(ddp: nn.Module) -> Callable[[], bool]:
+    """Whether the coming backward pass of a ``DistributedDataParallel`` model synchronises
+    gradients, i.e. ends the accumulation window (``False`` inside ``no_sync()``)."""
+    ref = weakref.ref(ddp)
+
+    def ends() -> bool:
+        wrapper = ref()
+        return wrapper is not None and bool(getattr(wrapper, "require_backward_grad_sync", False))
+
+    return ends
 
 
 def _select(condition: Tensor, new: Tensor, old: Tensor | float) -> Tensor:

@@ -11,15 +11,15 @@ It holds no optimizer bookkeeping (learning rates, momentum, step control): see
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kfrob.capture import CurvatureCapture, TrackedLayer
-from kfrob.distributed import Communicator, assign_owners
+from kfrob.capture import CurvatureCapture, TrackedLayer, weak_callable
+from kfrob.distributed import Communicator, PendingAverage, assign_owners
 from kfrob.factors import RunningFactor
 from kfrob.fisher import SAMPLED_LOSSES
 from kfrob.kronecker import (
@@ -118,6 +118,13 @@ class KroneckerPreconditioner:
         self._collect_layers(model)
         sampled_loss = SAMPLED_LOSSES[loss] if fisher == "mc" and loss is not None else None
         self.capture = CurvatureCapture(model, self.layers.values(), sampled_loss, generator)
+        # set (by the optimizer, for a DDP model) to tell whether the backward pass after
+        # this forward ends the accumulation window; the window's statistics that are
+        # complete after the forward are then sent at once, overlapping that backward
+        self.window_ends: Callable[[], bool] | None = None
+        self._early: list[tuple[PendingAverage, list[tuple[RunningFactor, bool]], int]] = []
+        if communicator is not None:
+            self.capture.on_forward_end = weak_callable(self._send_early)
 
     # --- set-up --------------------------------------------------------------------------
     def _collect_layers(self, model: nn.Module) -> None:
@@ -234,21 +241,11 @@ class KroneckerPreconditioner:
             factors = [(f, codomain) for f, codomain in factors if f.pending]
         if not factors:
             return torch.ones((), dtype=torch.bool) if accept is None else accept
-        stats = [
-            self._statistic(f, codomain, grad_scale)
-            if f.pending
-            else torch.zeros_like(f.value, dtype=torch.float32)
-            for f, codomain in factors
-        ]
         present: list[Tensor] | None = None
-        if self.communicator is not None:  # the statistics of the global batch
-            weights = [
-                float(f.samples if codomain else f.rows) if f.pending else 0.0
-                for f, codomain in factors
-            ]
-            vote = torch.ones((), dtype=torch.bool) if accept is None else accept
-            totals, accept = self.communicator.average_(stats, weights, vote)
-            present = [total > 0 for total in totals]
+        if self.communicator is None:
+            stats = [self._statistic(f, codomain, grad_scale) for f, codomain in factors]
+        else:  # the statistics of the global batch
+            stats, present, accept = self._averaged(factors, grad_scale, accept)
         finite = torch.stack([torch.isfinite(s).all() for s in stats]).all()
         accept = finite if accept is None else finite & accept.to(finite.device)
         for i, ((factor, _), stat) in enumerate(zip(factors, stats, strict=True)):
@@ -256,6 +253,72 @@ class KroneckerPreconditioner:
         self.capture.new_window()
         self.skipped_windows = self.skipped_windows.to(accept.device) + (~accept).long()
         return accept
+
+    def _send_early(self) -> None:
+        """After the forward pass that ends a window: start averaging the statistics that
+        are already complete (``A``, and ``G`` for the MC Fisher) while backward runs."""
+        if self.window_ends is None or not self.window_ends():
+            return
+        factors = [
+            (f, f is layer.codomain)
+            for layer in self.layers.values()
+            for f in layer.factors
+            if f is layer.domain or self.fisher == "mc"
+        ]
+        if factors:
+            stats, weights = self._local_statistics(factors, None)
+            vote = torch.ones((), dtype=torch.bool, device=stats[0].device)
+            communicator = self.communicator
+            assert communicator is not None
+            pending = communicator.start_average(stats, weights, vote, "factors (early)")
+            self._early.append((pending, factors, self.capture.model_calls))
+
+    def _averaged(
+        self,
+        factors: list[tuple[RunningFactor, bool]],
+        grad_scale: Tensor | None,
+        accept: Tensor | None,
+    ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Every factor's statistic averaged over ranks, whether any rank recorded it, and
+        whether every rank accepts the window. What :meth:`_send_early` sent is used if no
+        recording forward pass came after it (the same decision on every rank); the rest
+        goes now, with the accept vote."""
+        early, self._early = self._early, []
+        for pending, _, _ in early:
+            pending.wait()  # every launched collective is matched on every rank
+        sent: dict[int, tuple[Tensor, Tensor]] = {}
+        if early and early[-1][2] == self.capture.model_calls:
+            pending, sent_factors, _ = early[-1]
+            totals, _ = pending.finish()
+            for (factor, _), stat, total in zip(
+                sent_factors, pending.statistics, totals, strict=True
+            ):
+                sent[id(factor)] = (stat, total)
+        rest = [(f, codomain) for f, codomain in factors if id(f) not in sent]
+        stats, weights = self._local_statistics(rest, grad_scale)
+        vote = torch.ones((), dtype=torch.bool) if accept is None else accept
+        totals, accepted = self.communicator.average_(stats, weights, vote)  # type: ignore[union-attr]
+        for (factor, _), stat, total in zip(rest, stats, totals, strict=True):
+            sent[id(factor)] = (stat, total)
+        averaged = [sent[id(f)] for f, _ in factors]
+        return [s for s, _ in averaged], [t > 0 for _, t in averaged], accepted
+
+    def _local_statistics(
+        self, factors: list[tuple[RunningFactor, bool]], grad_scale: Tensor | None
+    ) -> tuple[list[Tensor], list[float]]:
+        """This rank's statistics (zeros where it recorded nothing) and their weights: the
+        rows behind an ``A``, the samples behind a ``G``."""
+        stats = [
+            self._statistic(f, codomain, grad_scale)
+            if f.pending
+            else torch.zeros_like(f.value, dtype=torch.float32)
+            for f, codomain in factors
+        ]
+        weights = [
+            float(f.samples if codomain else f.rows) if f.pending else 0.0
+            for f, codomain in factors
+        ]
+        return stats, weights
 
     def _statistic(
         self, factor: RunningFactor, is_codomain: bool, grad_scale: Tensor | None

@@ -136,6 +136,7 @@ def main() -> None:
                 continue
             row = rank0[name]
             kib = {k: v / 1024 for k, v in row["traffic"].items()}
+            kib["factors"] = kib.get("factors", 0) + kib.get("factors (early)", 0)
             ddp = rank0["grad_bytes"] / 1024 if world > 1 else 0.0
             lines.append(
                 f"| {world} | {name} | {kib.get('factors', 0):.0f} | {kib.get('inverses', 0):.0f}"

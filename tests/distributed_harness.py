@@ -197,6 +197,7 @@ def train(
         "owners": pre.owners() if pre.communicator is not None else {},
         "skipped": int(pre.skipped_windows),
         "traffic": dict(pre.communicator.traffic.bytes) if pre.communicator else {},
+        "calls": dict(pre.communicator.traffic.calls) if pre.communicator else {},
     }
 
 

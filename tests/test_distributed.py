@@ -93,6 +93,22 @@ def test_each_decomposition_runs_on_exactly_one_rank(tmp_path: Path, placement: 
         assert per_rank[owner] == refreshes and sum(per_rank) == refreshes, (layer, per_rank)
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_statistics_complete_after_forward_go_before_backward(tmp_path: Path, fisher: str) -> None:
+    options = {"fisher": fisher, "loss": "cross_entropy"}
+    ranks = run_ranks(2, train, tmp_path, options)
+    assert_same(ranks[0]["params"], ranks[1]["params"], exact=True)
+    traffic, calls = ranks[0]["traffic"], ranks[0]["calls"]
+    # one early all-reduce per step, after the forward pass (A, and G for the MC Fisher),
+    # and one at step() with the rest and the accept vote
+    assert calls["factors (early)"] == calls["factors"] == STEPS
+    late_per_step = traffic["factors"] / STEPS
+    if fisher == "mc":  # only the weights and the vote are left for step()
+        assert late_per_step < 100
+    else:
+        assert late_per_step > 100  # G waits for the backward pass
+
+
 def test_both_placements_take_the_same_steps(tmp_path: Path) -> None:
     replicated = run_ranks(2, train, tmp_path / "r", {"inverse_placement": "replicated"})
     owner = run_ranks(2, train, tmp_path / "o", {"inverse_placement": "owner"})
