@@ -562,8 +562,13 @@ class KroneckerPreconditioner:
                     )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load factors and inverses onto each layer's device; nothing changes on error."""
+        """Load factors and inverses onto each layer's device; nothing changes on error.
+        Statistics recorded since the last step are dropped, as is any early send of them."""
         self.check_state_dict(state)
+        for pending, _, _ in self._early:
+            pending.wait()
+        self._early = []
+        self.capture.new_window()
         saved = state["layers"]
         for name, layer in self.layers.items():
             for factor, entry in zip(layer.factors, _present(saved[name]), strict=True):
