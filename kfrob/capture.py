@@ -79,10 +79,6 @@ class CurvatureCapture:
         self._handles.append(model.register_forward_pre_hook(weak_callable(self._on_model_call)))
         if sampled_loss is not None:
             self._handles.append(model.register_forward_hook(weak_callable(self._on_model_output)))
-        # called after each recording forward pass of the model (after the MC Fisher's
-        # sampling): the statistics of that pass are complete, except a backward's G
-        self.on_forward_end: Callable[[], None] | None = None
-        self._handles.append(model.register_forward_hook(weak_callable(self._on_model_done)))
 
     def _recording(self, module: nn.Module) -> bool:
         return self.active and module.training and torch.is_grad_enabled()
@@ -140,10 +136,6 @@ class CurvatureCapture:
         for (layer, _), grad in zip(recorded, grads, strict=True):
             if grad is not None:
                 self._on_output_grad(layer, grad)
-
-    def _on_model_done(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.on_forward_end is not None and self._recording(module):
-            self.on_forward_end()
 
     def new_window(self) -> None:
         """Start counting the model's forward passes afresh (after a fold or discard)."""

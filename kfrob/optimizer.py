@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -182,7 +181,7 @@ class FrobPreconditionedSGD(Optimizer):
             inverse_placement=inverse_placement,
         )
         if wrapper is not model and self.preconditioner.communicator is not None:
-            self.preconditioner.window_ends = _window_ends(wrapper)
+            self.preconditioner.send_early_after(wrapper)
         self.generator = generator
         self.steps = 0
         self.refreshes = 0  # refreshes that decomposed something, in this process (for loggers)
@@ -405,18 +404,6 @@ class FrobPreconditionedSGD(Optimizer):
         if plain:
             text += f"\nPlain SGD for: {', '.join(plain)}"
         return text
-
-
-def _window_ends(ddp: nn.Module) -> Callable[[], bool]:
-    """Whether the coming backward pass of a ``DistributedDataParallel`` model synchronises
-    gradients, i.e. ends the accumulation window (``False`` inside ``no_sync()``)."""
-    ref = weakref.ref(ddp)
-
-    def ends() -> bool:
-        wrapper = ref()
-        return wrapper is not None and bool(getattr(wrapper, "require_backward_grad_sync", False))
-
-    return ends
 
 
 def _select(condition: Tensor, new: Tensor, old: Tensor | float) -> Tensor:

@@ -11,12 +11,13 @@ It holds no optimizer bookkeeping (learning rates, momentum, step control): see
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from kfrob.capture import CurvatureCapture, TrackedLayer, weak_callable
 from kfrob.distributed import Communicator, PendingAverage, assign_owners
@@ -118,13 +119,11 @@ class KroneckerPreconditioner:
         self._collect_layers(model)
         sampled_loss = SAMPLED_LOSSES[loss] if fisher == "mc" and loss is not None else None
         self.capture = CurvatureCapture(model, self.layers.values(), sampled_loss, generator)
-        # set (by the optimizer, for a DDP model) to tell whether the backward pass after
-        # this forward ends the accumulation window; the window's statistics that are
-        # complete after the forward are then sent at once, overlapping that backward
-        self.window_ends: Callable[[], bool] | None = None
-        self._early: list[tuple[PendingAverage, list[tuple[RunningFactor, bool]], int]] = []
-        if communicator is not None:
-            self.capture.on_forward_end = weak_callable(self._send_early)
+        # an early send of the statistics complete after the window's last DDP forward:
+        # its pending average, its factors and their (rows, samples) when sent
+        self._early: tuple[PendingAverage, list[tuple[RunningFactor, bool]], list] | None = None
+        self._early_hooks: list[RemovableHandle] = []
+        self._warned_late_rows = False
 
     # --- set-up --------------------------------------------------------------------------
     def _collect_layers(self, model: nn.Module) -> None:
@@ -254,11 +253,22 @@ class KroneckerPreconditioner:
         self.skipped_windows = self.skipped_windows.to(accept.device) + (~accept).long()
         return accept
 
-    def _send_early(self) -> None:
-        """After the forward pass that ends a window: start averaging the statistics that
-        are already complete (``A``, and ``G`` for the MC Fisher) while backward runs."""
-        if self.window_ends is None or not self.window_ends():
+    def send_early_after(self, ddp: nn.Module) -> None:
+        """Start averaging the window's statistics that are complete after the forward
+        pass (``A``, and ``G`` for the MC Fisher) as soon as a forward of the
+        ``DistributedDataParallel`` wrapper ``ddp`` ends the window, so that they travel
+        while backward runs. Forwards of the wrapper run in lockstep on every rank, so the
+        ranks send alike; calls of the inner model or its layers never send."""
+        hook = ddp.register_forward_hook(weak_callable(self._send_early))
+        self._early_hooks.append(hook)
+
+    def _send_early(self, ddp: nn.Module, args: Any, output: Any) -> None:
+        communicator = self.communicator
+        recording = self.capture.active and ddp.training and torch.is_grad_enabled()
+        # DDP's flag is False inside no_sync(): the window goes on
+        if communicator is None or not recording or not ddp.require_backward_grad_sync:
             return
+        self._drop_early()  # superseded: the new send covers the whole window so far
         factors = [
             (f, f is layer.codomain)
             for layer in self.layers.values()
@@ -268,10 +278,14 @@ class KroneckerPreconditioner:
         if factors:
             stats, weights = self._local_statistics(factors, None)
             vote = torch.ones((), dtype=torch.bool, device=stats[0].device)
-            communicator = self.communicator
-            assert communicator is not None
             pending = communicator.start_average(stats, weights, vote, "factors (early)")
-            self._early.append((pending, factors, self.capture.model_calls))
+            counts = [(f.rows, f.samples) for f, _ in factors]
+            self._early = (pending, factors, counts)
+
+    def _drop_early(self) -> None:
+        if self._early is not None:
+            self._early[0].wait()
+            self._early = None
 
     def _averaged(
         self,
@@ -280,20 +294,28 @@ class KroneckerPreconditioner:
         accept: Tensor | None,
     ) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """Every factor's statistic averaged over ranks, whether any rank recorded it, and
-        whether every rank accepts the window. What :meth:`_send_early` sent is used if no
-        recording forward pass came after it (the same decision on every rank); the rest
-        goes now, with the accept vote."""
-        early, self._early = self._early, []
-        for pending, _, _ in early:
-            pending.wait()  # every launched collective is matched on every rank
+        whether every rank accepts the window. What :meth:`_send_early` sent is used
+        whenever there is one (the same on every rank); the rest goes now, with the accept
+        vote."""
         sent: dict[int, tuple[Tensor, Tensor]] = {}
-        if early and early[-1][2] == self.capture.model_calls:
-            pending, sent_factors, _ = early[-1]
+        if self._early is not None:
+            pending, sent_factors, counts = self._early
+            self._early = None
             totals, _ = pending.finish()
             for (factor, _), stat, total in zip(
                 sent_factors, pending.statistics, totals, strict=True
             ):
                 sent[id(factor)] = (stat, total)
+            late = [(f.rows, f.samples) for f, _ in sent_factors] != counts
+            if late and not self._warned_late_rows:
+                self._warned_late_rows = True
+                warnings.warn(
+                    "kfrob: layers recorded statistics after the window's last "
+                    "DistributedDataParallel forward (a call of the inner model or of a "
+                    "layer outside it); those rows were left out of the averaged factors "
+                    "(warned once)",
+                    stacklevel=4,
+                )
         rest = [(f, codomain) for f, codomain in factors if id(f) not in sent]
         stats, weights = self._local_statistics(rest, grad_scale)
         vote = torch.ones((), dtype=torch.bool) if accept is None else accept
@@ -565,9 +587,7 @@ class KroneckerPreconditioner:
         """Load factors and inverses onto each layer's device; nothing changes on error.
         Statistics recorded since the last step are dropped, as is any early send of them."""
         self.check_state_dict(state)
-        for pending, _, _ in self._early:
-            pending.wait()
-        self._early = []
+        self._drop_early()
         self.capture.new_window()
         saved = state["layers"]
         for name, layer in self.layers.items():
@@ -590,6 +610,10 @@ class KroneckerPreconditioner:
 
     def remove_hooks(self) -> None:
         self.capture.remove()
+        for hook in self._early_hooks:
+            hook.remove()
+        self._early_hooks.clear()
+        self._drop_early()
 
 
 def _inverse_from_state(state: dict[str, Any], device: torch.device) -> Inverse:

@@ -142,6 +142,7 @@ def train(
     ddp: bool = True,
     accumulate: int = 1,
     subgroup: bool = False,
+    extra_forward_on: int | None = None,
 ) -> dict[str, Any]:
     """Steps ``first_step .. last_step - 1`` on this rank's slice of the global batches
     (the whole batch on one rank), from ``checkpoint`` if given. ``nan_at=(rank, step)``
@@ -186,6 +187,8 @@ def train(
             )
             with window:
                 (F.cross_entropy(model(xs), ys) / accumulate).backward()
+        if rank == extra_forward_on:  # a recording call of the inner model on one rank
+            inner(x)
         diagnostics = opt.diagnostics() if step == last_step - 1 else {}
         opt.step()
     return {
@@ -198,6 +201,7 @@ def train(
         "skipped": int(pre.skipped_windows),
         "traffic": dict(pre.communicator.traffic.bytes) if pre.communicator else {},
         "calls": dict(pre.communicator.traffic.calls) if pre.communicator else {},
+        "warned_late_rows": pre._warned_late_rows,
     }
 
 
