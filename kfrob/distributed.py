@@ -289,13 +289,13 @@ class PendingAverage:
         """Wait, write the averages into the statistics; the summed weights and whether
         every rank accepted the window."""
         self.wait()
-        flat, statistics, unpack = self.flat, self.statistics, self.communicator
+        flat, statistics, communicator = self.flat, self.statistics, self.communicator
         totals = flat[flat.numel() - len(statistics) - 1 : -1]
         offset = 0
         for i, statistic in enumerate(statistics):
-            size = unpack._packed_size(statistic)
+            size = communicator._packed_size(statistic)
             summed = flat[offset : offset + size] / totals[i].clamp(min=1e-30)
-            statistic.copy_(unpack._unpack(summed, statistic))
+            statistic.copy_(communicator._unpack(summed, statistic))
             offset += size
         return list(totals.unbind()), flat[-1] == 0
 

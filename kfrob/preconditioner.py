@@ -232,9 +232,7 @@ class KroneckerPreconditioner:
         ``G``. ``accept`` (a bool tensor) can veto the window, e.g. for non-finite gradients.
         Returns whether the window was accepted (a bool tensor; no host sync).
         """
-        factors = [
-            (f, f is layer.codomain) for layer in self.layers.values() for f in layer.factors
-        ]
+        factors = self._factors_with_side()
         # a single process folds what it recorded; ranks must agree on one list of factors
         if self.communicator is None:
             factors = [(f, codomain) for f, codomain in factors if f.pending]
@@ -253,6 +251,10 @@ class KroneckerPreconditioner:
         self.skipped_windows = self.skipped_windows.to(accept.device) + (~accept).long()
         return accept
 
+    def _factors_with_side(self) -> list[tuple[RunningFactor, bool]]:
+        """Every running factor, in a fixed order, with whether it is a co-domain ``G``."""
+        return [(f, f is layer.codomain) for layer in self.layers.values() for f in layer.factors]
+
     def send_early_after(self, ddp: nn.Module) -> None:
         """Start averaging the window's statistics that are complete after the forward
         pass (``A``, and ``G`` for the MC Fisher) as soon as a forward of the
@@ -269,12 +271,8 @@ class KroneckerPreconditioner:
         if communicator is None or not recording or not ddp.require_backward_grad_sync:
             return
         self._drop_early()  # superseded: the new send covers the whole window so far
-        factors = [
-            (f, f is layer.codomain)
-            for layer in self.layers.values()
-            for f in layer.factors
-            if f is layer.domain or self.fisher == "mc"
-        ]
+        # the empirical G waits for the backward pass
+        factors = [(f, g) for f, g in self._factors_with_side() if not g or self.fisher == "mc"]
         if factors:
             stats, weights = self._local_statistics(factors, None)
             vote = torch.ones((), dtype=torch.bool, device=stats[0].device)
