@@ -31,12 +31,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from report import provenance, write_report
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
-from kfrob.job.workloads import WORKLOADS
+from kfrob.job.workloads import WORKLOADS, training_loss
 from kfrob.preconditioner import KroneckerPreconditioner
 
 
@@ -74,10 +73,8 @@ class PhaseTimer:
 
 
 def loss_of(kind: str, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    out = model(x)
-    if kind == "reconstruct":
-        return F.mse_loss(out, x.flatten(1))
-    return F.cross_entropy(out, y)
+    """The workload's own training loss."""
+    return training_loss(kind, model(x), x, y)
 
 
 def timed_steps(

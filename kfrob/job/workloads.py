@@ -20,7 +20,16 @@ from itertools import pairwise
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["WORKLOADS", "Workload", "autoencoder", "cnn", "mlp", "relu_stack"]
+__all__ = [
+    "WORKLOADS",
+    "Workload",
+    "autoencoder",
+    "cnn",
+    "mlp",
+    "reconstruction_loss",
+    "relu_stack",
+    "training_loss",
+]
 
 
 def relu_stack(widths: list[int]) -> list[nn.Module]:
@@ -73,9 +82,15 @@ class Workload:
 
     def loss(self, output: Tensor, images: Tensor, labels: Tensor) -> Tensor:
         """The training loss of a batch (mean over its samples)."""
-        if self.task == "classify":
-            return F.cross_entropy(output, labels)
-        return reconstruction_loss(output, images)
+        return training_loss(self.task, output, images, labels)
+
+
+def training_loss(task: str, output: Tensor, images: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy against ``labels`` for ``"classify"``, :func:`reconstruction_loss`
+    against ``images`` for ``"reconstruct"``."""
+    if task == "classify":
+        return F.cross_entropy(output, labels)
+    return reconstruction_loss(output, images)
 
 
 WORKLOADS: dict[str, Workload] = {
