@@ -123,3 +123,19 @@ def test_decompose_survives_non_finite_factor() -> None:
     bad = torch.full((1, 3, 3), float("nan"))
     assert decompose(bad) is None
     assert factored_inverses(bad, None, 0.1) is None
+
+
+@pytest.mark.parametrize("damping_method", ["exact", "factored"])
+def test_eigenvalues_are_those_of_the_factors(damping_method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = FrobPreconditionedSGD(model, lr=0.1, damping_method=damping_method)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # step 0 folds the factors and refreshes the inverses from them
+    eigenvalues = opt.preconditioner.eigenvalues()
+    for name, (a, g) in opt.preconditioner.factors().items():
+        for side, factor in (("A", a), ("G", g)):
+            reference = torch.linalg.eigvalsh(factor.double()).float()
+            got = eigenvalues[name][side].reshape(-1)
+            torch.testing.assert_close(got, reference.clamp(min=0), atol=1e-5, rtol=1e-4)
