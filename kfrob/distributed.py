@@ -267,7 +267,10 @@ class Communicator:
             work.wait()
         for owner, entries, sizes, flat in buffers:
             for (name, index, shape), piece in zip(entries, flat.split(sizes), strict=True):
-                out[name][index] = tensors[name][index] if owner == self.rank else piece.view(shape)
+                # a fresh tensor, like the owner's own: BLAS kernels may round differently
+                # for data at another alignment, and ranks must compute bit-identically
+                mine = owner == self.rank
+                out[name][index] = tensors[name][index] if mine else piece.view(shape).clone()
         return out
 
 
