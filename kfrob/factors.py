@@ -86,8 +86,10 @@ class RunningFactor:
 
         Rejected windows leave ``value`` untouched; nothing here reads a value to the host.
         """
-        blended = torch.where(self.initialized, torch.lerp(statistic, self.value, decay), statistic)
-        self.value = torch.where(accept, blended, self.value)
+        # the weight of the new statistic: 1 for the first, 1 - decay after, 0 if rejected
+        weight = torch.where(self.initialized, 1.0 - decay, 1.0) * accept
+        # a rejected (possibly non-finite) statistic is replaced before it meets the weight
+        self.value = torch.lerp(self.value, torch.where(accept, statistic, self.value), weight)
         self.initialized = self.initialized | accept
         self.discard()
 

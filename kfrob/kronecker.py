@@ -33,9 +33,11 @@ __all__ = [
     "apply_eigen",
     "apply_inverses",
     "decompose",
+    "decompose_all",
     "eigen_scaling",
     "factored_damping",
     "factored_inverses",
+    "factored_powers",
 ]
 
 
@@ -132,8 +134,37 @@ def decompose(factor: Tensor, diagonal: bool = False) -> Side | None:
         except RuntimeError:
             continue
         if bool(torch.isfinite(eigenvalues).all() and torch.isfinite(basis).all()):
-            return Side(basis.to(factor.dtype), eigenvalues.to(factor.dtype).clamp(min=0))
+            # eigh returns column-major bases; row-major ones multiply the same on every
+            # rank, whichever way the basis arrived (BLAS rounds layouts differently)
+            basis = basis.to(factor.dtype).contiguous()
+            return Side(basis, eigenvalues.to(factor.dtype).clamp(min=0))
     return None
+
+
+def decompose_all(factors: list[Tensor]) -> list[Side | None]:
+    """:func:`decompose` of many full factors ``(k_i, n_i, n_i)``, batched: one
+    ``torch.linalg.eigh`` call for all factors of the same size, dtype and device.
+
+    If a batch fails even in float64, its factors are decomposed one by one, so that one
+    bad factor costs only its own decomposition (its entry is then ``None``)."""
+    groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    for i, factor in enumerate(factors):
+        groups.setdefault((factor.shape[-1], factor.dtype, factor.device), []).append(i)
+    sides: list[Side | None] = [None] * len(factors)
+    for members in groups.values():
+        batch = decompose(torch.cat([factors[i] for i in members]))
+        if batch is None:
+            for i in members:
+                sides[i] = decompose(factors[i])
+            continue
+        assert batch.basis is not None
+        counts = [factors[i].shape[0] for i in members]
+        pieces = zip(batch.basis.split(counts), batch.eigenvalues.split(counts), strict=True)
+        for i, (basis, eigenvalues) in zip(members, pieces, strict=True):
+            # fresh tensors rather than views at an offset: BLAS kernels may round
+            # differently for data at another alignment (and ranks must agree bit for bit)
+            sides[i] = Side(basis.clone(), eigenvalues.clone())
+    return sides
 
 
 def factored_damping(
@@ -219,6 +250,24 @@ def factored_inverses(
     return InverseFactors(*inverses)
 
 
+def factored_powers(
+    codomain: Side, domain: Side, damping: float | Tensor, exponent: float
+) -> InverseFactors:
+    """π-damped matrix powers ``(G + d_G I)^{-p}`` and ``(A + d_A I)^{-p}`` from full
+    eigendecompositions (``Q (e + d)^{-p} Qᵀ``); an identity side stays ``None``."""
+    shifts = factored_damping(codomain, domain, damping)
+
+    def power(side: Side, shift: Tensor) -> Tensor | None:
+        if not side.estimated:
+            return None
+        assert side.basis is not None, "factored_powers needs full eigenbases"
+        return (
+            side.basis * (side.eigenvalues + shift).pow(-exponent)[..., None, :]
+        ) @ side.basis.mT
+
+    return InverseFactors(power(codomain, shifts[0]), power(domain, shifts[1]))
+
+
 def _shifted_inverse(factor: Tensor | None, shift: Tensor) -> Tensor | None:
     """``(factor + shift·I)⁻¹`` via Cholesky, retried in float64; ``None`` stays ``None``."""
     if factor is None:
@@ -228,7 +277,7 @@ def _shifted_inverse(factor: Tensor | None, shift: Tensor) -> Tensor | None:
         chol, info = torch.linalg.cholesky_ex(matrix + shift.to(matrix)[..., None] * eye)
         inverse = torch.cholesky_inverse(chol)
         if not bool(info.any()) and bool(torch.isfinite(inverse).all()):
-            return inverse.to(factor.dtype)
+            return inverse.to(factor.dtype).contiguous()  # row-major, as in decompose
     raise torch.linalg.LinAlgError("Cholesky factorisation failed")
 
 

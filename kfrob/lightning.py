@@ -69,7 +69,7 @@ class FrobPreconditioner(pl.Callback):
         domain: str = "covariance",
         codomain: str = "fisher",
         exponent: float = 1.0,
-        damping_method: str = "exact",
+        damping_method: str = "factored",
         fisher: str | None = None,
         loss: str | None = None,
         loss_reduction: str = "mean",

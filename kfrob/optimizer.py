@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from kfrob.capture import TrackedLayer
 from kfrob.distributed import check_not_sharded, default_communicator, unwrap
+from kfrob.finite import all_finite
 from kfrob.fisher import SAMPLED_LOSSES
 from kfrob.norms import frobenius_inner
 from kfrob.preconditioner import (
@@ -85,8 +86,10 @@ class FrobPreconditionedSGD(Optimizer):
         codomain: co-domain inner product: ``"fisher"`` (``G``), ``"diagonal"`` or
             ``"identity"``. Identity on both sides with ``kl_clip=None`` is plain SGD.
         exponent: ``p > 0``: 1 for K-FAC, ½ for an inverse square root.
-        damping_method: ``"exact"`` (eigendecompositions; damps ``A ⊗ G`` exactly) or
-            ``"factored"`` (π-damping of each factor, Cholesky inverses when ``p = 1``).
+        damping_method: ``"factored"`` (default: π-damping of each factor, held as the two
+            damped inverses, by Cholesky when ``p = 1``; two matrix products per layer and
+            step) or ``"exact"`` (eigendecompositions; damps ``A ⊗ G`` exactly; four
+            products per step).
         fisher: ``"empirical"`` (training-loss gradients) or ``"mc"`` (labels drawn from
             the model; needs ``loss``). ``None`` (default) means ``"mc"`` when ``loss`` is
             given and ``"empirical"`` otherwise: the MC Fisher reached the target accuracy
@@ -130,7 +133,7 @@ class FrobPreconditionedSGD(Optimizer):
         domain: str = "covariance",
         codomain: str = "fisher",
         exponent: float = 1.0,
-        damping_method: str = "exact",
+        damping_method: str = "factored",
         fisher: str | None = None,
         loss: str | None = None,
         loss_reduction: str = "mean",
@@ -223,7 +226,7 @@ class FrobPreconditionedSGD(Optimizer):
     def _refresh(self, directions: dict[Tensor, Tensor]) -> Tensor:
         """Fold this window's statistics and refresh inverses when due; returns whether the
         step may proceed (finite gradients and an accepted window), as a bool tensor."""
-        finite = _all_finite(directions.values())
+        finite = all_finite(directions.values())
         pre = self.preconditioner
         if self._inverses_after_load:  # from the loaded factors, on every rank alike
             self._inverses_after_load = False
@@ -415,11 +418,6 @@ def _select(condition: Tensor, new: Tensor, old: Tensor | float) -> Tensor:
             return new
         return old if isinstance(old, Tensor) else torch.zeros_like(new)
     return torch.where(condition, new, old)
-
-
-def _all_finite(tensors: Any) -> Tensor:
-    flags = [torch.isfinite(t.coalesce().values() if t.is_sparse else t).all() for t in tensors]
-    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
 
 def _check_hyperparameters(args: dict[str, Any]) -> None:

@@ -22,14 +22,17 @@ from torch.utils.hooks import RemovableHandle
 from kfrob.capture import CurvatureCapture, TrackedLayer, weak_callable
 from kfrob.distributed import Communicator, PendingAverage, assign_owners
 from kfrob.factors import RunningFactor
+from kfrob.finite import all_finite
 from kfrob.fisher import SAMPLED_LOSSES
 from kfrob.kronecker import (
     EigenInverse,
     InverseFactors,
     Side,
     decompose,
+    decompose_all,
     eigen_scaling,
     factored_inverses,
+    factored_powers,
 )
 from kfrob.layers import layer_math, unsupported_reason
 
@@ -94,7 +97,7 @@ class KroneckerPreconditioner:
         domain: str = "covariance",
         codomain: str = "fisher",
         exponent: float = 1.0,
-        damping_method: str = "exact",
+        damping_method: str = "factored",
         fisher: str = "empirical",
         loss: str | None = None,
         loss_reduction: str = "mean",
@@ -198,8 +201,9 @@ class KroneckerPreconditioner:
         """``{layer name: {"A": eigenvalues, "G": eigenvalues}}`` of the factors behind each
         current inverse, ascending, ``(blocks, n)``; identity sides are left out.
 
-        Exact damping stores them with its eigenbases; for factored (Cholesky) inverses they
-        are computed here from the current factors with ``torch.linalg.eigvalsh``.
+        Eigenbasis inverses store them; for factored inverses held as matrices they are
+        computed here from the current factors with ``torch.linalg.eigvalsh`` in float64
+        (a layer whose factors it cannot decompose is left out).
         """
         out: dict[str, dict[str, Tensor]] = {}
         for name, inverse in self.inverses.items():
@@ -211,9 +215,14 @@ class KroneckerPreconditioner:
                 out[name] = {k: s.eigenvalues for k, s in sides.items() if s.estimated}
             else:
                 factors = {"A": layer.domain, "G": layer.codomain}
-                out[name] = {
-                    k: torch.linalg.eigvalsh(f.value) for k, f in factors.items() if f is not None
-                }
+                try:  # in float64: float32 eigvalsh fails on some ill-conditioned factors
+                    out[name] = {
+                        k: torch.linalg.eigvalsh(f.value.double()).to(f.value.dtype).clamp(min=0)
+                        for k, f in factors.items()
+                        if f is not None
+                    }
+                except torch.linalg.LinAlgError:
+                    continue
         return out
 
     def active_layers(self) -> Iterator[TrackedLayer]:
@@ -243,7 +252,7 @@ class KroneckerPreconditioner:
             stats = [self._statistic(f, codomain, grad_scale) for f, codomain in factors]
         else:  # the statistics of the global batch
             stats, present, accept = self._averaged(factors, grad_scale, accept)
-        finite = torch.stack([torch.isfinite(s).all() for s in stats]).all()
+        finite = all_finite(stats)
         accept = finite if accept is None else finite & accept.to(finite.device)
         for i, ((factor, _), stat) in enumerate(zip(factors, stats, strict=True)):
             factor.fold(stat, decay, accept if present is None else accept & present[i])
@@ -398,7 +407,7 @@ class KroneckerPreconditioner:
                 continue
             due.append(layer)
         if self.communicator is None:
-            results = {layer.name: self._inverse(layer, damping[layer.name]) for layer in due}
+            results = self._inverses(due, damping)
         else:
             results = self._owned_inverses(due, damping, self.communicator)
         for name, inverse in results.items():
@@ -446,11 +455,9 @@ class KroneckerPreconditioner:
         """Decompose this rank's due layers, then share: the inverses themselves
         (``"replicated"``) or only whether each succeeded (``"owner"``)."""
         owners = self.owners()
-        mine = {
-            layer.name: self._inverse(layer, damping[layer.name])
-            for layer in due
-            if owners[layer.name] == communicator.rank
-        }
+        mine = self._inverses(
+            [layer for layer in due if owners[layer.name] == communicator.rank], damping
+        )
         if self.inverse_placement == "owner":
             flags = {name: None if inverse is None else {} for name, inverse in mine.items()}
             shared = communicator.share_states(flags, owners)
@@ -484,28 +491,70 @@ class KroneckerPreconditioner:
     def _device_of(self, name: str) -> torch.device:
         return self.layers[name].module.weight.device  # type: ignore[union-attr]
 
-    def _inverse(self, layer: TrackedLayer, damping: float) -> Inverse | None:
-        math = layer.math
-        factors = (layer.codomain, layer.domain)
-        if (
-            self.damping_method == "factored"
-            and self.exponent == 1.0
-            and all(f is None or not f.diagonal for f in factors)
-        ):
-            values = [f.value if f is not None else None for f in factors]
-            return factored_inverses(values[0], values[1], damping)
-        sides: list[Side] = []
-        for factor, size in zip(factors, (math.out_features, math.in_features), strict=True):
-            if factor is None:
-                ones = torch.ones(math.blocks, size, device=layer.module.weight.device)  # type: ignore[union-attr]
-                sides.append(Side(None, ones, estimated=False))
+    def _inverses(
+        self, layers: list[TrackedLayer], damping: dict[str, float]
+    ) -> dict[str, Inverse | None]:
+        """Each layer's damped inverse from its current factors (``None`` where a
+        decomposition failed). Full factors are eigendecomposed together, one batched
+        ``eigh`` per size (:func:`~kfrob.kronecker.decompose_all`); factored damping with
+        ``p = 1`` uses Cholesky inverses instead, and for other ``p`` turns the
+        eigendecompositions into the two damped matrix powers, so that either way a step
+        costs two matrix products per layer instead of four."""
+        factored = self.damping_method == "factored"
+        full = [  # in the order _side takes them: co-domain first
+            f.value
+            for layer in layers
+            if not (factored and self._cholesky(layer))
+            for f in (layer.codomain, layer.domain)
+            if f is not None and not f.diagonal
+        ]
+        decomposed = iter(decompose_all(full))
+        out: dict[str, Inverse | None] = {}
+        for layer in layers:
+            lam = damping[layer.name]
+            codomain, domain = layer.codomain, layer.domain
+            if factored and self._cholesky(layer):
+                out[layer.name] = factored_inverses(
+                    None if codomain is None else codomain.value,
+                    None if domain is None else domain.value,
+                    lam,
+                )
                 continue
-            side = decompose(factor.value, diagonal=factor.diagonal)
-            if side is None:
-                return None
-            sides.append(side)
-        scaling = eigen_scaling(sides[0], sides[1], damping, self.exponent, self.damping_method)
-        return EigenInverse(sides[0], sides[1], scaling)
+            sides = [
+                self._side(factor, size, decomposed, layer)
+                for factor, size in (
+                    (codomain, layer.math.out_features),
+                    (domain, layer.math.in_features),
+                )
+            ]
+            if sides[0] is None or sides[1] is None:
+                out[layer.name] = None
+            elif factored and all(s.basis is not None or not s.estimated for s in sides):
+                out[layer.name] = factored_powers(sides[0], sides[1], lam, self.exponent)
+            else:
+                scaling = eigen_scaling(sides[0], sides[1], lam, self.exponent, self.damping_method)
+                out[layer.name] = EigenInverse(sides[0], sides[1], scaling)
+        return out
+
+    def _cholesky(self, layer: TrackedLayer) -> bool:
+        """Whether the layer's factored-damping inverse is computed by Cholesky (``p = 1``,
+        no diagonal side)."""
+        return self.exponent == 1.0 and not any(f.diagonal for f in layer.factors)
+
+    @staticmethod
+    def _side(
+        factor: RunningFactor | None,
+        size: int,
+        decomposed: Iterator[Side | None],
+        layer: TrackedLayer,
+    ) -> Side | None:
+        """One side of a layer: an identity, a diagonal, or the next full decomposition."""
+        if factor is None:
+            ones = torch.ones(layer.math.blocks, size, device=layer.module.weight.device)  # type: ignore[union-attr]
+            return Side(None, ones, estimated=False)
+        if factor.diagonal:
+            return decompose(factor.value, diagonal=True)
+        return next(decomposed)
 
     def _disable(self, name: str, reason: str) -> None:
         self.disabled[name] = reason

@@ -163,13 +163,14 @@ def train(
     if pre.communicator is not None:
         pre.communicator.pack_triangles = pack_triangles
     counts: dict[str, int] = {}
-    decompose = pre._inverse
+    decompose = pre._inverses
 
-    def counting(layer: Any, damping: float) -> Any:
-        counts[layer.name] = counts.get(layer.name, 0) + 1
-        return decompose(layer, damping)
+    def counting(layers: list[Any], damping: dict[str, float]) -> Any:
+        for layer in layers:
+            counts[layer.name] = counts.get(layer.name, 0) + 1
+        return decompose(layers, damping)
 
-    pre._inverse = counting  # type: ignore[method-assign]
+    pre._inverses = counting  # type: ignore[method-assign]
     x_all, y_all = batches()
     per_rank = GLOBAL_BATCH // world_size
     rows = slice(rank * per_rank, (rank + 1) * per_rank)

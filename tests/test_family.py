@@ -96,7 +96,7 @@ def test_step_diagnostics_match_dense_references() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(4, 3)
     lr, damping = 0.2, 0.05
-    opt = FrobPreconditionedSGD(layer, lr=lr, damping=damping, kl_clip=1e-4)
+    opt = FrobPreconditionedSGD(layer, lr=lr, damping=damping, kl_clip=1e-4, damping_method="exact")
     x, t = torch.randn(32, 4), torch.randint(0, 3, (32,))
     for _ in range(2):
         opt.zero_grad()

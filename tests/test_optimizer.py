@@ -81,7 +81,15 @@ def test_identity_factors_take_sgd_steps_scaled_by_damping(monkeypatch: pytest.M
     monkeypatch.setattr(RunningFactor, "statistic", identity_statistic)
     model, reference = small_model(), small_model()
     damping = 0.25
-    opt = quiet(model, lr=0.1, momentum=0.9, weight_decay=1e-2, damping=damping, kl_clip=None)
+    opt = quiet(
+        model,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-2,
+        damping=damping,
+        kl_clip=None,
+        damping_method="exact",
+    )
     data = batches(4)
     train(model, opt, data)
     # Plain-SGD modules (LayerNorm) move with lr 0.1, Kronecker layers with lr 0.1 / (1 + λ).
@@ -163,15 +171,15 @@ def test_factor_update_freq_records_only_on_update_steps() -> None:
 
 def test_inverse_update_freq_reuses_inverses(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = kfrob.preconditioner.decompose
+    real = kfrob.preconditioner.decompose_all
 
-    def counting(factor: Tensor, diagonal: bool = False):  # type: ignore[no-untyped-def]
-        calls.append(factor.shape)
-        return real(factor, diagonal)
+    def counting(factors: list[Tensor]):  # type: ignore[no-untyped-def]
+        calls.extend(f.shape for f in factors)
+        return real(factors)
 
-    monkeypatch.setattr(kfrob.preconditioner, "decompose", counting)
+    monkeypatch.setattr(kfrob.preconditioner, "decompose_all", counting)
     model = small_model()
-    opt = quiet(model, lr=0.05, inverse_update_freq=4)
+    opt = quiet(model, lr=0.05, inverse_update_freq=4, damping_method="exact")
     train(model, opt, batches(9))
     # refreshes at steps 0, 4, 8; three layers with two factors each
     assert len(calls) == 3 * 3 * 2

@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
-from kfrob.kronecker import apply_eigen, decompose, eigen_scaling, factored_inverses
+from kfrob.kronecker import (
+    Side,
+    apply_eigen,
+    decompose,
+    decompose_all,
+    eigen_scaling,
+    factored_inverses,
+    factored_powers,
+)
 from tests.reference import dense_solve, random_spd
 
 
@@ -117,6 +125,57 @@ def test_pure_functions_on_random_spd_factors() -> None:
     torch.testing.assert_close(inverses.apply(v)[0], factored_reference(a[0], g[0], v[0], 0.01))
     factored_eigen = apply_eigen(v, sg, sa, eigen_scaling(sg, sa, 0.01, method="factored"))
     torch.testing.assert_close(factored_eigen, inverses.apply(v))
+
+
+def test_factored_powers_are_damped_matrix_powers() -> None:
+    gen = torch.Generator().manual_seed(4)
+    a, g = random_spd(5, gen).unsqueeze(0), random_spd(3, gen, scale=4.0).unsqueeze(0)
+    sa, sg = decompose(a), decompose(g)
+    assert sa is not None and sg is not None
+    for exponent in (1.0, 0.5):
+        powers = factored_powers(sg, sa, 0.01, exponent)
+        pi = torch.sqrt((a[0].trace() / 5) / (g[0].trace() / 3))
+        for power, factor, shift in ((powers.domain, a, pi * 0.1), (powers.codomain, g, 0.1 / pi)):
+            e, q = torch.linalg.eigh(factor[0] + shift * torch.eye(factor.shape[-1]).double())
+            reference = q @ torch.diag(e.pow(-exponent)) @ q.T
+            assert power is not None
+            torch.testing.assert_close(power[0], reference)
+    # p = 1 agrees with the Cholesky inverses; an identity side stays None
+    cholesky = factored_inverses(g, a, 0.01)
+    assert cholesky is not None
+    torch.testing.assert_close(factored_powers(sg, sa, 0.01, 1.0).domain, cholesky.domain)
+    identity = Side(None, torch.ones(1, 3, dtype=torch.float64), estimated=False)
+    one_sided = factored_powers(identity, sa, 0.01, 1.0)
+    assert one_sided.codomain is None
+    torch.testing.assert_close(
+        one_sided.domain[0], torch.linalg.inv(a[0] + 0.01 * torch.eye(5).double())
+    )
+
+
+def test_decompose_all_batches_by_size_and_isolates_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gen = torch.Generator().manual_seed(5)
+    factors = [random_spd(n, gen).unsqueeze(0) for n in (4, 3, 4, 4)]
+    factors[2] = torch.stack([random_spd(4, gen), random_spd(4, gen)])  # two blocks
+    calls = []
+    real_eigh = torch.linalg.eigh
+
+    def counting(matrix: Tensor) -> tuple[Tensor, Tensor]:
+        calls.append(tuple(matrix.shape))
+        return real_eigh(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", counting)
+    sides = decompose_all(factors)
+    assert sorted(calls) == [(1, 3, 3), (4, 4, 4)]  # one call per size
+    for factor, side in zip(factors, sides, strict=True):
+        assert side is not None and side.basis is not None
+        rebuilt = side.basis @ torch.diag_embed(side.eigenvalues) @ side.basis.mT
+        torch.testing.assert_close(rebuilt, factor)
+    factors[3] = torch.full((1, 4, 4), float("nan"))
+    sides = decompose_all(factors)
+    assert sides[3] is None
+    assert all(side is not None for side in sides[:3])
 
 
 def test_decompose_survives_non_finite_factor() -> None:

@@ -234,7 +234,7 @@ def test_meta_device_model_is_refused_clearly() -> None:
 def test_failed_decomposition_keeps_last_good_inverse(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    opt = quiet(model, lr=0.1, inverse_update_freq=1)
+    opt = quiet(model, lr=0.1, inverse_update_freq=1, damping_method="exact")
     data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))] * 4
     fit(model, opt, data[:1])
     good = {k: v.scaling.clone() for k, v in opt.preconditioner.inverses.items()}
@@ -452,7 +452,9 @@ def test_frozen_bias_preconditions_the_weight_alone() -> None:
     layer = nn.Linear(3, 2)
     layer.bias.requires_grad_(False)
     damping = 0.1
-    opt = FrobPreconditionedSGD(layer, lr=1.0, damping=damping, kl_clip=None)
+    opt = FrobPreconditionedSGD(
+        layer, lr=1.0, damping=damping, kl_clip=None, damping_method="exact"
+    )
     x = torch.randn(64, 3) + 2.0  # a large mean makes the bias column matter
     weight = layer.weight.detach().clone()
     (layer(x) - 1.0).square().sum(1).mean().backward()
