@@ -151,11 +151,15 @@ class CurvatureCapture:
 
 
 def weak_callable(method: Callable[..., Any]) -> Callable[..., Any]:
-    """A hook that calls the bound ``method`` while its object lives, else does nothing."""
-    ref = weakref.WeakMethod(method)
+    """A hook that calls the bound ``method`` while its object lives, else does nothing.
+
+    The method is looked up by name on each call, so a patched class attribute (a profiler
+    or a test wrapping it) takes effect for hooks registered before the patch."""
+    ref = weakref.ref(method.__self__)  # type: ignore[attr-defined]
+    name = method.__name__
 
     def hook(*args: Any) -> Any:
-        bound = ref()
-        return None if bound is None else bound(*args)
+        owner = ref()
+        return None if owner is None else getattr(owner, name)(*args)
 
     return hook

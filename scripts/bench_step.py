@@ -23,6 +23,7 @@ Absolute times on a shared 2-core CPU are noise; the ratios are the result.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 import warnings
@@ -35,36 +36,49 @@ from report import provenance, write_report
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
+from kfrob.capture import CurvatureCapture
 from kfrob.job.workloads import WORKLOADS, training_loss
 from kfrob.preconditioner import KroneckerPreconditioner
 
+PHASES = ("capture", "factor update", "inverse refresh", "preconditioning")
+
 
 class PhaseTimer:
-    """Accumulates wall time of chosen preconditioner methods (patched for the run)."""
+    """Accumulates wall time of chosen kfrob methods (patched for the run). A call inside
+    another timed call counts for the outer phase only, so phases never overlap."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self._inside = False
 
     @contextmanager
     def patched(self) -> Any:
         originals = {}
-        targets = {
-            "factor update": (KroneckerPreconditioner, "update_factors"),
-            "inverse refresh": (KroneckerPreconditioner, "update_inverses"),
-            "preconditioning": (FrobPreconditionedSGD, "_precondition"),
-        }
-        for phase, (cls, name) in targets.items():
-            original = getattr(cls, name)
+        targets = [
+            ("capture", CurvatureCapture, "_on_forward"),
+            ("capture", CurvatureCapture, "_on_output_grad"),
+            ("capture", CurvatureCapture, "_on_model_output"),
+            ("factor update", KroneckerPreconditioner, "update_factors"),
+            ("inverse refresh", KroneckerPreconditioner, "update_inverses"),
+            ("preconditioning", FrobPreconditionedSGD, "_precondition"),
+        ]
+        for phase, cls, name in targets:
+            original = cls.__dict__[name]
             originals[(cls, name)] = original
+            function = original.__func__ if isinstance(original, staticmethod) else original
 
-            def timed(*args: Any, _original: Any = original, _phase: str = phase, **kw: Any) -> Any:
+            def timed(*args: Any, _function: Any = function, _phase: str = phase, **kw: Any) -> Any:
+                if self._inside:
+                    return _function(*args, **kw)
+                self._inside = True
                 start = time.perf_counter()
                 try:
-                    return _original(*args, **kw)
+                    return _function(*args, **kw)
                 finally:
+                    self._inside = False
                     self.totals[_phase] += time.perf_counter() - start
 
-            setattr(cls, name, timed)
+            setattr(cls, name, staticmethod(timed) if isinstance(original, staticmethod) else timed)
         try:
             yield self
         finally:
@@ -120,7 +134,9 @@ def bare_linear_algebra(
     return eigh_time, time.perf_counter() - start
 
 
-def bench(workload: str, batch: int, freqs: tuple[int, int], args: argparse.Namespace) -> dict:
+def bench(
+    workload: str, batch: int, freqs: tuple[int, int], method: str, args: argparse.Namespace
+) -> dict:
     make, kind = WORKLOADS[workload].build, WORKLOADS[workload].task
     shape = (1, 28, 28)
     gen = torch.Generator().manual_seed(0)
@@ -139,6 +155,8 @@ def bench(workload: str, batch: int, freqs: tuple[int, int], args: argparse.Name
                 lr=1e-3,
                 factor_update_freq=factor_freq,
                 inverse_update_freq=inverse_freq,
+                damping_method=method,
+                loss=WORKLOADS[workload].kfrob_loss,  # the Monte Carlo Fisher, as in training
             ),
         }
     for name, opt in opts.items():  # warm-up: allocations, first refresh
@@ -167,12 +185,12 @@ def bench(workload: str, batch: int, freqs: tuple[int, int], args: argparse.Name
     eigh_time, matmul_time = statistics.median(eighs), statistics.median(matmuls)
     limit = med["sgd"] + eigh_time / inverse_freq + matmul_time / factor_freq
     refresh = med.get("inverse refresh", 0.0) * cycle / max(1, cycle // inverse_freq)
-    phases = ("factor update", "inverse refresh", "preconditioning")
-    rest = med["kfrob"] - sum(med.get(p, 0.0) for p in phases)
+    rest = med["kfrob"] - sum(med.get(p, 0.0) for p in PHASES)
     return {
         "workload": workload,
         "batch": batch,
         "freqs": f"{factor_freq}/{inverse_freq}",
+        "damping": method,
         "sgd_ms": 1e3 * med["sgd"],
         "adamw_ms": 1e3 * med["adamw"],
         "kfrob_ms": 1e3 * med["kfrob"],
@@ -180,7 +198,7 @@ def bench(workload: str, batch: int, freqs: tuple[int, int], args: argparse.Name
         "vs_adamw": med["kfrob"] / med["adamw"],
         "vs_limit": med["kfrob"] / limit,
         "refresh_vs_eigh": refresh / eigh_time,
-        "breakdown": {p: med.get(p, 0.0) / med["kfrob"] for p in phases}
+        "breakdown": {p: med.get(p, 0.0) / med["kfrob"] for p in PHASES}
         | {"rest": rest / med["kfrob"]},
     }
 
@@ -190,6 +208,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="mlp,autoencoder,cnn")
     parser.add_argument("--batch-sizes", default="128,512")
     parser.add_argument("--freqs", default="1/10,10/100")
+    parser.add_argument("--damping-methods", default="factored,exact")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="minimum steps per timed cycle")
     parser.add_argument("--out", default="results")
@@ -197,12 +216,14 @@ def main() -> None:
     rows = []
     for workload in args.workloads.split(","):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            for freq in args.freqs.split(","):
+            for freq, method in itertools.product(
+                args.freqs.split(","), args.damping_methods.split(",")
+            ):
                 f, i = (int(v) for v in freq.split("/"))
-                row = bench(workload, batch, (f, i), args)
+                row = bench(workload, batch, (f, i), method, args)
                 rows.append(row)
                 print(
-                    f"{workload:12s} B={batch:<4d} {row['freqs']:>6s}  "
+                    f"{workload:12s} B={batch:<4d} {row['freqs']:>6s} {method:8s} "
                     f"kfrob {row['kfrob_ms']:7.1f} ms"
                     f"  ×SGD {row['vs_sgd']:5.2f}  ×AdamW {row['vs_adamw']:5.2f}"
                     f"  ×limit {row['vs_limit']:5.2f}  refresh/eigh {row['refresh_vs_eigh']:5.2f}",
@@ -214,17 +235,18 @@ def main() -> None:
         f"{provenance()} Medians over {args.rounds} round-robin rounds; kfrob's time is "
         "amortised over whole refresh cycles.",
         "",
-        "| workload | batch | factor/inverse freq | SGD ms | AdamW ms | kfrob ms | kfrob/SGD | "
-        "kfrob/AdamW | kfrob/limit | refresh/eigh | factors | refresh | precond | rest |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | batch | factor/inverse freq | damping | SGD ms | AdamW ms | kfrob ms | "
+        "kfrob/SGD | kfrob/AdamW | kfrob/limit | refresh/eigh | capture | factors | refresh | "
+        "precond | rest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = r["breakdown"]
         lines.append(
-            f"| {r['workload']} | {r['batch']} | {r['freqs']} | {r['sgd_ms']:.1f} | "
-            f"{r['adamw_ms']:.1f} | {r['kfrob_ms']:.1f} | {r['vs_sgd']:.2f} | "
-            f"{r['vs_adamw']:.2f} | "
-            f"{r['vs_limit']:.2f} | {r['refresh_vs_eigh']:.2f} | {b['factor update']:.0%} | "
+            f"| {r['workload']} | {r['batch']} | {r['freqs']} | {r['damping']} | "
+            f"{r['sgd_ms']:.1f} | {r['adamw_ms']:.1f} | {r['kfrob_ms']:.1f} | "
+            f"{r['vs_sgd']:.2f} | {r['vs_adamw']:.2f} | {r['vs_limit']:.2f} | "
+            f"{r['refresh_vs_eigh']:.2f} | {b['capture']:.0%} | {b['factor update']:.0%} | "
             f"{b['inverse refresh']:.0%} | {b['preconditioning']:.0%} | {b['rest']:.0%} |"
         )
     write_report(args.out, "step_overhead.md", lines)
