@@ -15,7 +15,9 @@ sample: its calls are treated like locations, so ``samples`` is divided by ``r``
 backward passes before one step (gradient accumulation, each micro-batch loss divided by
 their number) are one window: their sums and counts add up. The statistic then enters an
 exponential moving average ``F ← decay·F + (1 − decay)·stat``; the first accepted statistic
-sets ``F``.
+sets ``F``. With the decay warm-up, the ``k``-th accepted statistic enters with weight
+``max(1/k, 1 − decay)`` instead, i.e. ``F`` is the plain mean of the statistics so far until
+``1 − 1/k`` reaches ``decay`` (the decay ``min(1 − 1/k, decay)``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class RunningFactor:
         self.per_sample_scale = per_sample_scale
         self.value = torch.zeros(shape, device=device)
         self.initialized = torch.zeros((), dtype=torch.bool, device=device)
+        self.folds = torch.zeros((), dtype=torch.long, device=device)  # accepted windows
         self._sum = torch.zeros(shape, device=device)
         self.rows = 0
         self.samples = 0
@@ -81,16 +84,22 @@ class RunningFactor:
             return self._sum * samples
         return self._sum / samples
 
-    def fold(self, statistic: Tensor, decay: float, accept: Tensor) -> None:
-        """Move the average towards ``statistic`` where ``accept`` (a bool tensor) holds.
+    def fold(self, statistic: Tensor, decay: float, accept: Tensor, warmup: bool = False) -> None:
+        """Move the average towards ``statistic`` where ``accept`` (a bool tensor) holds;
+        ``warmup`` turns on the decay warm-up of the module docstring.
 
         Rejected windows leave ``value`` untouched; nothing here reads a value to the host.
         """
-        # the weight of the new statistic: 1 for the first, 1 - decay after, 0 if rejected
-        weight = torch.where(self.initialized, 1.0 - decay, 1.0) * accept
+        # the weight of the new statistic: 1 for the first, 1 - decay after (or, warming
+        # up, max(1/k, 1 - decay) for the k-th), 0 if rejected
+        if warmup:
+            weight = (1.0 / (self.folds + 1)).clamp(min=1.0 - decay) * accept
+        else:
+            weight = torch.where(self.initialized, 1.0 - decay, 1.0) * accept
         # a rejected (possibly non-finite) statistic is replaced before it meets the weight
         self.value = torch.lerp(self.value, torch.where(accept, statistic, self.value), weight)
         self.initialized = self.initialized | accept
+        self.folds = self.folds + accept.long()
         self.discard()
 
     def discard(self) -> None:
@@ -101,9 +110,10 @@ class RunningFactor:
         self.calls = 0
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"value": self.value, "initialized": self.initialized}
+        return {"value": self.value, "initialized": self.initialized, "folds": self.folds}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.value = state["value"].to(self.value)
         self.initialized = state["initialized"].to(self.initialized)
+        self.folds = state.get("folds", self.initialized.long()).to(self.folds)
         self.discard()

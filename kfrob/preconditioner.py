@@ -231,7 +231,11 @@ class KroneckerPreconditioner:
 
     # --- factors -------------------------------------------------------------------------
     def update_factors(
-        self, decay: float, grad_scale: Tensor | None = None, accept: Tensor | None = None
+        self,
+        decay: float,
+        grad_scale: Tensor | None = None,
+        accept: Tensor | None = None,
+        warmup: bool = False,
     ) -> Tensor:
         """Fold the statistics recorded since the last call into the running factors.
 
@@ -239,6 +243,7 @@ class KroneckerPreconditioner:
         (a NaN/Inf batch, or a loss-scale overflow) every layer keeps its previous factors.
         ``grad_scale`` is the loss scale the backward pass ran under; it is removed from
         ``G``. ``accept`` (a bool tensor) can veto the window, e.g. for non-finite gradients.
+        ``warmup`` turns on the decay warm-up (:class:`~kfrob.factors.RunningFactor`).
         Returns whether the window was accepted (a bool tensor; no host sync).
         """
         factors = self._factors_with_side()
@@ -255,7 +260,7 @@ class KroneckerPreconditioner:
         finite = all_finite(stats)
         accept = finite if accept is None else finite & accept.to(finite.device)
         for i, ((factor, _), stat) in enumerate(zip(factors, stats, strict=True)):
-            factor.fold(stat, decay, accept if present is None else accept & present[i])
+            factor.fold(stat, decay, accept if present is None else accept & present[i], warmup)
         self.capture.new_window()
         self.skipped_windows = self.skipped_windows.to(accept.device) + (~accept).long()
         return accept

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
+from kfrob.factors import RunningFactor
 from tests.reference import (
     codomain_factor,
     domain_factor_conv,
@@ -106,3 +107,28 @@ def test_mse_loss_codomain_factor() -> None:
 
     grads = per_sample_output_grads(nn.Identity(), own, layer(x).detach(), t)
     torch.testing.assert_close(g.double(), codomain_factor(grads)[0], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_fold_is_the_decayed_average_and_ignores_rejected_windows(warmup: bool) -> None:
+    """Without warm-up: the first accepted statistic, then ``F ← d·F + (1 − d)·S``. With it,
+    the ``k``-th accepted statistic has weight ``max(1/k, 1 − d)``: the plain mean of the
+    statistics so far while ``1 − 1/k < d``. Rejected (even NaN) windows change nothing."""
+    decay = 0.6  # warm-up ends at k = 3: weights 1, 1/2, 2/5, 2/5, ...
+    gen = torch.Generator().manual_seed(0)
+    stats = [torch.randn(1, 3, 3, generator=gen) for _ in range(5)]
+    factor = RunningFactor(1, 3)
+    expected = None
+    for i, stat in enumerate(stats):
+        if i == 2:  # a rejected, non-finite window in between
+            factor.fold(torch.full_like(stat, float("nan")), decay, torch.tensor(False), warmup)
+            torch.testing.assert_close(factor.value, expected)
+        factor.fold(stat, decay, torch.tensor(True), warmup)
+        accepted = i + 1
+        weight = 1.0 if accepted == 1 else (max(1 / accepted, 1 - decay) if warmup else 1 - decay)
+        expected = stat if expected is None else (1 - weight) * expected + weight * stat
+        torch.testing.assert_close(factor.value, expected)
+    assert int(factor.folds) == 5  # accepted windows only
+    restored = RunningFactor(1, 3)
+    restored.load_state_dict(factor.state_dict())
+    assert int(restored.folds) == 5 and bool(restored.initialized)

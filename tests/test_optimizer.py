@@ -263,6 +263,7 @@ def test_load_state_dict_rejects_other_model() -> None:
         ({"codomain": "covariance"}, "codomain"),
         ({"exponent": 0.0}, "exponent"),
         ({"damping_method": "tikhonov"}, "damping_method"),
+        ({"factor_decay_warmup": 1}, "factor_decay_warmup"),
         ({"fisher": "true"}, "fisher"),
         ({"fisher": "mc"}, "loss"),
         ({"loss_reduction": "none"}, "loss_reduction"),
