@@ -154,10 +154,14 @@ def weak_callable(method: Callable[..., Any]) -> Callable[..., Any]:
     """A hook that calls the bound ``method`` while its object lives, else does nothing.
 
     The method is looked up by name on each call, so a patched class attribute (a profiler
-    or a test wrapping it) takes effect for hooks registered before the patch."""
+    or a test wrapping it) takes effect for hooks registered before the patch. Under
+    ``torch.compile`` the hook runs eagerly (a graph break), never traced: it keeps Python
+    state (counters, lists of outputs, the MC Fisher's own backward pass) that a traced
+    graph would not replay."""
     ref = weakref.ref(method.__self__)  # type: ignore[attr-defined]
     name = method.__name__
 
+    @torch.compiler.disable
     def hook(*args: Any) -> Any:
         owner = ref()
         return None if owner is None else getattr(owner, name)(*args)

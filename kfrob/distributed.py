@@ -42,14 +42,16 @@ BUCKET_ELEMENTS = 1 << 22  # 16 MiB of float32 per all-reduce bucket
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` (or ``model`` itself): kfrob's hooks and
-    layer names belong to it, so checkpoints load with or without the wrapper."""
+    """The module inside ``DistributedDataParallel`` and/or ``torch.compile`` (or ``model``
+    itself): kfrob's hooks and layer names belong to it, so checkpoints load with or without
+    the wrappers."""
     if dist.is_available():
         from torch.nn.parallel import DistributedDataParallel
 
         if isinstance(model, DistributedDataParallel):
-            return model.module
-    return model
+            model = model.module
+    compiled = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    return compiled if isinstance(compiled, nn.Module) else model
 
 
 def check_not_sharded(model: nn.Module) -> None:

@@ -568,3 +568,32 @@ def test_a_frozen_layer_does_not_force_a_refresh_every_step() -> None:
         opt.step()
     assert opt.refreshes == 1  # the scheduled one at step 0, nothing in between
     assert not opt.preconditioner.missing_inverses()
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("give", ["compiled", "original"])
+def test_compiled_model_trains_exactly_like_the_eager_one(fisher: str, give: str) -> None:
+    """``torch.compile`` (the aot_eager backend: no C++ toolchain needed) must not change
+    what the hooks record: the MC Fisher's backward pass and the counters run eagerly.
+    The optimizer may be given the compiled module or the original one."""
+    x, y = torch.randn(4, 8, 1, 6, 6), torch.randint(0, 5, (4, 8))
+    runs = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 5))
+        run = torch.compile(model, backend="aot_eager") if mode == "compiled" else model
+        opt = FrobPreconditionedSGD(
+            run if give == "compiled" else model,
+            lr=0.1,
+            fisher=fisher,
+            loss="cross_entropy",
+            generator=torch.Generator().manual_seed(1),
+        )
+        for i in range(4):
+            opt.zero_grad()
+            F.cross_entropy(run(x[i]), y[i]).backward()
+            opt.step()
+        assert sorted(opt.preconditioner.layers) == ["0", "3"]
+        runs[mode] = [p.detach().clone() for p in model.parameters()]
+    for p, q in zip(runs["eager"], runs["compiled"], strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
