@@ -1,0 +1,184 @@
+"""Memory: kfrob's factors and inverses against the parameters, and peak process memory.
+
+For each workload of the training job:
+
+* **state**: bytes of the parameters, of kfrob's running factors (``A``, ``G`` and the
+  window sums the hooks add into), of its inverses (eigenbases and eigenvalues for exact
+  damping, the two damped inverse matrices for factored damping) and of SGD's momentum and
+  AdamW's two moments, each as a multiple of the parameter bytes;
+* **peak**: the peak resident memory of a fresh process (Linux: ``VmHWM``, reset just
+  before training) that builds the model and trains ``--steps`` steps at batch 128, for
+  SGD (momentum 0.9), AdamW and kfrob; reported as each peak over SGD's, and as the growth
+  over the process's memory before training (imports, model), kfrob's over SGD's.
+
+    python scripts/bench_memory.py             # writes results/memory.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from report import provenance, write_report
+from torch import Tensor, nn
+
+from kfrob import FrobPreconditionedSGD
+from kfrob.job.workloads import WORKLOADS, training_loss
+from kfrob.kronecker import EigenInverse, InverseFactors
+
+MiB = 2**20
+
+
+def nbytes(tensors: list[Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def build(optimizer: str, model: nn.Module, workload: str) -> torch.optim.Optimizer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        if optimizer == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=1e-4)
+        method = optimizer.split("-", 1)[1] if "-" in optimizer else "factored"
+        return FrobPreconditionedSGD(
+            model, lr=1e-3, damping_method=method, loss=WORKLOADS[workload].kfrob_loss
+        )
+
+
+def train(opt: torch.optim.Optimizer, model: nn.Module, workload: str, steps: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(128, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (128,), generator=gen)
+    for _ in range(steps):
+        opt.zero_grad()
+        training_loss(WORKLOADS[workload].task, model(x), x, y).backward()
+        opt.step()
+
+
+def state_bytes(workload: str) -> dict[str, float]:
+    """Each optimizer's state after a few steps, as a multiple of the parameter bytes."""
+    out: dict[str, float] = {}
+    params = 0
+    for optimizer in ("sgd", "adamw", "kfrob-factored", "kfrob-exact"):
+        torch.manual_seed(0)
+        model = WORKLOADS[workload].build()
+        params = nbytes(list(model.parameters()))
+        opt = build(optimizer, model, workload)
+        train(opt, model, workload, 2)
+        if isinstance(opt, FrobPreconditionedSGD):
+            pre = opt.preconditioner
+            factors = [f.value for layer in pre.layers.values() for f in layer.factors]
+            sums = [f._sum for layer in pre.layers.values() for f in layer.factors]
+            inverses: list[Tensor | None] = []
+            for inverse in pre.inverses.values():
+                if isinstance(inverse, EigenInverse):
+                    for side in (inverse.codomain, inverse.domain):
+                        inverses += [side.basis, side.eigenvalues]
+                    inverses.append(inverse.scaling)
+                elif isinstance(inverse, InverseFactors):
+                    inverses += [inverse.codomain, inverse.domain]
+            out[f"{optimizer} factors"] = nbytes(factors) / params
+            out[f"{optimizer} window sums"] = nbytes(sums) / params
+            out[f"{optimizer} inverses"] = nbytes(inverses) / params
+            out[f"{optimizer} momentum"] = 0.0
+        else:
+            state = [t for s in opt.state.values() for t in s.values() if isinstance(t, Tensor)]
+            out[f"{optimizer} state"] = nbytes([t for t in state if t.dim() > 0]) / params
+    out["parameter MiB"] = params / MiB
+    return out
+
+
+def status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``: now, ``VmHWM``: peak), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def child(optimizer: str, workload: str, steps: int) -> None:
+    """Run in a fresh process: resident memory before training and its peak during
+    training, in KiB. The peak counter is reset first (``/proc/self/clear_refs``), so
+    neither the import of torch nor the parent's memory (``ru_maxrss`` survives fork and
+    exec) is mistaken for training's peak."""
+    torch.manual_seed(0)
+    model = WORKLOADS[workload].build()
+    opt = build(optimizer, model, workload)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = status_kib("VmRSS")
+    train(opt, model, workload, steps)
+    print(json.dumps({"before_kib": before, "peak_kib": status_kib("VmHWM")}))
+
+
+def peak(optimizer: str, workload: str, steps: int) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", optimizer, workload, str(steps)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", default="mlp,autoencoder,cnn")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]))
+        return
+    lines = [
+        "# Memory of kfrob against SGD and AdamW",
+        "",
+        f"{provenance()} State after 2 steps; peak resident memory of a fresh process "
+        f"training {args.steps} steps at batch 128 on random images.",
+        "",
+        "## Optimizer state, as a multiple of the parameter bytes",
+        "",
+        "| workload | parameters (MiB) | SGD momentum | AdamW moments | kfrob factors "
+        "| kfrob window sums | kfrob inverses, factored | kfrob inverses, exact |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    peaks: dict[str, dict[str, dict[str, float]]] = {}
+    for workload in args.workloads.split(","):
+        s = state_bytes(workload)
+        lines.append(
+            f"| {workload} | {s['parameter MiB']:.2f} | {s['sgd state']:.2f} | "
+            f"{s['adamw state']:.2f} | {s['kfrob-factored factors']:.2f} | "
+            f"{s['kfrob-factored window sums']:.2f} | {s['kfrob-factored inverses']:.2f} | "
+            f"{s['kfrob-exact inverses']:.2f} |"
+        )
+        peaks[workload] = {
+            name: peak(name, workload, args.steps)
+            for name in ("sgd", "adamw", "kfrob-factored", "kfrob-exact")
+        }
+        print(workload, peaks[workload], flush=True)
+    lines += [
+        "",
+        "## Peak resident memory of a training process",
+        "",
+        "| workload | SGD peak (MiB) | AdamW / SGD | kfrob factored / SGD | kfrob exact / SGD "
+        "| growth in training (MiB): SGD | AdamW | kfrob factored | kfrob exact |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = ("sgd", "adamw", "kfrob-factored", "kfrob-exact")
+    for workload, p in peaks.items():
+        ratios = [p[name]["peak_kib"] / p["sgd"]["peak_kib"] for name in names[1:]]
+        growth = [(p[name]["peak_kib"] - p[name]["before_kib"]) / 1024 for name in names]
+        lines.append(
+            f"| {workload} | {p['sgd']['peak_kib'] / 1024:.0f} | "
+            + " | ".join(f"{r:.2f}" for r in ratios)
+            + " | "
+            + " | ".join(f"{g:.0f}" for g in growth)
+            + " |"
+        )
+    write_report(args.out, "memory.md", lines)
+
+
+if __name__ == "__main__":
+    main()

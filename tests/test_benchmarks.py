@@ -1,0 +1,63 @@
+"""Smoke tests of the benchmark scripts: each runs end to end on a tiny setting and writes
+its report (the figures themselves are measured by running the scripts, see README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def run(script: str, *args: str, out: Path) -> str:
+    command = [sys.executable, str(SCRIPTS / script), *args, "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("method", ["factored", "exact"])
+def test_bench_step_reports_ratios_and_a_breakdown(tmp_path: Path, method: str) -> None:
+    run(
+        "bench_step.py",
+        *("--workloads", "mlp", "--batch-sizes", "8", "--freqs", "1/2"),
+        *("--damping-methods", method, "--rounds", "1", "--steps", "2"),
+        out=tmp_path,
+    )
+    report = (tmp_path / "step_overhead.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| mlp"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == method
+    assert all(float(c) > 0 for c in cells[4:11])  # times and ratios
+    shares = [float(c.rstrip("%")) for c in cells[11:]]
+    assert abs(sum(shares) - 100) <= len(shares)  # the breakdown covers the step
+
+
+def test_bench_memory_reports_state_and_peaks(tmp_path: Path) -> None:
+    run("bench_memory.py", "--workloads", "mlp", "--steps", "2", out=tmp_path)
+    report = (tmp_path / "memory.md").read_text()
+    state, peak = (line for line in report.splitlines() if line.startswith("| mlp"))
+    cells = [float(c) for c in state.strip("|").split("|")[1:]]
+    assert cells[0] == pytest.approx(535818 * 4 / 2**20, abs=0.01)  # 784-512-256-10
+    assert cells[1] == pytest.approx(1.0)  # SGD's momentum: one copy of the parameters
+    assert cells[2] == pytest.approx(2.0)  # AdamW's two moments
+    assert cells[3] > 1.0  # A and G of the 784-wide input layer exceed its weights
+    assert all(float(c) > 0 for c in peak.strip("|").split("|")[1:])
+
+
+def test_time_to_target_writes_its_report(tmp_path: Path) -> None:
+    run(
+        "time_to_target.py",
+        *("--workloads", "mlp", "--optimizers", "kfrob,adamw", "--seeds", "1"),
+        *("--max-steps", "30", "--embedded"),
+        out=tmp_path,
+    )
+    results = json.loads((tmp_path / "time_to_target.json").read_text())["results"]["mlp"]
+    assert set(results) == {"kfrob", "adamw"}
+    assert all(len(row["grid"]) == 3 for row in results.values())  # same grid size for all
+    assert (tmp_path / "time_to_target.png").stat().st_size > 0
+    assert "## mlp: 88% test accuracy" in (tmp_path / "time_to_target.md").read_text()
