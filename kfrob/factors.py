@@ -52,12 +52,16 @@ class RunningFactor:
         self.diagonal = diagonal
         self.per_sample_scale = per_sample_scale
         self.value = torch.zeros(shape, device=device)
-        self.initialized = torch.zeros((), dtype=torch.bool, device=device)
         self.folds = torch.zeros((), dtype=torch.long, device=device)  # accepted windows
         self._sum = torch.zeros(shape, device=device)
         self.rows = 0
         self.samples = 0
         self.calls = 0
+
+    @property
+    def initialized(self) -> Tensor:
+        """Whether a statistic has been accepted yet (a bool tensor; no host sync)."""
+        return self.folds > 0
 
     @property
     def pending(self) -> bool:
@@ -98,7 +102,6 @@ class RunningFactor:
             weight = torch.where(self.initialized, 1.0 - decay, 1.0) * accept
         # a rejected (possibly non-finite) statistic is replaced before it meets the weight
         self.value = torch.lerp(self.value, torch.where(accept, statistic, self.value), weight)
-        self.initialized = self.initialized | accept
         self.folds = self.folds + accept.long()
         self.discard()
 
@@ -110,10 +113,11 @@ class RunningFactor:
         self.calls = 0
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"value": self.value, "initialized": self.initialized, "folds": self.folds}
+        return {"value": self.value, "folds": self.folds}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.value = state["value"].to(self.value)
-        self.initialized = state["initialized"].to(self.initialized)
-        self.folds = state.get("folds", self.initialized.long()).to(self.folds)
+        # states saved before ``folds`` existed carry only whether the factor was initialised
+        folds = state["folds"] if "folds" in state else state["initialized"].long()
+        self.folds = folds.to(self.folds)
         self.discard()

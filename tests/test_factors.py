@@ -132,3 +132,6 @@ def test_fold_is_the_decayed_average_and_ignores_rejected_windows(warmup: bool) 
     restored = RunningFactor(1, 3)
     restored.load_state_dict(factor.state_dict())
     assert int(restored.folds) == 5 and bool(restored.initialized)
+    older = RunningFactor(1, 3)  # a state saved before folds were counted
+    older.load_state_dict({"value": factor.value, "initialized": torch.tensor(True)})
+    assert int(older.folds) == 1 and bool(older.initialized)
