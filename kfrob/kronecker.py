@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kfrob.finite import all_finite
+
 __all__ = [
     "EigenInverse",
     "InverseFactors",
@@ -133,7 +135,7 @@ def decompose(factor: Tensor, diagonal: bool = False) -> Side | None:
             eigenvalues, basis = torch.linalg.eigh(matrix)
         except RuntimeError:
             continue
-        if bool(torch.isfinite(eigenvalues).all() and torch.isfinite(basis).all()):
+        if bool(all_finite([eigenvalues, basis])):
             # eigh returns column-major bases; row-major ones multiply the same on every
             # rank, whichever way the basis arrived (BLAS rounds layouts differently)
             basis = basis.to(factor.dtype).contiguous()
@@ -152,6 +154,9 @@ def decompose_all(factors: list[Tensor]) -> list[Side | None]:
         groups.setdefault((factor.shape[-1], factor.dtype, factor.device), []).append(i)
     sides: list[Side | None] = [None] * len(factors)
     for members in groups.values():
+        if len(members) == 1:
+            sides[members[0]] = decompose(factors[members[0]])
+            continue
         batch = decompose(torch.cat([factors[i] for i in members]))
         if batch is None:
             for i in members:
@@ -276,7 +281,7 @@ def _shifted_inverse(factor: Tensor | None, shift: Tensor) -> Tensor | None:
         eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
         chol, info = torch.linalg.cholesky_ex(matrix + shift.to(matrix)[..., None] * eye)
         inverse = torch.cholesky_inverse(chol)
-        if not bool(info.any()) and bool(torch.isfinite(inverse).all()):
+        if not bool(info.any()) and bool(all_finite([inverse])):
             return inverse.to(factor.dtype).contiguous()  # row-major, as in decompose
     raise torch.linalg.LinAlgError("Cholesky factorisation failed")
 

@@ -470,7 +470,8 @@ class KroneckerPreconditioner:
                 name: None if ok is None else mine.get(name, RemoteInverse(owners[name]))
                 for name, ok in shared.items()
             }
-        # eigenbases and eigenvalues travel; the cheap scaling is recomputed on arrival
+        # the damped inverse matrices travel, or (eigenbasis inverses) the eigenbases and
+        # eigenvalues, whose cheap scaling is recomputed on arrival
         states = {
             name: None if inv is None else _without_scaling(inv.state_dict())
             for name, inv in mine.items()
@@ -509,7 +510,7 @@ class KroneckerPreconditioner:
         full = [  # in the order _side takes them: co-domain first
             f.value
             for layer in layers
-            if not (factored and self._cholesky(layer))
+            if not self._by_cholesky(layer)
             for f in (layer.codomain, layer.domain)
             if f is not None and not f.diagonal
         ]
@@ -518,7 +519,7 @@ class KroneckerPreconditioner:
         for layer in layers:
             lam = damping[layer.name]
             codomain, domain = layer.codomain, layer.domain
-            if factored and self._cholesky(layer):
+            if self._by_cholesky(layer):
                 out[layer.name] = factored_inverses(
                     None if codomain is None else codomain.value,
                     None if domain is None else domain.value,
@@ -541,10 +542,14 @@ class KroneckerPreconditioner:
                 out[layer.name] = EigenInverse(sides[0], sides[1], scaling)
         return out
 
-    def _cholesky(self, layer: TrackedLayer) -> bool:
-        """Whether the layer's factored-damping inverse is computed by Cholesky (``p = 1``,
-        no diagonal side)."""
-        return self.exponent == 1.0 and not any(f.diagonal for f in layer.factors)
+    def _by_cholesky(self, layer: TrackedLayer) -> bool:
+        """Whether the layer's inverse is computed by Cholesky: factored damping with
+        ``p = 1`` and no diagonal side."""
+        return (
+            self.damping_method == "factored"
+            and self.exponent == 1.0
+            and not any(f.diagonal for f in layer.factors)
+        )
 
     @staticmethod
     def _side(

@@ -597,3 +597,18 @@ def test_compiled_model_trains_exactly_like_the_eager_one(fisher: str, give: str
         runs[mode] = [p.detach().clone() for p in model.parameters()]
     for p, q in zip(runs["eager"], runs["compiled"], strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_all_finite_flags_every_kind_of_non_finite_value() -> None:
+    from kfrob.finite import all_finite
+
+    ok = [torch.randn(3, 4), torch.zeros(2, dtype=torch.float64)]
+    assert bool(all_finite(ok)) and bool(all_finite([]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(5)
+        t[3] = bad
+        assert not bool(all_finite([*ok, t]))
+        sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, bad], (4,))
+        assert not bool(all_finite([sparse]))
+    # float16 values whose float16 sum would overflow are still finite
+    assert bool(all_finite([torch.full((100, 100), 60000.0, dtype=torch.float16)]))
