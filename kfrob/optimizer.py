@@ -96,8 +96,9 @@ class FrobPreconditionedSGD(Optimizer):
         fisher: ``"empirical"`` (training-loss gradients) or ``"mc"`` (labels drawn from
             the model; needs ``loss``). ``None`` (default) means ``"mc"`` when ``loss`` is
             given and ``"empirical"`` otherwise: the MC Fisher reached the target accuracy
-            in fewer steps and seconds in ``scripts/fisher_choice.py``, but only the
-            empirical one needs nothing to be known about the loss.
+            in fewer steps and seconds with exact damping and ties with factored damping
+            (``results/fisher_choice.md``), but only the empirical one needs nothing to be
+            known about the loss.
         loss: ``"cross_entropy"`` or ``"mse"``: the training loss (for the MC Fisher).
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over samples; with
             gradient accumulation, each micro-batch loss is divided by their number.

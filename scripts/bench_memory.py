@@ -8,8 +8,8 @@ For each workload of the training job:
   AdamW's two moments, each as a multiple of the parameter bytes;
 * **peak**: the peak resident memory of a fresh process (Linux: ``VmHWM``, reset just
   before training) that builds the model and trains ``--steps`` steps at batch 128, for
-  SGD (momentum 0.9), AdamW and kfrob; reported as each peak over SGD's, and as the growth
-  over the process's memory before training (imports, model), kfrob's over SGD's.
+  SGD (momentum 0.9), AdamW and kfrob; reported as each peak over SGD's, and as each
+  process's growth in MiB over its memory before training (imports, model).
 
     python scripts/bench_memory.py             # writes results/memory.md
 """
@@ -24,11 +24,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench_step import random_batch, timed_steps
 from report import provenance, write_report
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
-from kfrob.job.workloads import WORKLOADS, training_loss
+from kfrob.job.workloads import WORKLOADS
 from kfrob.kronecker import EigenInverse, InverseFactors
 
 MiB = 2**20
@@ -52,13 +53,8 @@ def build(optimizer: str, model: nn.Module, workload: str) -> torch.optim.Optimi
 
 
 def train(opt: torch.optim.Optimizer, model: nn.Module, workload: str, steps: int) -> None:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(128, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (128,), generator=gen)
-    for _ in range(steps):
-        opt.zero_grad()
-        training_loss(WORKLOADS[workload].task, model(x), x, y).backward()
-        opt.step()
+    x, y = random_batch(128)
+    timed_steps(opt, model, WORKLOADS[workload].task, x, y, steps)
 
 
 def state_bytes(workload: str) -> dict[str, float]:
@@ -86,7 +82,6 @@ def state_bytes(workload: str) -> dict[str, float]:
             out[f"{optimizer} factors"] = nbytes(factors) / params
             out[f"{optimizer} window sums"] = nbytes(sums) / params
             out[f"{optimizer} inverses"] = nbytes(inverses) / params
-            out[f"{optimizer} momentum"] = 0.0
         else:
             state = [t for s in opt.state.values() for t in s.values() if isinstance(t, Tensor)]
             out[f"{optimizer} state"] = nbytes([t for t in state if t.dim() > 0]) / params

@@ -91,6 +91,12 @@ def loss_of(kind: str, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return training_loss(kind, model(x), x, y)
 
 
+def random_batch(size: int) -> tuple[Tensor, Tensor]:
+    """A fixed batch of random 28×28 images and labels (the same in every call)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(size, 1, 28, 28, generator=gen), torch.randint(0, 10, (size,), generator=gen)
+
+
 def timed_steps(
     opt: torch.optim.Optimizer, model: nn.Module, kind: str, x: Tensor, y: Tensor, steps: int
 ) -> float:
@@ -138,10 +144,7 @@ def bench(
     workload: str, batch: int, freqs: tuple[int, int], method: str, args: argparse.Namespace
 ) -> dict:
     make, kind = WORKLOADS[workload].build, WORKLOADS[workload].task
-    shape = (1, 28, 28)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, *shape, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
+    x, y = random_batch(batch)
     factor_freq, inverse_freq = freqs
     cycle = max(args.steps, inverse_freq)
     models = {name: make() for name in ("sgd", "adamw", "kfrob")}
