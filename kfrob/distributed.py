@@ -77,8 +77,9 @@ def check_not_sharded(model: nn.Module) -> None:
 
 
 def assign_owners(costs: dict[str, float], world_size: int) -> dict[str, int]:
-    """Greedy balanced assignment: layers by decreasing cost (ties by name), each to the
-    rank with the least total so far (ties to the lowest rank). Deterministic."""
+    """Greedy balanced assignment of layers to ``world_size`` bins (ranks, or the steps
+    of a staggered refresh cycle): layers by decreasing cost (ties by name), each to the
+    bin with the least total so far (ties to the lowest). Deterministic."""
     load = [0.0] * world_size
     owners: dict[str, int] = {}
     for name, cost in sorted(costs.items(), key=lambda item: (-item[1], item[0])):

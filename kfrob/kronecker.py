@@ -40,6 +40,7 @@ __all__ = [
     "factored_damping",
     "factored_inverses",
     "factored_powers",
+    "subspace_step",
 ]
 
 
@@ -143,21 +144,54 @@ def decompose(factor: Tensor, diagonal: bool = False) -> Side | None:
     return None
 
 
-def decompose_all(factors: list[Tensor]) -> list[Side | None]:
+def subspace_step(factor: Tensor, basis: Tensor) -> Side | None:
+    """One step of subspace (orthogonal) iteration for a symmetric PSD ``factor``
+    ``(k, n, n)`` from a previous orthonormal eigenbasis ``basis`` ``(k, n, n)`` whose
+    columns are ordered by ascending eigenvalue.
+
+    ``Q, _ = qr(M Q_prev)`` with the columns taken in descending order, so that the dominant
+    directions lead the orthogonalisation; the eigenvalues are the Rayleigh quotients
+    ``diag(Qᵀ M Q)``, sorted ascending with their columns and clipped at zero. Costs two
+    matrix products and a QR factorisation instead of an eigendecomposition; ``M ≈ Q diag(e)
+    Qᵀ`` is exact when ``Q_prev`` spans ``M``'s eigenvectors and improves with every step as
+    the factor drifts slowly. Returns ``None`` if anything is non-finite.
+    """
+    q, _ = torch.linalg.qr(factor @ basis.flip(-1))
+    eigenvalues = (q * (factor @ q)).sum(-2)
+    order = eigenvalues.argsort(dim=-1)
+    q = q.gather(-1, order[..., None, :].expand_as(q))
+    eigenvalues = eigenvalues.gather(-1, order)
+    if not bool(all_finite([eigenvalues, q])):
+        return None
+    return Side(q.contiguous(), eigenvalues.clamp(min=0))
+
+
+def decompose_all(
+    factors: list[Tensor], previous: list[Tensor | None] | None = None
+) -> list[Side | None]:
     """:func:`decompose` of many full factors ``(k_i, n_i, n_i)``, batched: one
     ``torch.linalg.eigh`` call for all factors of the same size, dtype and device.
 
-    If a batch fails even in float64, its factors are decomposed one by one, so that one
-    bad factor costs only its own decomposition (its entry is then ``None``)."""
-    groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    A factor with a ``previous`` eigenbasis (same shape) takes one :func:`subspace_step`
+    from it instead, batched the same way. If a batch fails (eigh even in float64, or a
+    subspace step), its factors are decomposed one by one with ``eigh``, so that one bad
+    factor costs only its own decomposition (its entry is then ``None``)."""
+    previous = [None] * len(factors) if previous is None else previous
+    groups: dict[tuple[int, torch.dtype, torch.device, bool], list[int]] = {}
     for i, factor in enumerate(factors):
-        groups.setdefault((factor.shape[-1], factor.dtype, factor.device), []).append(i)
+        key = (factor.shape[-1], factor.dtype, factor.device, previous[i] is not None)
+        groups.setdefault(key, []).append(i)
     sides: list[Side | None] = [None] * len(factors)
-    for members in groups.values():
-        if len(members) == 1:
-            sides[members[0]] = decompose(factors[members[0]])
+    for (*_, warm), members in groups.items():
+        factor = _stacked([factors[i] for i in members])
+        if warm:
+            bases = [previous[i] for i in members]
+            batch = subspace_step(factor, _stacked(bases))  # type: ignore[arg-type]
+        else:
+            batch = decompose(factor)
+        if len(members) == 1 and (batch is not None or not warm):
+            sides[members[0]] = batch
             continue
-        batch = decompose(torch.cat([factors[i] for i in members]))
         if batch is None:
             for i in members:
                 sides[i] = decompose(factors[i])
@@ -170,6 +204,11 @@ def decompose_all(factors: list[Tensor]) -> list[Side | None]:
             # differently for data at another alignment (and ranks must agree bit for bit)
             sides[i] = Side(basis.clone(), eigenvalues.clone())
     return sides
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """The tensors concatenated along the block dimension; a lone tensor is not copied."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def factored_damping(

@@ -21,6 +21,7 @@ from kfrob.preconditioner import (
     CODOMAINS,
     DAMPING_METHODS,
     DOMAINS,
+    EIGENBASIS_REFRESHES,
     FISHERS,
     INVERSE_PLACEMENTS,
     LOSS_REDUCTIONS,
@@ -83,6 +84,11 @@ class FrobPreconditionedSGD(Optimizer):
             ``results/levers.md`` for what it did to the time to target).
         factor_update_freq: steps between factor updates (``>= 1``).
         inverse_update_freq: steps between inverse refreshes (``>= 1``).
+        stagger_refreshes: refresh each layer every ``inverse_update_freq`` steps as usual,
+            but not all on the same step: the layers are spread over the steps of the cycle
+            so that each step decomposes about the same amount (greedy on ``blocks · n³``).
+            Same amortised cost, no refresh spikes; off by default (see
+            ``results/levers.md``).
         kl_clip: ``κ > 0`` bounding ``lr² ν² Σ ⟨g, Δ⟩``, or ``None`` for no clipping.
         domain: domain inner product: ``"covariance"`` (``A``), ``"diagonal"`` or
             ``"identity"``.
@@ -93,6 +99,10 @@ class FrobPreconditionedSGD(Optimizer):
             damped inverses, by Cholesky when ``p = 1``; two matrix products per layer and
             step) or ``"exact"`` (eigendecompositions; damps ``A ⊗ G`` exactly; four
             products per step).
+        eigenbasis_refresh: with ``damping_method="exact"``, ``"eigh"`` (default: a full
+            eigendecomposition at every refresh) or ``"subspace"`` (one step of subspace
+            iteration from the previous eigenbasis: two matrix products and a QR
+            factorisation; see ``results/levers.md``).
         fisher: ``"empirical"`` (training-loss gradients) or ``"mc"`` (labels drawn from
             the model; needs ``loss``). ``None`` (default) means ``"mc"`` when ``loss`` is
             given and ``"empirical"`` otherwise: the MC Fisher reached the target accuracy
@@ -138,7 +148,9 @@ class FrobPreconditionedSGD(Optimizer):
         codomain: str = "fisher",
         exponent: float = 1.0,
         damping_method: str = "factored",
+        eigenbasis_refresh: str = "eigh",
         factor_decay_warmup: bool = False,
+        stagger_refreshes: bool = False,
         fisher: str | None = None,
         loss: str | None = None,
         loss_reduction: str = "mean",
@@ -174,6 +186,7 @@ class FrobPreconditionedSGD(Optimizer):
         self.factor_decay_warmup = factor_decay_warmup
         self.factor_update_freq = factor_update_freq
         self.inverse_update_freq = inverse_update_freq
+        self.stagger_refreshes = stagger_refreshes
         self.kl_clip = kl_clip
         self.grad_scaler = grad_scaler
         self.preconditioner = KroneckerPreconditioner(
@@ -182,6 +195,7 @@ class FrobPreconditionedSGD(Optimizer):
             codomain=codomain,
             exponent=exponent,
             damping_method=damping_method,
+            eigenbasis_refresh=eigenbasis_refresh,
             fisher=fisher,
             loss=loss,
             loss_reduction=loss_reduction,
@@ -236,16 +250,22 @@ class FrobPreconditionedSGD(Optimizer):
         pre = self.preconditioner
         if self._inverses_after_load:  # from the loaded factors, on every rank alike
             self._inverses_after_load = False
-            self._refresh_inverses(only_missing=True)
+            self._refresh_inverses(set())
         if pre.capture.active:
             # a window with non-finite statistics is skipped whole: no step either
             finite = pre.update_factors(
                 self.factor_decay, self._loss_scale(), finite, self.factor_decay_warmup
             )
-        if self.steps % self.inverse_update_freq == 0:
+        period = self.inverse_update_freq
+        if self.stagger_refreshes:
+            slot = self.steps % period
+            due = {name for name, s in pre.refresh_slots(period).items() if s == slot}
+            if due or (pre.capture.active and pre.missing_inverses()):
+                self._refresh_inverses(due)
+        elif self.steps % period == 0:
             self._refresh_inverses()
         elif pre.capture.active and pre.missing_inverses():
-            self._refresh_inverses(only_missing=True)
+            self._refresh_inverses(set())
         return finite
 
     def _advance(self) -> None:
@@ -342,13 +362,14 @@ class FrobPreconditionedSGD(Optimizer):
                     d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
                 p.add_(_select(finite, d, 0.0), alpha=-lr)
 
-    def _refresh_inverses(self, only_missing: bool = False) -> None:
+    def _refresh_inverses(self, layers: set[str] | None = None) -> None:
+        """Refresh the named layers' inverses and any missing ones (``None``: all)."""
         group_of = self._group_of()
         damping = {
             name: float(group_of[layer.module.weight]["damping"])  # type: ignore[index]
             for name, layer in self.preconditioner.layers.items()
         }
-        if self.preconditioner.update_inverses(damping, only_missing=only_missing):
+        if self.preconditioner.update_inverses(damping, layers):
             self.refreshes += 1
         if not self._warned_nonfinite and int(self._nonfinite_steps) > 0:
             self._warned_nonfinite = True
@@ -467,7 +488,14 @@ def _check_hyperparameters(args: dict[str, Any]) -> None:
     choice("codomain", CODOMAINS)
     require("exponent", number("exponent") and args["exponent"] > 0, "a finite number > 0")
     choice("damping_method", DAMPING_METHODS)
+    choice("eigenbasis_refresh", EIGENBASIS_REFRESHES)
+    require(
+        "eigenbasis_refresh",
+        args["eigenbasis_refresh"] == "eigh" or args["damping_method"] == "exact",
+        "'eigh' unless damping_method='exact' (only exact damping keeps eigenbases)",
+    )
     require("factor_decay_warmup", isinstance(args["factor_decay_warmup"], bool), "a bool")
+    require("stagger_refreshes", isinstance(args["stagger_refreshes"], bool), "a bool")
     fisher_ok = args["fisher"] is None or args["fisher"] in FISHERS
     require("fisher", fisher_ok, f"None or one of {FISHERS}")
     choice("loss_reduction", LOSS_REDUCTIONS)

@@ -11,7 +11,7 @@ It holds no optimizer bookkeeping (learning rates, momentum, step control): see
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "CODOMAINS",
     "DAMPING_METHODS",
     "DOMAINS",
+    "EIGENBASIS_REFRESHES",
     "FISHERS",
     "INVERSE_PLACEMENTS",
     "LOSS_REDUCTIONS",
@@ -50,6 +51,7 @@ __all__ = [
 DOMAINS = ("covariance", "diagonal", "identity")
 CODOMAINS = ("fisher", "diagonal", "identity")
 DAMPING_METHODS = ("exact", "factored")
+EIGENBASIS_REFRESHES = ("eigh", "subspace")
 FISHERS = ("empirical", "mc")
 LOSS_REDUCTIONS = ("mean", "sum")
 INVERSE_PLACEMENTS = ("replicated", "owner")
@@ -75,6 +77,10 @@ class KroneckerPreconditioner:
         exponent: ``p`` in ``(A ⊗ G + λI)^{-p}``: 1 for K-FAC, ½ for an inverse root.
         damping_method: ``"exact"`` (eigenbases, damps the Kronecker product) or
             ``"factored"`` (π-damping of each factor; Cholesky inverses when ``p = 1``).
+        eigenbasis_refresh: how eigenbasis inverses (exact damping) are refreshed:
+            ``"eigh"`` (a full eigendecomposition) or ``"subspace"`` (one step of subspace
+            iteration from the previous basis, :func:`~kfrob.kronecker.subspace_step`; the
+            first refresh of a layer is a full decomposition).
         fisher: ``"empirical"`` (gradients of the training loss) or ``"mc"`` (gradients of a
             loss with labels drawn from the model; needs ``loss``).
         loss: the training loss kind for ``fisher="mc"``: ``"cross_entropy"`` or ``"mse"``.
@@ -98,6 +104,7 @@ class KroneckerPreconditioner:
         codomain: str = "fisher",
         exponent: float = 1.0,
         damping_method: str = "factored",
+        eigenbasis_refresh: str = "eigh",
         fisher: str = "empirical",
         loss: str | None = None,
         loss_reduction: str = "mean",
@@ -108,10 +115,12 @@ class KroneckerPreconditioner:
         self.communicator = communicator
         self.inverse_placement = inverse_placement
         self._owners: dict[str, int] | None = None
+        self._slots: dict[int, dict[str, int]] = {}
         self.domain = domain
         self.codomain = codomain
         self.exponent = exponent
         self.damping_method = damping_method
+        self.eigenbasis_refresh = eigenbasis_refresh
         self.fisher = fisher
         self.loss_reduction = loss_reduction
         self.layers: dict[str, TrackedLayer] = {}
@@ -384,13 +393,16 @@ class KroneckerPreconditioner:
             for layer in self.active_layers()
         )
 
-    def update_inverses(self, damping: dict[str, float], only_missing: bool = False) -> int:
+    def update_inverses(
+        self, damping: dict[str, float], layers: Collection[str] | None = None
+    ) -> int:
         """Recompute each active layer's damped inverse from its current factors.
 
         ``damping`` maps layer names to ``λ``. A layer whose hooks never fired although its
         weight has a gradient falls back to plain SGD with a warning. A decomposition that
         fails even in float64 keeps the layer's last good inverse (warned once per layer).
-        ``only_missing`` refreshes only layers that have no inverse yet. With a
+        ``layers`` restricts the refresh to the named layers and those that have no inverse
+        yet (an empty set: only the missing ones); ``None`` refreshes all. With a
         communicator each layer is decomposed on its owner only (:meth:`owners`) and the
         results are shared as ``inverse_placement`` says. Returns how many layers were
         due (decomposed, or tried).
@@ -398,7 +410,9 @@ class KroneckerPreconditioner:
         fired = self._fired_anywhere()
         due: list[TrackedLayer] = []
         for name, layer in self.layers.items():
-            if name in self.disabled or (only_missing and name in self.inverses):
+            if name in self.disabled or (
+                layers is not None and name not in layers and name in self.inverses
+            ):
                 continue
             weight, bias = layer.module.weight, layer.module.bias  # type: ignore[union-attr]
             if not weight.requires_grad:  # frozen: nothing to precondition, nothing to refresh
@@ -442,17 +456,29 @@ class KroneckerPreconditioner:
         ``Σ_sides blocks · n³`` (see :func:`kfrob.distributed.assign_owners`)."""
         assert self.communicator is not None
         if self._owners is None:
-            costs = {
-                name: float(
-                    sum(
-                        f.value.shape[0] * f.value.shape[-1] ** (2 if f.diagonal else 3)
-                        for f in layer.factors
-                    )
-                )
-                for name, layer in self.layers.items()
-            }
-            self._owners = assign_owners(costs, self.communicator.world_size)
+            self._owners = assign_owners(self._refresh_costs(), self.communicator.world_size)
         return self._owners
+
+    def refresh_slots(self, count: int) -> dict[str, int]:
+        """For staggered refreshes: which of ``count`` consecutive steps refreshes each
+        layer, balancing the estimated cost ``Σ_sides blocks · n³`` over the steps with the
+        same greedy rule as :meth:`owners`. Deterministic, so every rank agrees."""
+        if count not in self._slots:
+            self._slots[count] = assign_owners(self._refresh_costs(), count)
+        return self._slots[count]
+
+    def _refresh_costs(self) -> dict[str, float]:
+        """Each layer's estimated decomposition cost, ``Σ_sides blocks · n³`` (``n²`` for a
+        diagonal side)."""
+        return {
+            name: float(
+                sum(
+                    f.value.shape[0] * f.value.shape[-1] ** (2 if f.diagonal else 3)
+                    for f in layer.factors
+                )
+            )
+            for name, layer in self.layers.items()
+        }
 
     def _owned_inverses(
         self, due: list[TrackedLayer], damping: dict[str, float], communicator: Communicator
@@ -508,13 +534,14 @@ class KroneckerPreconditioner:
         costs two matrix products per layer instead of four."""
         factored = self.damping_method == "factored"
         full = [  # in the order _side takes them: co-domain first
-            f.value
+            (layer.name, side, f.value)
             for layer in layers
             if not self._by_cholesky(layer)
-            for f in (layer.codomain, layer.domain)
+            for side, f in (("codomain", layer.codomain), ("domain", layer.domain))
             if f is not None and not f.diagonal
         ]
-        decomposed = iter(decompose_all(full))
+        previous = [self._previous_basis(name, side, value) for name, side, value in full]
+        decomposed = iter(decompose_all([value for *_, value in full], previous))
         out: dict[str, Inverse | None] = {}
         for layer in layers:
             lam = damping[layer.name]
@@ -541,6 +568,16 @@ class KroneckerPreconditioner:
                 scaling = eigen_scaling(sides[0], sides[1], lam, self.exponent, self.damping_method)
                 out[layer.name] = EigenInverse(sides[0], sides[1], scaling)
         return out
+
+    def _previous_basis(self, name: str, side: str, factor: Tensor) -> Tensor | None:
+        """With ``eigenbasis_refresh="subspace"``, the eigenbasis of the layer's current
+        inverse on that side (the start of a subspace step), if it has one of the factor's
+        shape; else ``None`` (a full decomposition)."""
+        inverse = self.inverses.get(name)
+        if self.eigenbasis_refresh != "subspace" or not isinstance(inverse, EigenInverse):
+            return None
+        basis = getattr(inverse, side).basis
+        return basis if basis is not None and basis.shape == factor.shape else None
 
     def _by_cholesky(self, layer: TrackedLayer) -> bool:
         """Whether the layer's inverse is computed by Cholesky: factored damping with

@@ -173,9 +173,9 @@ def test_inverse_update_freq_reuses_inverses(monkeypatch: pytest.MonkeyPatch) ->
     calls = []
     real = kfrob.preconditioner.decompose_all
 
-    def counting(factors: list[Tensor]):  # type: ignore[no-untyped-def]
+    def counting(factors: list[Tensor], previous=None):  # type: ignore[no-untyped-def]
         calls.extend(f.shape for f in factors)
-        return real(factors)
+        return real(factors, previous)
 
     monkeypatch.setattr(kfrob.preconditioner, "decompose_all", counting)
     model = small_model()
