@@ -75,6 +75,12 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
     "kfrob-5/50": (kfrob_factory(factor_update_freq=5, inverse_update_freq=50), KL_GRID, KL_GRID),
     "kfrob-warmup": (kfrob_factory(factor_decay_warmup=True), KL_GRID, KL_GRID),
     "kfrob-empirical": (kfrob_factory(fisher="empirical"), KL_GRID, KL_GRID),
+    "kfrob-stagger": (kfrob_factory(stagger_refreshes=True), KL_GRID, KL_GRID),
+    "kfrob-subspace": (
+        kfrob_factory(damping_method="exact", eigenbasis_refresh="subspace"),
+        KL_GRID,
+        KL_GRID,
+    ),
     "sgd": (
         lambda m, hp, w, s: torch.optim.SGD(m.parameters(), momentum=0.9, **hp),
         lrs(0.01, 0.03, 0.1),

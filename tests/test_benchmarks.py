@@ -37,6 +37,22 @@ def test_bench_step_reports_ratios_and_a_breakdown(tmp_path: Path, method: str) 
     assert abs(sum(shares) - 100) <= len(shares)  # the breakdown covers the step
 
 
+def test_bench_refresh_reports_refresh_ratios_and_step_spread(tmp_path: Path) -> None:
+    run(
+        "bench_refresh.py",
+        *("--workloads", "mlp", "--freqs", "1/2", "--warm", "2"),
+        *("--rounds", "1", "--cycles", "1"),
+        out=tmp_path,
+    )
+    report = (tmp_path / "refresh.md").read_text()
+    refresh, spread = (line for line in report.splitlines() if line.startswith("| mlp"))
+    assert len(refresh.strip("|").split("|")) == 5  # bare eigh ms and three refreshes
+    assert all(float(c) > 0 for c in refresh.strip("|").split("|")[1:])
+    cells = [float(c) for c in spread.strip("|").split("|")[2:]]
+    assert len(cells) == 6 and all(c > 0 for c in cells)
+    assert cells[0] <= cells[2] and cells[3] <= cells[5]  # median <= slowest
+
+
 def test_bench_memory_reports_state_and_peaks(tmp_path: Path) -> None:
     run("bench_memory.py", "--workloads", "mlp", "--steps", "2", out=tmp_path)
     report = (tmp_path / "memory.md").read_text()
