@@ -14,7 +14,20 @@ A :class:`LayerMath` therefore only needs to know how to *unfold* its input into
 ``(samples, channels, locations)``; everything else (rows, factors, gradient matrices) is
 shared. ``nn.Linear`` treats every leading index of its ``(..., d_in)`` input as a sample and
 has a single location; ``nn.Conv1d``/``nn.Conv2d`` have ``B`` samples and one location per
-output position (the "expand" treatment of weight sharing).
+output position.
+
+A convolution shares its weight over locations, and there are two ways to turn that into
+factor rows (Eschenhagen et al. 2023, "Kronecker-factored approximate curvature for modern
+neural network architectures"):
+
+* ``"expand"`` (the default): every (sample, location) is a row, ``A = mean_{n,l} a aᵀ`` and
+  ``G = mean_n Σ_l g gᵀ``, i.e. locations are treated like extra samples;
+* ``"reduce"``: one row per sample, the mean patch ``â_n = mean_l a_{n,l}`` and the summed
+  output gradient ``ĝ_n = Σ_l g_{n,l}``, so ``A = mean_n â âᵀ`` and ``G = mean_n ĝ ĝᵀ``. This
+  is exact for a sample whose patches are all equal (its gradient is then ``ĝ âᵀ``) and costs
+  ``locations`` times less to accumulate.
+
+Both coincide for ``nn.Linear`` (one location).
 """
 
 from __future__ import annotations
@@ -26,7 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConvMath", "LayerMath", "LinearMath", "layer_math", "unsupported_reason"]
+__all__ = [
+    "WEIGHT_SHARING",
+    "ConvMath",
+    "LayerMath",
+    "LinearMath",
+    "layer_math",
+    "unsupported_reason",
+]
+
+WEIGHT_SHARING = ("expand", "reduce")
 
 
 class LayerMath:
@@ -38,9 +60,10 @@ class LayerMath:
     ``G`` is ``(k, out, out)``; a gradient matrix is ``(k, out, in)``.
     """
 
-    def __init__(self, module: nn.Module, blocks: int = 1) -> None:
+    def __init__(self, module: nn.Module, blocks: int = 1, weight_sharing: str = "expand") -> None:
         self.module = module
         self.blocks = blocks
+        self.weight_sharing = weight_sharing
         bias = getattr(module, "bias", None)
         # a frozen bias is a constant shift: the weight's curvature then has no bias column
         self.has_bias = bias is not None and bias.requires_grad
@@ -65,15 +88,23 @@ class LayerMath:
         return t.reshape(self.blocks, samples * locations, -1).float()
 
     def input_rows(self, x: Tensor) -> Tensor:
-        """Domain rows ``a`` of shape ``(blocks, rows, in)``, bias column of ones last."""
-        rows = self._rows(self.unfold_input(x))
+        """Domain rows ``a`` of shape ``(blocks, rows, in)``, bias column of ones last
+        (``"reduce"``: one row per sample, the mean over locations)."""
+        patches = self.unfold_input(x)
+        if self.weight_sharing == "reduce":
+            patches = patches.mean(-1, keepdim=True)
+        rows = self._rows(patches)
         if self.has_bias:
             rows = F.pad(rows, (0, 1), value=1.0)
         return rows
 
     def output_rows(self, grad_output: Tensor) -> Tensor:
-        """Co-domain rows ``g`` of shape ``(blocks, rows, out)`` from ``dL/dy``."""
-        return self._rows(self.flatten_output(grad_output))
+        """Co-domain rows ``g`` of shape ``(blocks, rows, out)`` from ``dL/dy``
+        (``"reduce"``: one row per sample, the sum over locations)."""
+        grads = self.flatten_output(grad_output)
+        if self.weight_sharing == "reduce":
+            grads = grads.sum(-1, keepdim=True)
+        return self._rows(grads)
 
     def num_samples(self, t: Tensor) -> int:
         """Number of samples in an input or output tensor (what the loss averages over)."""
@@ -110,8 +141,8 @@ class ConvMath(LayerMath):
     """``nn.Conv1d``/``nn.Conv2d`` with any stride, padding (``'same'``, ``'valid'``, padding
     modes), dilation and groups; one block per group, one row per output location."""
 
-    def __init__(self, module: nn.Conv1d | nn.Conv2d) -> None:
-        super().__init__(module, blocks=module.groups)
+    def __init__(self, module: nn.Conv1d | nn.Conv2d, weight_sharing: str = "expand") -> None:
+        super().__init__(module, blocks=module.groups, weight_sharing=weight_sharing)
         self.spatial_dims = len(module.kernel_size)
         self._pad = _explicit_padding(module)
         self._pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -164,10 +195,11 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return f"{type(module).__name__} has no Kronecker-factored curvature in kfrob"
 
 
-def layer_math(module: nn.Module) -> LayerMath | None:
-    """The :class:`LayerMath` for a supported module, else ``None``."""
+def layer_math(module: nn.Module, weight_sharing: str = "expand") -> LayerMath | None:
+    """The :class:`LayerMath` for a supported module, else ``None``; ``weight_sharing``
+    (``"expand"`` or ``"reduce"``) applies to convolutions."""
     if isinstance(module, nn.Linear):
         return LinearMath(module)
     if isinstance(module, nn.Conv1d | nn.Conv2d):
-        return ConvMath(module)
+        return ConvMath(module, weight_sharing)
     return None

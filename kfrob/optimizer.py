@@ -16,6 +16,7 @@ from kfrob.capture import TrackedLayer
 from kfrob.distributed import check_not_sharded, default_communicator, unwrap
 from kfrob.finite import all_finite
 from kfrob.fisher import SAMPLED_LOSSES
+from kfrob.layers import WEIGHT_SHARING
 from kfrob.norms import frobenius_inner
 from kfrob.preconditioner import (
     CODOMAINS,
@@ -103,6 +104,11 @@ class FrobPreconditionedSGD(Optimizer):
             eigendecomposition at every refresh) or ``"subspace"`` (one step of subspace
             iteration from the previous eigenbasis: two matrix products and a QR
             factorisation; see ``results/levers.md``).
+        weight_sharing: how a convolution's output locations enter its factors:
+            ``"expand"`` (default: each location is a row of ``A`` and a term of ``G``) or
+            ``"reduce"`` (per sample, the mean input patch and the summed output gradient:
+            K-FAC-reduce, ``locations`` times cheaper to accumulate; see
+            :mod:`kfrob.layers` and ``results/levers.md``).
         fisher: ``"empirical"`` (training-loss gradients) or ``"mc"`` (labels drawn from
             the model; needs ``loss``). ``None`` (default) means ``"mc"`` when ``loss`` is
             given and ``"empirical"`` otherwise: the MC Fisher reached the target accuracy
@@ -149,6 +155,7 @@ class FrobPreconditionedSGD(Optimizer):
         exponent: float = 1.0,
         damping_method: str = "factored",
         eigenbasis_refresh: str = "eigh",
+        weight_sharing: str = "expand",
         factor_decay_warmup: bool = False,
         stagger_refreshes: bool = False,
         fisher: str | None = None,
@@ -196,6 +203,7 @@ class FrobPreconditionedSGD(Optimizer):
             exponent=exponent,
             damping_method=damping_method,
             eigenbasis_refresh=eigenbasis_refresh,
+            weight_sharing=weight_sharing,
             fisher=fisher,
             loss=loss,
             loss_reduction=loss_reduction,
@@ -489,6 +497,7 @@ def _check_hyperparameters(args: dict[str, Any]) -> None:
     require("exponent", number("exponent") and args["exponent"] > 0, "a finite number > 0")
     choice("damping_method", DAMPING_METHODS)
     choice("eigenbasis_refresh", EIGENBASIS_REFRESHES)
+    choice("weight_sharing", WEIGHT_SHARING)
     require(
         "eigenbasis_refresh",
         args["eigenbasis_refresh"] == "eigh" or args["damping_method"] == "exact",

@@ -81,6 +81,9 @@ class KroneckerPreconditioner:
             ``"eigh"`` (a full eigendecomposition) or ``"subspace"`` (one step of subspace
             iteration from the previous basis, :func:`~kfrob.kronecker.subspace_step`; the
             first refresh of a layer is a full decomposition).
+        weight_sharing: how a convolution's locations enter its factors: ``"expand"`` (as
+            extra rows) or ``"reduce"`` (averaged/summed per sample); see
+            :mod:`kfrob.layers`.
         fisher: ``"empirical"`` (gradients of the training loss) or ``"mc"`` (gradients of a
             loss with labels drawn from the model; needs ``loss``).
         loss: the training loss kind for ``fisher="mc"``: ``"cross_entropy"`` or ``"mse"``.
@@ -105,6 +108,7 @@ class KroneckerPreconditioner:
         exponent: float = 1.0,
         damping_method: str = "factored",
         eigenbasis_refresh: str = "eigh",
+        weight_sharing: str = "expand",
         fisher: str = "empirical",
         loss: str | None = None,
         loss_reduction: str = "mean",
@@ -121,6 +125,7 @@ class KroneckerPreconditioner:
         self.exponent = exponent
         self.damping_method = damping_method
         self.eigenbasis_refresh = eigenbasis_refresh
+        self.weight_sharing = weight_sharing
         self.fisher = fisher
         self.loss_reduction = loss_reduction
         self.layers: dict[str, TrackedLayer] = {}
@@ -147,7 +152,7 @@ class KroneckerPreconditioner:
         for name, module in modules:
             if not list(module.parameters(recurse=False)):
                 continue
-            math = layer_math(module)
+            math = layer_math(module, self.weight_sharing)
             shared = sorted(
                 {other for p in module.parameters(recurse=False) for other in owners[id(p)]}
                 - {name}

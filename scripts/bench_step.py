@@ -159,6 +159,7 @@ def bench(
                 factor_update_freq=factor_freq,
                 inverse_update_freq=inverse_freq,
                 damping_method=method,
+                weight_sharing=args.weight_sharing,
                 loss=WORKLOADS[workload].kfrob_loss,  # the Monte Carlo Fisher, as in training
             ),
         }
@@ -212,6 +213,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="128,512")
     parser.add_argument("--freqs", default="1/10,10/100")
     parser.add_argument("--damping-methods", default="factored,exact")
+    parser.add_argument("--weight-sharing", default="expand", help="expand or reduce (convs)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="minimum steps per timed cycle")
     parser.add_argument("--out", default="results")
@@ -236,7 +238,7 @@ def main() -> None:
         "# Step overhead of kfrob",
         "",
         f"{provenance()} Medians over {args.rounds} round-robin rounds; kfrob's time is "
-        "amortised over whole refresh cycles.",
+        f"amortised over whole refresh cycles. Weight sharing: {args.weight_sharing}.",
         "",
         "| workload | batch | factor/inverse freq | damping | SGD ms | AdamW ms | kfrob ms | "
         "kfrob/SGD | kfrob/AdamW | kfrob/limit | refresh/eigh | capture | factors | refresh | "

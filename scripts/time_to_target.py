@@ -76,6 +76,7 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
     "kfrob-warmup": (kfrob_factory(factor_decay_warmup=True), KL_GRID, KL_GRID),
     "kfrob-empirical": (kfrob_factory(fisher="empirical"), KL_GRID, KL_GRID),
     "kfrob-stagger": (kfrob_factory(stagger_refreshes=True), KL_GRID, KL_GRID),
+    "kfrob-reduce": (kfrob_factory(weight_sharing="reduce"), KL_GRID, KL_GRID),
     "kfrob-subspace": (
         kfrob_factory(damping_method="exact", eigenbasis_refresh="subspace"),
         KL_GRID,

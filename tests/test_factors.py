@@ -22,10 +22,10 @@ def ce_term(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def captured_factors(
-    model: nn.Module, x: Tensor, targets: Tensor, reduction: str
+    model: nn.Module, x: Tensor, targets: Tensor, reduction: str, **options: object
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Factors after one step: the first update sets the running average to the batch's."""
-    opt = FrobPreconditionedSGD(model, lr=0.0, loss_reduction=reduction)
+    opt = FrobPreconditionedSGD(model, lr=0.0, loss_reduction=reduction, **options)  # type: ignore[arg-type]
     out = model(x)
     loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1), reduction=reduction)
     loss.backward()
@@ -68,21 +68,32 @@ CONVS = {
 }
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("name", list(CONVS))
-def test_conv_factors(name: str, reduction: str) -> None:
+def conv_case(name: str) -> tuple[nn.Module, nn.Module, Tensor, Tensor, Tensor]:
+    """The convolution, a head on it, an input batch of 5, the conv's output and targets."""
     torch.manual_seed(0)
     conv = CONVS[name]()
     spatial = (9,) if isinstance(conv, nn.Conv1d) else (7, 6)
     x = torch.randn(5, conv.in_channels, *spatial)
     y = conv(x).detach()
     head = nn.Sequential(nn.Tanh(), nn.Flatten(), nn.Linear(y[0].numel(), 3))
-    model = nn.Sequential(conv, head)
-    targets = torch.randint(0, 3, (5,))
+    return conv, head, x, y, torch.randint(0, 3, (5,))
 
-    a, g = captured_factors(model, x, targets, reduction)["0"]
-    if conv.groups == 1:
+
+def conv_factors(
+    name: str, reduction: str, **options: object
+) -> tuple[nn.Module, nn.Module, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`conv_case` and the conv's captured ``A``, ``G`` as ``(groups, ·, ·)``."""
+    conv, head, x, y, targets = conv_case(name)
+    a, g = captured_factors(nn.Sequential(conv, head), x, targets, reduction, **options)["0"]
+    if conv.groups == 1:  # type: ignore[operator]
         a, g = a.unsqueeze(0), g.unsqueeze(0)
+    return conv, head, x, y, targets, a, g
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_factors(name: str, reduction: str) -> None:
+    conv, head, x, y, targets, a, g = conv_factors(name, reduction)
 
     grads = per_sample_output_grads(head, ce_term, y, targets)
     torch.testing.assert_close(a.double(), domain_factor_conv(conv, x), rtol=1e-5, atol=1e-6)
