@@ -247,6 +247,55 @@ def test_sum_over_locations_is_not_kfac_expand() -> None:
     assert (s - expand).abs().max() > 1e-2 * s.max()
 
 
+class Twice(nn.Module):
+    """One ``nn.Linear`` called twice per forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def test_a_module_called_twice_squares_each_calls_gradient() -> None:
+    """The documented convention for repeated calls: each call's per-sample gradient is
+    squared on its own (as ``G`` treats calls like locations), over the true samples."""
+    model = Twice()
+    reference = copy.deepcopy(model)
+    opt = ekfac(model, factor_decay=0.0, inverse_update_freq=100)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x, y = torch.randn(N, 4, generator=gen), torch.randint(0, 3, (N,), generator=gen)
+        train_step(model, opt, (x, y), "mean")
+    params = {k: v.detach().double() for k, v in reference.named_parameters()}
+
+    def own_loss(w: tuple[Tensor, Tensor], x_n: Tensor, t_n: Tensor) -> Tensor:
+        (w1, b1), (w2, b2) = w[0], w[1]
+        hidden = torch.tanh(F.linear(torch.tanh(F.linear(x_n, w1, b1)), w2, b2))
+        out = F.linear(hidden, params["head.weight"], params["head.bias"])
+        return F.cross_entropy(out.unsqueeze(0), t_n.unsqueeze(0))
+
+    pair = (params["shared.weight"], params["shared.bias"])
+    grads = vmap(grad(own_loss), in_dims=(None, 0, 0))((pair, pair), x.double(), y)
+    correction = opt.preconditioner.layers["shared"].correction
+    assert correction is not None and correction.codomain_basis is not None
+    assert correction.domain_basis is not None
+    s_want = sum(
+        moment(
+            torch.cat([w.detach(), b.detach().unsqueeze(-1)], -1),
+            correction.codomain_basis[0],
+            correction.domain_basis[0],
+        )
+        for w, b in grads
+    )
+    assert isinstance(s_want, Tensor)
+    s = correction.value[0].double()
+    torch.testing.assert_close(s, s_want, rtol=1e-4, atol=1e-6 * float(s_want.max()))
+
+
 def test_grad_scaler_scale_does_not_leak_into_the_moment() -> None:
     plain, scaled = make_model("linear"), make_model("linear")
     opt_plain = ekfac(plain, inverse_update_freq=100)
