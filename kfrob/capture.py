@@ -2,7 +2,10 @@
 
 A forward hook on each preconditioned layer adds the domain rows ``a`` of its input at once
 (no input tensor is kept) and, for the empirical Fisher, puts a hook on the layer's output
-tensor that adds the co-domain rows ``g`` when autograd reaches it. Nothing is recorded
+tensor that adds the co-domain rows ``g`` when autograd reaches it. With the eigenvalue
+correction (:mod:`kfrob.correction`) a layer that has eigenbases also keeps its input rows,
+projected onto the domain eigenbasis, until the output gradient of the *same* call arrives,
+and adds the pair to its ``S``. Nothing is recorded
 unless :attr:`CurvatureCapture.active` is set (the optimizer sets it on factor-update steps),
 the layer is in training mode and gradients are enabled.
 
@@ -10,7 +13,7 @@ For the Monte Carlo Fisher (``fisher="mc"``) the layers' outputs are kept until 
 forward pass ends; a forward hook on the model then draws labels from the model's predictive
 distribution and adds the rows ``g`` of ``torch.autograd.grad`` of the sampled loss with
 respect to those outputs (``retain_graph=True``), leaving ``.grad`` and the training backward
-untouched.
+untouched; each kept output travels with its call's projected input rows.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from kfrob.correction import EigenbasisMoment
 from kfrob.factors import RunningFactor
 from kfrob.layers import LayerMath
 
@@ -35,15 +39,18 @@ __all__ = ["CurvatureCapture", "TrackedLayer"]
 @dataclass(eq=False)
 class TrackedLayer:
     """A preconditioned layer: its math, its two running factors (``None`` for a side whose
-    metric is the identity), and what its hooks have seen."""
+    metric is the identity), its eigenvalue correction (``None`` when off), and what its
+    hooks have seen: for the MC Fisher, each output of this forward pass with its call's
+    projected input rows (``None`` unless the correction records)."""
 
     name: str
     module: nn.Module
     math: LayerMath
     domain: RunningFactor | None
     codomain: RunningFactor | None
+    correction: EigenbasisMoment | None = None
     forward_calls: int = 0
-    outputs: list[Tensor] = field(default_factory=list)
+    outputs: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)
 
     @property
     def factors(self) -> tuple[RunningFactor, ...]:
@@ -99,23 +106,30 @@ class CurvatureCapture:
         layer.forward_calls += 1
         if not self._recording(module) or not module.weight.requires_grad:
             return
+        projected = None  # this call's input rows for the eigenvalue correction
         if layer.domain is not None:
             x = args[0] if args else next(iter(kwargs.values()))
-            layer.domain.add(layer.math.input_rows(x.detach()), layer.math.num_samples(x))
+            rows = layer.math.input_rows(x.detach())
+            layer.domain.add(rows, layer.math.num_samples(x))
+            if layer.correction is not None and layer.correction.ready:
+                projected = layer.correction.project_inputs(rows)
         if layer.codomain is None or not isinstance(output, Tensor) or not output.requires_grad:
             return
         if self._sampled_loss is not None:
-            layer.outputs.append(output)
+            layer.outputs.append((output, projected))
         else:
-            output.register_hook(partial(self._on_output_grad, layer))
+            output.register_hook(partial(self._on_output_grad, layer, projected))
 
     @staticmethod
-    def _on_output_grad(layer: TrackedLayer, grad: Tensor) -> None:
+    def _on_output_grad(layer: TrackedLayer, projected: Tensor | None, grad: Tensor) -> None:
         assert layer.codomain is not None
-        layer.codomain.add(layer.math.output_rows(grad), layer.math.num_samples(grad))
+        rows, samples = layer.math.output_rows(grad), layer.math.num_samples(grad)
+        layer.codomain.add(rows, samples)
+        if projected is not None and layer.correction is not None:
+            layer.correction.add_pair(projected, rows, samples)
 
     def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        recorded = [(layer, out) for layer in self.layers for out in layer.outputs]
+        recorded = [(layer, pair) for layer in self.layers for pair in layer.outputs]
         for layer in self.layers:
             layer.outputs = []
         if not recorded or self._sampled_loss is None:
@@ -131,11 +145,11 @@ class CurvatureCapture:
             return
         loss = self._sampled_loss(output, self._generator)
         grads = torch.autograd.grad(
-            loss, [out for _, out in recorded], retain_graph=True, allow_unused=True
+            loss, [out for _, (out, _) in recorded], retain_graph=True, allow_unused=True
         )
-        for (layer, _), grad in zip(recorded, grads, strict=True):
+        for (layer, (_, projected)), grad in zip(recorded, grads, strict=True):
             if grad is not None:
-                self._on_output_grad(layer, grad)
+                self._on_output_grad(layer, projected, grad)
 
     def new_window(self) -> None:
         """Start counting the model's forward passes afresh (after a fold or discard)."""

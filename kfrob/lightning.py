@@ -78,6 +78,7 @@ class FrobPreconditioner(pl.Callback):
         loss: str | None = None,
         loss_reduction: str = "mean",
         inverse_placement: str = "replicated",
+        eigenvalue_correction: bool = False,
         log_diagnostics: bool = True,
     ) -> None:
         self.options: dict[str, Any] = {
@@ -98,6 +99,7 @@ class FrobPreconditioner(pl.Callback):
             "loss": loss,
             "loss_reduction": loss_reduction,
             "inverse_placement": inverse_placement,
+            "eigenvalue_correction": eigenvalue_correction,
         }
         self.log_diagnostics = log_diagnostics
         self.engine: FrobPreconditionedSGD | None = None

@@ -27,6 +27,7 @@ from kfrob.preconditioner import (
     INVERSE_PLACEMENTS,
     LOSS_REDUCTIONS,
     KroneckerPreconditioner,
+    correction_conflict,
 )
 
 __all__ = ["FrobPreconditionedSGD", "LayerStep"]
@@ -130,6 +131,12 @@ class FrobPreconditionedSGD(Optimizer):
             refreshes) or ``"owner"`` (a layer's inverse stays on the rank that decomposed
             it, which preconditions that layer and broadcasts the result every step: less
             memory, more traffic). See ``docs/distributed.md``.
+        eigenvalue_correction: EKFAC (George et al. 2018; :mod:`kfrob.correction`): keep
+            the eigenbases of the last refresh but scale by ``(S + λ)^{-p}``, ``S`` the
+            running second moment of per-sample gradients in those bases (updated on
+            factor-update steps, restarted from ``e_G e_Aᵀ`` at each refresh). Off by
+            default; needs ``damping_method="exact"``, ``domain="covariance"``,
+            ``codomain="fisher"`` and a single process.
 
     Under data parallelism every rank must call :meth:`step` (and :meth:`diagnostics`)
     together: factor statistics are averaged over ranks before they are folded, and each
@@ -165,6 +172,7 @@ class FrobPreconditionedSGD(Optimizer):
         generator: torch.Generator | None = None,
         process_group: Any = None,
         inverse_placement: str = "replicated",
+        eigenvalue_correction: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -210,6 +218,7 @@ class FrobPreconditionedSGD(Optimizer):
             generator=generator,
             communicator=default_communicator(process_group),
             inverse_placement=inverse_placement,
+            eigenvalue_correction=eigenvalue_correction,
         )
         if wrapper is not model and self.preconditioner.communicator is not None:
             self.preconditioner.send_early_after(wrapper)
@@ -509,6 +518,10 @@ def _check_hyperparameters(args: dict[str, Any]) -> None:
     require("fisher", fisher_ok, f"None or one of {FISHERS}")
     choice("loss_reduction", LOSS_REDUCTIONS)
     choice("inverse_placement", INVERSE_PLACEMENTS)
+    require("eigenvalue_correction", isinstance(args["eigenvalue_correction"], bool), "a bool")
+    if args["eigenvalue_correction"]:
+        conflict = correction_conflict(args["damping_method"], args["domain"], args["codomain"])
+        require("eigenvalue_correction", conflict is None, str(conflict))
     losses = tuple(SAMPLED_LOSSES)
     if args["fisher"] == "mc" or args["loss"] is not None:
         choice("loss", losses)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from kfrob.capture import CurvatureCapture, TrackedLayer, weak_callable
+from kfrob.correction import EigenbasisMoment
 from kfrob.distributed import Communicator, PendingAverage, assign_owners
 from kfrob.factors import RunningFactor
 from kfrob.finite import all_finite
@@ -46,6 +47,7 @@ __all__ = [
     "LOSS_REDUCTIONS",
     "KroneckerPreconditioner",
     "RemoteInverse",
+    "correction_conflict",
 ]
 
 DOMAINS = ("covariance", "diagonal", "identity")
@@ -97,6 +99,12 @@ class KroneckerPreconditioner:
             refreshes) or ``"owner"`` (a layer's inverse stays on its owner, which
             preconditions that layer and broadcasts the result every step; less memory,
             more traffic).
+        eigenvalue_correction: EKFAC (:mod:`kfrob.correction`): scale by ``(S + λ)^{-p}``
+            with ``S`` the running second moment of per-sample gradients in the eigenbases
+            of the last refresh, instead of ``(e_G e_Aᵀ + λ)^{-p}``. Needs
+            ``damping_method="exact"``, ``domain="covariance"`` and ``codomain="fisher"``,
+            and no communicator (``S`` is not averaged over ranks); ``ValueError``
+            otherwise.
     """
 
     def __init__(
@@ -115,7 +123,13 @@ class KroneckerPreconditioner:
         generator: torch.Generator | None = None,
         communicator: Communicator | None = None,
         inverse_placement: str = "replicated",
+        eigenvalue_correction: bool = False,
     ) -> None:
+        if eigenvalue_correction:
+            conflict = correction_conflict(damping_method, domain, codomain, communicator)
+            if conflict is not None:
+                raise ValueError(f"invalid eigenvalue_correction=True: expected {conflict}")
+        self.eigenvalue_correction = eigenvalue_correction
         self.communicator = communicator
         self.inverse_placement = inverse_placement
         self._owners: dict[str, int] | None = None
@@ -171,6 +185,9 @@ class KroneckerPreconditioner:
                     math,
                     self._factor(self.domain, math.blocks, math.in_features, False, device),
                     self._factor(self.codomain, math.blocks, math.out_features, True, device),
+                    EigenbasisMoment(math.blocks, math.out_features, math.in_features, device)
+                    if self.eigenvalue_correction
+                    else None,
                 )
         if self.unsupported:
             listing = "; ".join(f"{n} ({why})" for n, why in self.unsupported.items())
@@ -271,10 +288,22 @@ class KroneckerPreconditioner:
             stats = [self._statistic(f, codomain, grad_scale) for f, codomain in factors]
         else:  # the statistics of the global batch
             stats, present, accept = self._averaged(factors, grad_scale, accept)
-        finite = all_finite(stats)
+        # the eigenvalue correction's S (single process only), normalised like G
+        corrections = [
+            (layer.name, layer.correction)
+            for layer in self.layers.values()
+            if layer.correction is not None and layer.correction.pending
+        ]
+        corrected = [self._statistic(c, True, grad_scale) for _, c in corrections]
+        finite = all_finite(stats + corrected)
         accept = finite if accept is None else finite & accept.to(finite.device)
         for i, ((factor, _), stat) in enumerate(zip(factors, stats, strict=True)):
             factor.fold(stat, decay, accept if present is None else accept & present[i], warmup)
+        for (name, correction), stat in zip(corrections, corrected, strict=True):
+            correction.fold(stat, decay, accept, warmup)
+            inverse = self.inverses.get(name)
+            if isinstance(inverse, EigenInverse):  # the step follows S (on device)
+                inverse.scaling = correction.scaling()
         self.capture.new_window()
         self.skipped_windows = self.skipped_windows.to(accept.device) + (~accept).long()
         return accept
@@ -445,6 +474,11 @@ class KroneckerPreconditioner:
                     )
                 continue
             self.inverses[name] = inverse
+            correction = self.layers[name].correction
+            if correction is not None and isinstance(inverse, EigenInverse):
+                codomain = self.layers[name].codomain
+                assert codomain is not None
+                correction.restart(inverse, codomain.folds, damping[name], self.exponent)
         return len(results)
 
     def _fired_anywhere(self) -> dict[str, bool]:
@@ -651,6 +685,8 @@ class KroneckerPreconditioner:
                     "domain": layer.domain.state_dict() if layer.domain else None,
                     "codomain": layer.codomain.state_dict() if layer.codomain else None,
                     "inverse": _held(self.inverses.get(name)),
+                    # only with the option on: states without it stay as they were
+                    **({"correction": layer.correction.state_dict()} if layer.correction else {}),
                 }
                 for name, layer in self.layers.items()
             },
@@ -704,8 +740,24 @@ class KroneckerPreconditioner:
                 )
             else:
                 self.inverses[name] = _inverse_from_state(inverse, self._device_of(name))
+            if layer.correction is not None:
+                self._load_correction(layer.correction, saved[name], self.inverses.get(name))
         self.disabled = dict(state.get("disabled", {}))
         self.skipped_windows = state["skipped_windows"].clone()
+
+    @staticmethod
+    def _load_correction(
+        correction: EigenbasisMoment, entry: dict[str, Any], inverse: Inverse | None
+    ) -> None:
+        """Restore ``S`` and its bases (those of the loaded inverse). A state saved
+        without the correction leaves it unset: the loaded inverse's scaling is used and
+        ``S`` starts at the next refresh."""
+        held = inverse if isinstance(inverse, EigenInverse) else None
+        if entry.get("correction") is None or held is None:
+            correction.codomain_basis = correction.domain_basis = None
+            correction.discard()
+            return
+        correction.load_state_dict(entry["correction"], held)
 
     def remove_hooks(self) -> None:
         self.capture.remove()
@@ -713,6 +765,20 @@ class KroneckerPreconditioner:
             hook.remove()
         self._early_hooks.clear()
         self._drop_early()
+
+
+def correction_conflict(
+    damping_method: str, domain: str, codomain: str, communicator: Communicator | None = None
+) -> str | None:
+    """Why ``eigenvalue_correction=True`` cannot be combined with these options (the
+    expected setting, for a ``ValueError``), or ``None`` if it can."""
+    if damping_method != "exact":
+        return "False unless damping_method='exact' (EKFAC needs the eigenbases)"
+    if domain != "covariance" or codomain != "fisher":
+        return "False unless domain='covariance' and codomain='fisher' (both eigenbases)"
+    if communicator is not None:
+        return "False under data parallelism (S is not averaged over ranks)"
+    return None
 
 
 def _inverse_from_state(state: dict[str, Any], device: torch.device) -> Inverse:

@@ -72,6 +72,11 @@ KL_GRID = tuple({"lr": 0.3, "kl_clip": k} for k in (1e-3, 3e-3, 1e-2))
 OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
     "kfrob": (kfrob_factory(), KL_GRID, KL_GRID),
     "kfrob-exact": (kfrob_factory(damping_method="exact"), KL_GRID, KL_GRID),
+    "kfrob-ekfac": (
+        kfrob_factory(damping_method="exact", eigenvalue_correction=True),
+        KL_GRID,
+        KL_GRID,
+    ),
     "kfrob-5/50": (kfrob_factory(factor_update_freq=5, inverse_update_freq=50), KL_GRID, KL_GRID),
     "kfrob-warmup": (kfrob_factory(factor_decay_warmup=True), KL_GRID, KL_GRID),
     "kfrob-empirical": (kfrob_factory(fisher="empirical"), KL_GRID, KL_GRID),
