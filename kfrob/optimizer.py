@@ -217,6 +217,7 @@ class FrobPreconditionedSGD(Optimizer):
         self._nonfinite_steps = torch.zeros((), dtype=torch.long, device=params[0].device)
         self._warned_nonfinite = False
         self._inverses_after_load = False
+        self.adaptive_damping = adaptive_damping
         self._adaptation = (
             LevenbergMarquardt(
                 damping_adaptation_interval, damping_adaptation_factor, min_damping, max_damping

@@ -75,6 +75,7 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
     "kfrob-5/50": (kfrob_factory(factor_update_freq=5, inverse_update_freq=50), KL_GRID, KL_GRID),
     "kfrob-warmup": (kfrob_factory(factor_decay_warmup=True), KL_GRID, KL_GRID),
     "kfrob-empirical": (kfrob_factory(fisher="empirical"), KL_GRID, KL_GRID),
+    "kfrob-lm": (kfrob_factory(adaptive_damping=True), KL_GRID, KL_GRID),
     "sgd": (
         lambda m, hp, w, s: torch.optim.SGD(m.parameters(), momentum=0.9, **hp),
         lrs(0.01, 0.03, 0.1),
@@ -124,12 +125,17 @@ def run(
     x, y = data["x_train"], data["y_train"]
     order = BatchOrder(len(x), args.batch_size, seed)
     trained = 0.0
+    # adaptive damping evaluates the batch's loss again after some steps: through a closure
+    needs_closure = isinstance(opt, FrobPreconditionedSGD) and opt.adaptive_damping
     for step in range(1, args.max_steps + 1):
         idx = order.indices(step - 1)
         start = time.perf_counter()
-        opt.zero_grad()
-        workload.loss(model(x[idx]), x[idx], y[idx]).backward()
-        opt.step()
+        if needs_closure:
+            opt.step(batch_closure(opt, model, workload, x[idx], y[idx]))
+        else:
+            opt.zero_grad()
+            workload.loss(model(x[idx]), x[idx], y[idx]).backward()
+            opt.step()
         trained += time.perf_counter() - start
         if step % EVAL_EVERY[workload_name] == 0:
             if workload.task == "classify":
@@ -145,6 +151,20 @@ def run(
         if trained >= args.max_seconds:
             break
     return {"steps": None, "seconds": None}
+
+
+def batch_closure(
+    opt: torch.optim.Optimizer, model: nn.Module, workload: Workload, x: Tensor, y: Tensor
+) -> Callable[[], Tensor]:
+    """The training loop's forward and backward on one batch, as a ``step`` closure."""
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = workload.loss(model(x), x, y)
+        loss.backward()
+        return loss
+
+    return closure
 
 
 def median_or_none(values: list[float | None]) -> float | None:
@@ -208,7 +228,9 @@ def report(results: dict[str, dict[str, Any]], args: Any) -> list[str]:
         "with its defaults (factored damping, MC Fisher, factors every step, inverses every "
         "10); `kfrob-5/50` updates factors every 5 steps and inverses every 50; "
         "`kfrob-exact` uses exact damping; `kfrob-warmup` warms the factor decay up "
-        "(`factor_decay_warmup=True`); `kfrob-empirical` uses the empirical Fisher. Runs stop "
+        "(`factor_decay_warmup=True`); `kfrob-empirical` uses the empirical Fisher; `kfrob-lm` "
+        "adapts the damping by the Levenberg–Marquardt rule (`adaptive_damping=True`, its "
+        "step takes a closure). Runs stop "
         "after "
         f"{args.max_seconds:g} s of training or {args.max_steps} steps ('missed').",
         "",
