@@ -445,11 +445,13 @@ def test_precondition_grads_does_not_adapt() -> None:
 
 
 def train_lm(rank: int, world_size: int) -> dict[str, Any]:
-    """Adaptive damping at every step on this rank's slice of the global batches."""
+    """Adaptive damping at every step on this rank's slice of the global batches; whether
+    every step left the gradients it used (DDP's bucket views, which the re-evaluation's
+    backward writes again)."""
     inner = make_model()
     model: nn.Module = inner
     if dist.is_initialized():
-        model = nn.parallel.DistributedDataParallel(inner)
+        model = nn.parallel.DistributedDataParallel(inner, gradient_as_bucket_view=True)
     opt = FrobPreconditionedSGD(
         model, lr=0.3, fisher="empirical", inverse_update_freq=1, damping=1e-2,
         adaptive_damping=True, damping_adaptation_interval=1, damping_adaptation_factor=0.5,
@@ -457,13 +459,24 @@ def train_lm(rank: int, world_size: int) -> dict[str, Any]:
     x_all, y_all = batches()
     per_rank = GLOBAL_BATCH // world_size
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    ratios, dampings = [], []
+    ratios, dampings, restored = [], [], []
     for step in range(STEPS):
-        opt.step(closure_for(opt, model, x_all[step, rows], y_all[step, rows]))
+        closure = closure_for(opt, model, x_all[step, rows], y_all[step, rows])
+        used: list[Tensor] = []
+
+        def recording(closure: Callable[[], Tensor] = closure, used: list[Tensor] = used) -> Tensor:
+            loss = closure()
+            if not used:
+                used.extend(p.grad.clone() for p in inner.parameters())  # type: ignore[union-attr]
+            return loss
+
+        opt.step(recording)
+        grads = [p.grad for p in inner.parameters()]
+        restored.append(all(torch.equal(g, u) for g, u in zip(grads, used, strict=True)))  # type: ignore[arg-type]
         ratios.append(opt.last_reduction_ratio)
         dampings.append(damping_of(opt))
     params = {k: v.detach().clone() for k, v in inner.state_dict().items()}
-    return {"ratios": ratios, "dampings": dampings, "params": params}
+    return {"ratios": ratios, "dampings": dampings, "params": params, "restored": restored}
 
 
 @pytest.mark.skipif(
@@ -472,6 +485,7 @@ def train_lm(rank: int, world_size: int) -> dict[str, Any]:
 def test_ranks_take_the_decisions_of_the_global_batch(tmp_path: Path) -> None:
     single = train_lm(0, 1)
     ranks = run_ranks(2, train_lm, tmp_path)
+    assert all(single["restored"]) and all(ranks[0]["restored"] + ranks[1]["restored"])
     assert ranks[0]["dampings"] == ranks[1]["dampings"]
     assert ranks[0]["ratios"] == ranks[1]["ratios"]
     assert len(set(single["dampings"])) > 1  # the damping moved
