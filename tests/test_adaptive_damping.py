@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -500,12 +501,19 @@ def test_ranks_take_the_decisions_of_the_global_batch(tmp_path: Path) -> None:
 
 
 def test_time_to_target_runs_the_adaptive_variant_with_a_closure(tmp_path: Path) -> None:
-    script = Path(__file__).resolve().parents[1] / "scripts" / "time_to_target.py"
+    root = Path(__file__).resolve().parents[1]
+    script = root / "scripts" / "time_to_target.py"
     command = [
         sys.executable, str(script), "--workloads", "mlp", "--optimizers", "kfrob-lm",
         "--seeds", "1", "--max-steps", "6", "--embedded", "--out", str(tmp_path),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, check=False, env=env
+    )  # this checkout's kfrob, whatever is installed
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "time_to_target.json").read_text())["results"]["mlp"]
     assert set(results) == {"kfrob-lm"} and len(results["kfrob-lm"]["grid"]) == 3
