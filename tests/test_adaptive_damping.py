@@ -507,10 +507,8 @@ def test_time_to_target_runs_the_adaptive_variant_with_a_closure(tmp_path: Path)
         sys.executable, str(script), "--workloads", "mlp", "--optimizers", "kfrob-lm",
         "--seeds", "1", "--max-steps", "6", "--embedded", "--out", str(tmp_path),
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-    }
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=300, check=False, env=env
     )  # this checkout's kfrob, whatever is installed
