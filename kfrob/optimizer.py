@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from kfrob.adaptation import LevenbergMarquardt
 from kfrob.capture import TrackedLayer
 from kfrob.distributed import check_not_sharded, default_communicator, unwrap
 from kfrob.finite import all_finite
@@ -137,6 +138,20 @@ class FrobPreconditionedSGD(Optimizer):
             factor-update steps, restarted from ``e_G e_Aᵀ`` at each refresh). Off by
             default; needs ``damping_method="exact"``, ``domain="covariance"``,
             ``codomain="fisher"`` and a single process.
+        adaptive_damping: adapt every group's ``damping`` by the Levenberg–Marquardt rule
+            (K-FAC §6.5, :mod:`kfrob.adaptation`): every ``damping_adaptation_interval``-th
+            step measures ``ρ = (L(θ+Δ) − L(θ)) / M(Δ)`` on its batch, calling the closure
+            once more after the update, and divides ``λ`` by ``ω`` when ``ρ < ¼`` (or the
+            measurement failed), multiplies it by ``ω`` when ``ρ > ¾``, and clamps it to
+            ``[min_damping, max_damping]``; the new ``λ`` acts from the next inverse
+            refresh. Off by default. :meth:`step` then needs a closure that runs forward
+            and backward and returns the loss, mean-reduced (``loss_reduction="mean"``);
+            :meth:`precondition_grads` does not adapt. The last ``ρ`` is
+            :attr:`last_reduction_ratio`.
+        damping_adaptation_interval: ``T >= 1``, steps between adaptations.
+        damping_adaptation_factor: ``ω`` in ``(0, 1)``.
+        min_damping, max_damping: bounds ``0 < min_damping <= max_damping`` of the adapted
+            damping (the initial ``damping`` must lie within them).
 
     Under data parallelism every rank must call :meth:`step` (and :meth:`diagnostics`)
     together: factor statistics are averaged over ranks before they are folded, and each
@@ -173,6 +188,11 @@ class FrobPreconditionedSGD(Optimizer):
         process_group: Any = None,
         inverse_placement: str = "replicated",
         eigenvalue_correction: bool = False,
+        adaptive_damping: bool = False,
+        damping_adaptation_interval: int = 5,
+        damping_adaptation_factor: float = (19 / 20) ** 5,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e3,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -228,19 +248,39 @@ class FrobPreconditionedSGD(Optimizer):
         self._nonfinite_steps = torch.zeros((), dtype=torch.long, device=params[0].device)
         self._warned_nonfinite = False
         self._inverses_after_load = False
+        self.adaptive_damping = adaptive_damping
+        self._adaptation = (
+            LevenbergMarquardt(
+                damping_adaptation_interval, damping_adaptation_factor, min_damping, max_damping
+            )
+            if adaptive_damping
+            else None
+        )
+        self.last_reduction_ratio: float | None = None  # ρ of the last adaptation
 
     # --- the update --------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update; ``closure`` (forward and backward) is called first if given."""
+        """One update; ``closure`` (forward and backward) is called first if given (and, with
+        ``adaptive_damping``, once more after the update on adaptation steps)."""
+        adaptation = self._adaptation
+        if closure is None and adaptation is not None:
+            raise ValueError(
+                "adaptive_damping=True needs step(closure): a closure that runs forward and "
+                "backward on the batch and returns the loss"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        measured = adaptation is not None and adaptation.due(self.steps)
+        before = adaptation.snapshot(self) if measured else None  # type: ignore[union-attr]
         directions = self._directions()
         finite = self._refresh(directions)
         self._precondition(directions)
         self._apply(directions, finite)
+        if before is not None:
+            self.last_reduction_ratio = adaptation.adapt(self, closure, loss, before)  # type: ignore[union-attr, arg-type]
         self._advance()
         return loss
 
@@ -415,6 +455,7 @@ class FrobPreconditionedSGD(Optimizer):
             "generator": None if self.generator is None else self.generator.get_state(),
             "nonfinite_steps": self._nonfinite_steps,
             "preconditioner": self.preconditioner.state_dict(),
+            "last_reduction_ratio": self.last_reduction_ratio,
         }
         return state
 
@@ -430,6 +471,7 @@ class FrobPreconditionedSGD(Optimizer):
         if self.generator is not None and extra.get("generator") is not None:
             self.generator.set_state(extra["generator"])
         self._nonfinite_steps = extra["nonfinite_steps"].to(self._nonfinite_steps.device)
+        self.last_reduction_ratio = extra.get("last_reduction_ratio")
         self.preconditioner.capture.active = self.steps % self.factor_update_freq == 0
         # a state without some inverses (e.g. saved with inverse_placement="owner") gets
         # them at the next step, from the factors it carried
@@ -525,3 +567,29 @@ def _check_hyperparameters(args: dict[str, Any]) -> None:
     losses = tuple(SAMPLED_LOSSES)
     if args["fisher"] == "mc" or args["loss"] is not None:
         choice("loss", losses)
+    require("adaptive_damping", isinstance(args["adaptive_damping"], bool), "a bool")
+    require(
+        "damping_adaptation_interval",
+        positive_int("damping_adaptation_interval"),
+        "an integer >= 1",
+    )
+    factor = args["damping_adaptation_factor"]
+    require("damping_adaptation_factor", number("damping_adaptation_factor"), "a number in (0, 1)")
+    require("damping_adaptation_factor", 0 < factor < 1, "a number in (0, 1)")
+    require("min_damping", number("min_damping") and args["min_damping"] > 0, "a finite number > 0")
+    require(
+        "max_damping",
+        number("max_damping") and args["max_damping"] >= args["min_damping"],
+        f"a finite number >= min_damping={args['min_damping']!r}",
+    )
+    if args["adaptive_damping"]:
+        require(
+            "damping",
+            args["min_damping"] <= args["damping"] <= args["max_damping"],
+            "a number in [min_damping, max_damping] with adaptive_damping",
+        )
+        require(
+            "loss_reduction",
+            args["loss_reduction"] == "mean",
+            "'mean' with adaptive_damping (A ⊗ G is the curvature of the mean loss)",
+        )

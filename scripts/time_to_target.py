@@ -87,6 +87,7 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
         KL_GRID,
         KL_GRID,
     ),
+    "kfrob-lm": (kfrob_factory(adaptive_damping=True), KL_GRID, KL_GRID),
     "sgd": (
         lambda m, hp, w, s: torch.optim.SGD(m.parameters(), momentum=0.9, **hp),
         lrs(0.01, 0.03, 0.1),
@@ -97,6 +98,26 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
         lrs(3e-4, 1e-3, 3e-3),
         lrs(3e-4, 1e-3, 3e-3),
     ),
+}
+
+
+ABOUT = {  # what each variant is, for the report
+    "kfrob": "`FrobPreconditionedSGD` with its defaults (factored damping, MC Fisher, factors "
+    "every step, inverses every 10)",
+    "kfrob-exact": "exact damping (eigenbases, `damping_method='exact'`)",
+    "kfrob-ekfac": "exact damping with the eigenvalue correction (EKFAC, "
+    "`eigenvalue_correction=True`)",
+    "kfrob-5/50": "factors every 5 steps, inverses every 50",
+    "kfrob-warmup": "the factor-decay warm-up (`factor_decay_warmup=True`)",
+    "kfrob-empirical": "the empirical Fisher",
+    "kfrob-stagger": "staggered refreshes (`stagger_refreshes=True`)",
+    "kfrob-reduce": "K-FAC-reduce for the convolutions (`weight_sharing='reduce'`)",
+    "kfrob-subspace": "exact damping, eigenbases refreshed by a subspace-iteration step "
+    "(`eigenbasis_refresh='subspace'`)",
+    "kfrob-lm": "Levenberg–Marquardt adaptive damping (`adaptive_damping=True`; its step "
+    "takes a closure)",
+    "sgd": "momentum 0.9",
+    "adamw": "`torch.optim.AdamW` defaults besides the learning rate",
 }
 
 
@@ -136,12 +157,17 @@ def run(
     x, y = data["x_train"], data["y_train"]
     order = BatchOrder(len(x), args.batch_size, seed)
     trained = 0.0
+    # adaptive damping evaluates the batch's loss again after some steps: through a closure
+    needs_closure = isinstance(opt, FrobPreconditionedSGD) and opt.adaptive_damping
     for step in range(1, args.max_steps + 1):
         idx = order.indices(step - 1)
         start = time.perf_counter()
-        opt.zero_grad()
-        workload.loss(model(x[idx]), x[idx], y[idx]).backward()
-        opt.step()
+        if needs_closure:
+            opt.step(batch_closure(opt, model, workload, x[idx], y[idx]))
+        else:
+            opt.zero_grad()
+            workload.loss(model(x[idx]), x[idx], y[idx]).backward()
+            opt.step()
         trained += time.perf_counter() - start
         if step % EVAL_EVERY[workload_name] == 0:
             if workload.task == "classify":
@@ -157,6 +183,20 @@ def run(
         if trained >= args.max_seconds:
             break
     return {"steps": None, "seconds": None}
+
+
+def batch_closure(
+    opt: torch.optim.Optimizer, model: nn.Module, workload: Workload, x: Tensor, y: Tensor
+) -> Callable[[], Tensor]:
+    """The training loop's forward and backward on one batch, as a ``step`` closure."""
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = workload.loss(model(x), x, y)
+        loss.backward()
+        return loss
+
+    return closure
 
 
 def median_or_none(values: list[float | None]) -> float | None:
@@ -205,6 +245,12 @@ def fmt(r: dict[str, Any]) -> str:
     return f"{r['steps']} steps / {r['seconds']:.1f} s"
 
 
+def ran(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The optimizers that ran on any workload, in the order of :data:`OPTIMIZERS`."""
+    names = {name for rows in results.values() for name in rows}
+    return [name for name in OPTIMIZERS if name in names]
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None else f"{a / b:.2f}"
 
@@ -216,11 +262,9 @@ def report(results: dict[str, dict[str, Any]], args: Any) -> list[str]:
         f"{provenance()} Batch {args.batch_size}; a grid of {len(KL_GRID)} step sizes per "
         "optimizer (learning rates; for kfrob the KL clip κ) searched with seed 0, the best "
         f"then run with {args.seeds} seeds; medians over seeds; seconds are training time "
-        "only (evaluation excluded). SGD has momentum 0.9. `kfrob` is `FrobPreconditionedSGD` "
-        "with its defaults (factored damping, MC Fisher, factors every step, inverses every "
-        "10); `kfrob-5/50` updates factors every 5 steps and inverses every 50; "
-        "`kfrob-exact` uses exact damping; `kfrob-warmup` warms the factor decay up "
-        "(`factor_decay_warmup=True`); `kfrob-empirical` uses the empirical Fisher. Runs stop "
+        "only (evaluation excluded). "
+        + " ".join(f"`{name}`: {ABOUT[name]}." for name in ran(results))
+        + " Runs stop "
         "after "
         f"{args.max_seconds:g} s of training or {args.max_steps} steps ('missed').",
         "",
