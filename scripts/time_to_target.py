@@ -82,6 +82,11 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
     "kfrob-empirical": (kfrob_factory(fisher="empirical"), KL_GRID, KL_GRID),
     "kfrob-stagger": (kfrob_factory(stagger_refreshes=True), KL_GRID, KL_GRID),
     "kfrob-reduce": (kfrob_factory(weight_sharing="reduce"), KL_GRID, KL_GRID),
+    "kfrob-reduce-5/50": (
+        kfrob_factory(weight_sharing="reduce", factor_update_freq=5, inverse_update_freq=50),
+        KL_GRID,
+        KL_GRID,
+    ),
     "kfrob-subspace": (
         kfrob_factory(damping_method="exact", eigenbasis_refresh="subspace"),
         KL_GRID,
@@ -112,6 +117,7 @@ ABOUT = {  # what each variant is, for the report
     "kfrob-empirical": "the empirical Fisher",
     "kfrob-stagger": "staggered refreshes (`stagger_refreshes=True`)",
     "kfrob-reduce": "K-FAC-reduce for the convolutions (`weight_sharing='reduce'`)",
+    "kfrob-reduce-5/50": "K-FAC-reduce, factors every 5 steps, inverses every 50",
     "kfrob-subspace": "exact damping, eigenbases refreshed by a subspace-iteration step "
     "(`eigenbasis_refresh='subspace'`)",
     "kfrob-lm": "Levenberg–Marquardt adaptive damping (`adaptive_damping=True`; its step "

@@ -84,6 +84,10 @@ def test_every_shipped_config_validates_and_trains(path: Path, tmp_path: Path) -
         ("optimizers:\n  kfrob: {lrr: 0.1}\n", "optimizers.kfrob: unknown argument 'lrr'; did you"),
         ("optimizers:\n  kfrob: {momentum: 0.9}\n", "missing required argument 'lr'"),
         ("optimizers:\n  rmsprop: {lr: 0.1}\n", "unknown optimizer 'rmsprop'"),
+        (
+            "optimizers:\n  kfrob: {lr: 0.1, adaptive_damping: true}\n",
+            "optimizers.kfrob: adaptive_damping is not available in the training job",
+        ),
         ("workload: autoencoder\n", "'test_accuracy' needs a classifier"),
         ("training:\n  device: gpu0\n", "training.device: not a torch device"),
         ("- a list\n", "expected a mapping"),

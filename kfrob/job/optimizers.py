@@ -54,6 +54,12 @@ def check_arguments(name: str, arguments: dict[str, Any]) -> list[str]:
             continue
         if key not in arguments:
             problems.append(f"optimizers.{name}: missing required argument {key!r}")
+    if kind == "kfrob" and arguments.get("adaptive_damping"):
+        problems.append(
+            f"optimizers.{name}: adaptive_damping is not available in the training job: it "
+            "needs step(closure) to evaluate the loss again after the update, and the job "
+            "steps without one (use FrobPreconditionedSGD in your own loop)"
+        )
     return problems
 
 
