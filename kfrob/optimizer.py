@@ -90,8 +90,8 @@ class FrobPreconditionedSGD(Optimizer):
         stagger_refreshes: refresh each layer every ``inverse_update_freq`` steps as usual,
             but not all on the same step: the layers are spread over the steps of the cycle
             so that each step decomposes about the same amount (greedy on ``blocks · n³``).
-            Same amortised cost, no refresh spikes; off by default (see
-            ``results/levers.md``).
+            Same amortised cost, smaller refresh spikes; off by default (see
+            ``results/refresh.md`` and ``results/levers.md``).
         kl_clip: ``κ > 0`` bounding ``lr² ν² Σ ⟨g, Δ⟩``, or ``None`` for no clipping.
         domain: domain inner product: ``"covariance"`` (``A``), ``"diagonal"`` or
             ``"identity"``.

@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="minimum steps per timed cycle")
     parser.add_argument("--out", default="results")
+    parser.add_argument("--name", default="step_overhead", help="results/<name>.md")
     args = parser.parse_args()
     rows = []
     for workload in args.workloads.split(","):
@@ -254,7 +255,7 @@ def main() -> None:
             f"{r['refresh_vs_eigh']:.2f} | {b['capture']:.0%} | {b['factor update']:.0%} | "
             f"{b['inverse refresh']:.0%} | {b['preconditioning']:.0%} | {b['rest']:.0%} |"
         )
-    write_report(args.out, "step_overhead.md", lines)
+    write_report(args.out, f"{args.name}.md", lines)
 
 
 if __name__ == "__main__":
