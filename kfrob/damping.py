@@ -17,8 +17,11 @@ any other parameter is a piece without curvature. The reduction ratio
 says how well the model predicted the step, and the rule moves ``λ`` by a factor
 ``ω ∈ (0, 1)``: ``ρ < ¼ → λ/ω`` (the model was too optimistic: trust it less),
 ``ρ > ¾ → λ·ω``, clamped to ``[λ_min, λ_max]``. A failed measurement (a non-finite ``ρ``,
-which includes non-finite losses, or ``M(Δ) ≥ 0``, a step the model does not predict to
-descend at all) counts as ``ρ < ¼``: the damping goes up.
+which includes non-finite losses, or ``M(Δ) > 0``, a step the model does not predict to
+descend at all) counts as ``ρ < ¼``: the damping goes up; a step of length zero
+(``M(Δ) = 0``) measures nothing and leaves it. ``M`` includes the damping term: it is the
+model whose minimiser the damped step approximates, so ``ρ ≈ 1`` on an exact quadratic is
+slightly above 1 (a choice; the undamped model would bias ``ρ`` the other way).
 
 Everything here is pure: tensors in, tensors (or floats) out. The optimizer's bookkeeping
 (which step, which batch, the re-evaluation) lives in :mod:`kfrob.adaptation`.
@@ -84,8 +87,12 @@ def adapted_damping(
     damping: float, ratio: float, model: float, factor: float, low: float, high: float
 ) -> float:
     """The damping after one measurement ``ρ = ratio`` of a step whose model value was
-    ``model``: ``λ/ω`` if ``ρ < ¼`` or the measurement failed (``ρ`` not finite or
-    ``model ≥ 0``), ``λ·ω`` if ``ρ > ¾``, else ``λ``; then clamped to ``[low, high]``."""
+    ``model``: unchanged for a step of length zero (``model == 0``: a skipped step, a zero
+    learning rate; nothing was measured), ``λ/ω`` if ``ρ < ¼`` or the measurement failed
+    (``ρ`` not finite or ``model > 0``), ``λ·ω`` if ``ρ > ¾``, else ``λ``; then clamped to
+    ``[low, high]``."""
+    if model == 0.0:
+        return min(max(damping, low), high)
     failed = not (math.isfinite(ratio) and model < 0.0)
     if failed or ratio < 0.25:
         damping = damping / factor

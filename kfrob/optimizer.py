@@ -90,7 +90,9 @@ class FrobPreconditionedSGD(Optimizer):
         stagger_refreshes: refresh each layer every ``inverse_update_freq`` steps as usual,
             but not all on the same step: the layers are spread over the steps of the cycle
             so that each step decomposes about the same amount (greedy on ``blocks · n³``).
-            Same amortised cost, smaller refresh spikes; off by default (see
+            Same amortised decomposition cost, smaller refresh spikes (with several ranks,
+            one small gather and one share of inverses on every step that has due layers
+            instead of once per cycle); off by default (see
             ``results/refresh.md`` and ``results/levers.md``).
         kl_clip: ``κ > 0`` bounding ``lr² ν² Σ ⟨g, Δ⟩``, or ``None`` for no clipping.
         domain: domain inner product: ``"covariance"`` (``A``), ``"diagonal"`` or
@@ -587,6 +589,12 @@ def _check_hyperparameters(args: dict[str, Any]) -> None:
             "damping",
             args["min_damping"] <= args["damping"] <= args["max_damping"],
             "a number in [min_damping, max_damping] with adaptive_damping",
+        )
+        require(
+            "adaptive_damping",
+            args["grad_scaler"] is None,
+            "False with a grad_scaler (GradScaler.step refuses closures, and scaled "
+            "gradients would skew the reduction ratio)",
         )
         require(
             "loss_reduction",

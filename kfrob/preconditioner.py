@@ -428,7 +428,11 @@ class KroneckerPreconditioner:
         )
 
     def update_inverses(
-        self, damping: dict[str, float], layers: Collection[str] | None = None
+        self,
+        damping: dict[str, float],
+        layers: Collection[str] | None = None,
+        *,
+        only_missing: bool = False,
     ) -> int:
         """Recompute each active layer's damped inverse from its current factors.
 
@@ -436,11 +440,14 @@ class KroneckerPreconditioner:
         weight has a gradient falls back to plain SGD with a warning. A decomposition that
         fails even in float64 keeps the layer's last good inverse (warned once per layer).
         ``layers`` restricts the refresh to the named layers and those that have no inverse
-        yet (an empty set: only the missing ones); ``None`` refreshes all. With a
+        yet (an empty set: only the missing ones); ``None`` refreshes all, and
+        ``only_missing=True`` is the same as ``layers=set()``. With a
         communicator each layer is decomposed on its owner only (:meth:`owners`) and the
         results are shared as ``inverse_placement`` says. Returns how many layers were
         due (decomposed, or tried).
         """
+        if only_missing:
+            layers = set()
         fired = self._fired_anywhere()
         due: list[TrackedLayer] = []
         for name, layer in self.layers.items():

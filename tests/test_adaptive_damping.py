@@ -102,7 +102,7 @@ def test_the_rule_moves_and_clamps_the_damping() -> None:
     assert rule(0.1, 0.9, -1.0) == pytest.approx(0.05)  # ρ > 3/4: down
     assert rule(0.1, 0.5, -1.0) == 0.1  # in between: kept
     assert rule(0.1, 0.9, 1.0) == pytest.approx(0.2)  # M >= 0 is a failure: up
-    assert rule(0.1, 0.9, 0.0) == pytest.approx(0.2)
+    assert rule(0.1, math.nan, 0.0) == 0.1  # a step of length 0 measures nothing: kept
     assert rule(0.1, math.nan, -1.0) == pytest.approx(0.2)  # non-finite ρ: up
     assert rule(0.1, math.inf, -1.0) == pytest.approx(0.2)
     assert rule(0.8, 0.1, -1.0) == 1.0  # clamped above
@@ -262,9 +262,9 @@ def test_the_new_damping_acts_at_the_next_inverse_refresh() -> None:
     seen = []
     original = opt.preconditioner.update_inverses
 
-    def spy(damping: dict[str, float], only_missing: bool = False) -> int:
+    def spy(damping: dict[str, float], layers: object = None) -> int:
         seen.append(dict(damping))
-        return original(damping, only_missing)
+        return original(damping, layers)
 
     opt.preconditioner.update_inverses = spy  # type: ignore[method-assign]
     dampings = []
@@ -387,6 +387,10 @@ def test_state_dict_round_trip_continues_identically() -> None:
         ({"adaptive_damping": True, "damping": 1e-9}, "damping"),
         ({"adaptive_damping": True, "damping": 1e4}, "damping"),
         ({"adaptive_damping": True, "loss_reduction": "sum"}, "loss_reduction"),
+        (
+            {"adaptive_damping": True, "grad_scaler": torch.amp.GradScaler("cpu")},
+            "adaptive_damping",
+        ),
     ],
 )
 def test_invalid_hyperparameters_are_refused(options: dict[str, Any], name: str) -> None:

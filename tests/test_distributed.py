@@ -86,9 +86,10 @@ def test_ranks_agree_and_equal_the_global_batch_run(
 def test_subspace_refreshes_agree_across_ranks(tmp_path: Path) -> None:
     """Subspace steps continue from the previous basis, so where eigenvalues (nearly)
     coincide the basis, and with it the inverse, depends on the rounding of the first eigh
-    (on a small MLP a 1e-6 change of the inputs moves the weights by ~3e-2 after 12 steps,
-    against 5e-7 with eigh refreshes). The global-batch run is therefore no reference here;
-    what must hold is that the ranks, which all use the owner's result, agree bit for bit."""
+    (measured once, not here: on a small MLP a 1e-6 change of the inputs moved the weights by
+    ~3e-2 after 12 steps, against 5e-7 with eigh refreshes). The global-batch run is
+    therefore no reference here; what must hold is that the ranks, which all use the owner's
+    result, agree bit for bit."""
     options = {"eigenbasis_refresh": "subspace", "damping_method": "exact"}
     ranks = run_ranks(2, train, tmp_path, options)
     assert_same(ranks[0]["params"], ranks[1]["params"], exact=True)

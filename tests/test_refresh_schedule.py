@@ -87,6 +87,18 @@ def test_staggering_with_one_step_cycles_changes_nothing() -> None:
         assert torch.equal(p, q)
 
 
+def test_update_inverses_only_missing_keeps_its_meaning() -> None:
+    model = small_model()
+    opt = optimizer(model, damping_method="exact")
+    step(model, opt, *batches(1)[0])
+    held = dict(opt.preconditioner.inverses)
+    damping = dict.fromkeys(held, 1e-3)
+    opt.preconditioner.inverses.pop("3")
+    opt.preconditioner.update_inverses(damping, only_missing=True)
+    assert "3" in opt.preconditioner.inverses
+    assert all(opt.preconditioner.inverses[n] is held[n] for n in held if n != "3")
+
+
 # --- subspace iteration --------------------------------------------------------------------
 def test_subspace_step_from_the_exact_eigenbasis_keeps_it() -> None:
     gen = torch.Generator().manual_seed(0)
