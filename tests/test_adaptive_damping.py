@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,31 +26,14 @@ from kfrob import FrobPreconditionedSGD
 from kfrob.damping import ModelPiece, adapted_damping, quadratic_model
 from tests.distributed_harness import GLOBAL_BATCH, STEPS, batches, make_model, run_ranks
 from tests.reference import random_spd, vec
+from tests.test_optimizer import quiet, small_model
 
 OMEGA = (19 / 20) ** 5
 
 
-def quiet(model: nn.Module, **kwargs: Any) -> FrobPreconditionedSGD:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return FrobPreconditionedSGD(model, **kwargs)
-
-
-def small_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv1d(2, 3, 3, padding=1),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(3 * 5, 4),
-        nn.LayerNorm(4),  # unsupported: its parameters enter M without curvature
-        nn.Linear(4, 3),
-    )
-
-
 def data(seed: int = 1, n: int = 10) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 2, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    return torch.randn(n, 2, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)
 
 
 def closure_for(
