@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-from bench_step import loss_of, random_batch
+from bench_step import bare_eigh, random_batch, step_times
 from report import provenance, write_report
 from torch import nn
 
@@ -47,6 +47,13 @@ REFRESHES = {  # name: preconditioner options
 }
 
 
+def train_steps(
+    opt: torch.optim.Optimizer, model: nn.Module, workload: str, steps: int
+) -> list[float]:
+    """Seconds of each of ``steps`` training steps on the fixed batch of 128."""
+    return step_times(opt, model, WORKLOADS[workload].task, *random_batch(128), steps)
+
+
 def make_optimizer(model: nn.Module, workload: str, **options: object) -> FrobPreconditionedSGD:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -56,22 +63,6 @@ def make_optimizer(model: nn.Module, workload: str, **options: object) -> FrobPr
             loss=WORKLOADS[workload].kfrob_loss,
             **options,  # type: ignore[arg-type]
         )
-
-
-def train_steps(
-    opt: torch.optim.Optimizer, model: nn.Module, workload: str, steps: int
-) -> list[float]:
-    """Seconds of each of ``steps`` training steps on the fixed batch."""
-    kind = WORKLOADS[workload].task
-    x, y = random_batch(128)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        opt.zero_grad()
-        loss_of(kind, model, x, y).backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def refresh_costs(workload: str, args: argparse.Namespace) -> dict[str, float]:
@@ -92,13 +83,6 @@ def refresh_costs(workload: str, args: argparse.Namespace) -> dict[str, float]:
     for pre in preconditioners.values():
         pre.load_state_dict(state)  # the trained factors, and eigenbases to start from
 
-    def bare_eigh() -> None:
-        for f in factors:
-            try:
-                torch.linalg.eigh(f)
-            except torch.linalg.LinAlgError:  # kfrob retries in float64 too
-                torch.linalg.eigh(f.double())
-
     def refresh(pre: KroneckerPreconditioner) -> Callable[[], None]:
         eigenbases = dict(pre.inverses)
 
@@ -108,7 +92,9 @@ def refresh_costs(workload: str, args: argparse.Namespace) -> dict[str, float]:
 
         return run
 
-    calls = {"bare eigh": bare_eigh} | {n: refresh(p) for n, p in preconditioners.items()}
+    calls = {"bare eigh": lambda: bare_eigh(factors)} | {
+        n: refresh(p) for n, p in preconditioners.items()
+    }
     for call in calls.values():  # warm-up
         call()
     times: dict[str, list[float]] = defaultdict(list)

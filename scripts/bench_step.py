@@ -97,30 +97,46 @@ def random_batch(size: int) -> tuple[Tensor, Tensor]:
     return torch.rand(size, 1, 28, 28, generator=gen), torch.randint(0, 10, (size,), generator=gen)
 
 
+def step_times(
+    opt: torch.optim.Optimizer, model: nn.Module, kind: str, x: Tensor, y: Tensor, steps: int
+) -> list[float]:
+    """Seconds of each of ``steps`` consecutive steps."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss_of(kind, model, x, y).backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def timed_steps(
     opt: torch.optim.Optimizer, model: nn.Module, kind: str, x: Tensor, y: Tensor, steps: int
 ) -> float:
     """Mean seconds per step over ``steps`` consecutive steps."""
+    return statistics.fmean(step_times(opt, model, kind, x, y, steps))
+
+
+def bare_eigh(factors: list[Tensor]) -> float:
+    """Seconds for one ``torch.linalg.eigh`` call per factor (float64 where float32 fails,
+    as kfrob retries)."""
     start = time.perf_counter()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_of(kind, model, x, y).backward()
-        opt.step()
-    return (time.perf_counter() - start) / steps
+    for f in factors:
+        try:
+            torch.linalg.eigh(f)
+        except torch.linalg.LinAlgError:
+            torch.linalg.eigh(f.double())
+    return time.perf_counter() - start
 
 
 def bare_linear_algebra(
     opt: FrobPreconditionedSGD, x: Tensor, model: nn.Module, kind: str, y: Tensor
 ) -> tuple[float, float]:
     """Seconds for bare eigh of every factor, and for the bare aᵀa, gᵀg products."""
-    factors = [f for layer in opt.preconditioner.layers.values() for f in layer.factors]
-    start = time.perf_counter()
-    for f in factors:
-        try:
-            torch.linalg.eigh(f.value)
-        except torch.linalg.LinAlgError:  # float32 did not converge: kfrob retries in float64
-            torch.linalg.eigh(f.value.double())
-    eigh_time = time.perf_counter() - start
+    eigh_time = bare_eigh(
+        [f.value for layer in opt.preconditioner.layers.values() for f in layer.factors]
+    )
     rows: list[Tensor] = []
     hooks = []
     for layer in opt.preconditioner.layers.values():

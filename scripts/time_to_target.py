@@ -168,11 +168,11 @@ def run(
     for step in range(1, args.max_steps + 1):
         idx = order.indices(step - 1)
         start = time.perf_counter()
+        closure = batch_closure(opt, model, workload, x[idx], y[idx])
         if needs_closure:
-            opt.step(batch_closure(opt, model, workload, x[idx], y[idx]))
+            opt.step(closure)
         else:
-            opt.zero_grad()
-            workload.loss(model(x[idx]), x[idx], y[idx]).backward()
+            closure()
             opt.step()
         trained += time.perf_counter() - start
         if step % EVAL_EVERY[workload_name] == 0:

@@ -49,21 +49,6 @@ def test_reduce_is_the_exact_fisher_of_a_sample_with_equal_patches() -> None:
     torch.testing.assert_close(torch.kron(a.double(), g.double()), fisher, rtol=1e-4, atol=1e-9)
 
 
-def test_reduce_leaves_linear_layers_alone() -> None:
-    runs = []
-    for sharing in ("expand", "reduce"):
-        torch.manual_seed(2)
-        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-        opt = FrobPreconditionedSGD(model, lr=0.1, weight_sharing=sharing)
-        for _ in range(3):
-            opt.zero_grad()
-            F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
-            opt.step()
-        runs.append([p.detach().clone() for p in model.parameters()])
-    for p, q in zip(*runs, strict=True):
-        assert torch.equal(p, q)
-
-
 def test_invalid_weight_sharing_names_the_argument() -> None:
     with pytest.raises(ValueError, match="invalid weight_sharing="):
         FrobPreconditionedSGD(nn.Linear(2, 2), lr=0.1, weight_sharing="mean")
