@@ -58,6 +58,7 @@ def single() -> dict:
         (2, {}, {"accumulate": 2}),
         (2, {}, {"subgroup": True}),
         (2, {"stagger_refreshes": True, "damping_method": "exact"}, {}),
+        (3, {"stagger_refreshes": True, "inverse_placement": "owner"}, {}),
     ],
     ids=[
         "2-ranks",
@@ -67,6 +68,7 @@ def single() -> dict:
         "2-ranks-no_sync-accumulation",
         "2-ranks-explicit-group",
         "2-ranks-staggered",
+        "3-ranks-staggered-owner",
     ],
 )
 def test_ranks_agree_and_equal_the_global_batch_run(
