@@ -4,8 +4,9 @@ The public entry point is :class:`FrobPreconditionedSGD`; :mod:`kfrob.norms` hol
 Frobenius-type norm family and :mod:`kfrob.diagnostics` the curvature diagnostics.
 """
 
+from kfrob.alerts import KfrobWarning
 from kfrob.optimizer import FrobPreconditionedSGD
 from kfrob.preconditioner import KroneckerPreconditioner
 
-__all__ = ["FrobPreconditionedSGD", "KroneckerPreconditioner"]
+__all__ = ["FrobPreconditionedSGD", "KfrobWarning", "KroneckerPreconditioner"]
 __version__ = "0.1.0"
