@@ -43,70 +43,70 @@ from torch import Tensor
 from kfrob.damping import ModelPiece, adapted_damping, quadratic_model, reduction_ratio
 
 if TYPE_CHECKING:
-    from kfrob.optimizer import FrobPreconditionedSGD
+    from kfrob.options import DampingAdaptation
+    from kfrob.preconditioner import KroneckerPreconditioner
+
+Groups = list[dict[str, Any]]
 
 __all__ = ["LevenbergMarquardt"]
 
 
 class LevenbergMarquardt:
-    """The schedule and bounds of the rule: ``interval`` steps between adaptations, the
-    factor ``ω``, and ``[low, high]`` for ``λ``."""
+    """The rule's schedule and bounds (:class:`~kfrob.options.DampingAdaptation`):
+    ``interval`` steps between adaptations, the factor ``ω``, and ``[low, high]`` for ``λ``."""
 
-    def __init__(self, interval: int, factor: float, low: float, high: float) -> None:
-        self.interval = interval
-        self.factor = factor
-        self.low = low
-        self.high = high
+    def __init__(self, rule: DampingAdaptation) -> None:
+        self.interval = rule.interval
+        self.factor = rule.factor
+        self.low = rule.min_damping
+        self.high = rule.max_damping
 
     def due(self, steps: int) -> bool:
         """Whether the step after ``steps`` earlier ones is measured."""
         return (steps + 1) % self.interval == 0
 
     @staticmethod
-    def snapshot(optimizer: FrobPreconditionedSGD) -> dict[Tensor, Tensor]:
+    def snapshot(groups: Groups) -> dict[Tensor, Tensor]:
         """Copies of the parameters the step can move (those with a gradient)."""
         return {
-            p: p.detach().clone()
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
+            p: p.detach().clone() for group in groups for p in group["params"] if p.grad is not None
         }
 
     def adapt(
         self,
-        optimizer: FrobPreconditionedSGD,
+        preconditioner: KroneckerPreconditioner,
+        groups: Groups,
         closure: Callable[[], Any],
         loss: Any,
         before: dict[Tensor, Tensor],
     ) -> float:
         """Measure the step just taken from ``before`` (whose loss the closure returned as
-        ``loss``), move every group's damping, and return ``ρ``."""
+        ``loss``), move the ``damping`` of every parameter group, and return ``ρ``."""
         if loss is None:
             raise ValueError("adaptive_damping needs a closure that returns the loss")
-        model = quadratic_model(_pieces(optimizer, before))
-        decay = _decay_change(optimizer, before)
-        after = _reevaluate(optimizer, closure)
+        model = quadratic_model(_pieces(preconditioner, groups, before))
+        decay = _decay_change(groups, before)
+        after = _reevaluate(preconditioner, groups, closure)
         if after is None:
             raise ValueError("adaptive_damping needs a closure that returns the loss")
         values = torch.stack(
             [_scalar(loss, model.device), _scalar(after, model.device), decay.to(model), model]
         )
-        communicator = optimizer.preconditioner.communicator
-        if communicator is not None:
-            vote = torch.ones((), dtype=torch.bool, device=values.device)
-            communicator.start_average([values], [1.0], vote, "damping").finish()
+        preconditioner.placement.average(values)  # the same ρ on every rank
         loss_before, loss_after, decay_change, predicted = values.tolist()  # the one host read
         ratio = reduction_ratio(loss_after - loss_before + decay_change, predicted)
-        for group in optimizer.param_groups:
+        for group in groups:
             group["damping"] = adapted_damping(
                 float(group["damping"]), ratio, predicted, self.factor, self.low, self.high
             )
         return ratio
 
 
-def _pieces(optimizer: FrobPreconditionedSGD, before: dict[Tensor, Tensor]) -> list[ModelPiece]:
+def _pieces(
+    preconditioner: KroneckerPreconditioner, groups: Groups, before: dict[Tensor, Tensor]
+) -> list[ModelPiece]:
     """The terms of ``M``: one per preconditioned layer, one per other moved parameter."""
-    group_of = optimizer._group_of()
+    group_of = {p: group for group in groups for p in group["params"]}
 
     def gradient(p: Tensor | None) -> Tensor | None:
         if p is None or p not in before:
@@ -121,27 +121,27 @@ def _pieces(optimizer: FrobPreconditionedSGD, before: dict[Tensor, Tensor]) -> l
     def damping(p: Tensor) -> float:
         return float(group_of[p]["damping"]) + float(group_of[p]["weight_decay"])
 
-    factors = optimizer.preconditioner.factors()
+    factors = preconditioner.factors()
     pieces, covered = [], set()
-    for layer in optimizer.preconditioner.active_layers():
-        weight, bias = layer.module.weight, layer.module.bias  # type: ignore[union-attr]
-        if weight not in before:
+    for layer in preconditioner.active_layers():
+        math = layer.math
+        if math.weight not in before:
             continue
-        bias = bias if layer.math.has_bias else None
-        grads = layer.math.to_matrix(gradient(weight), gradient(bias))  # type: ignore[arg-type]
-        steps = layer.math.to_matrix(step(weight), step(bias))  # type: ignore[arg-type]
-        pieces.append(ModelPiece(grads, steps, damping(weight), factors[layer.name]))
-        covered.update({weight, bias})
+        moved = [p for p in math.parameters if p in before]
+        grads = math.gradient_matrix({p: gradient(p) for p in moved})
+        steps = math.gradient_matrix({p: step(p) for p in moved})
+        pieces.append(ModelPiece(grads, steps, damping(math.weight), factors[layer.name]))  # type: ignore[arg-type]
+        covered.update(math.parameters)
     for p in before:
         if p not in covered:
             pieces.append(ModelPiece(gradient(p), step(p), damping(p)))  # type: ignore[arg-type]
     return pieces
 
 
-def _decay_change(optimizer: FrobPreconditionedSGD, before: dict[Tensor, Tensor]) -> Tensor:
+def _decay_change(groups: Groups, before: dict[Tensor, Tensor]) -> Tensor:
     """``Σ_p ½ wd_p (‖θ_p + Δ_p‖² − ‖θ_p‖²) = Σ_p wd_p (⟨θ_p, Δ_p⟩ + ½‖Δ_p‖²)``."""
     terms = []
-    for group in optimizer.param_groups:
+    for group in groups:
         decay = group["weight_decay"]
         for p in group["params"]:
             if decay == 0 or p not in before:
@@ -151,15 +151,17 @@ def _decay_change(optimizer: FrobPreconditionedSGD, before: dict[Tensor, Tensor]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def _reevaluate(optimizer: FrobPreconditionedSGD, closure: Callable[[], Any]) -> Any:
+def _reevaluate(
+    preconditioner: KroneckerPreconditioner, groups: Groups, closure: Callable[[], Any]
+) -> Any:
     """The closure's loss at the current parameters, recording no curvature; every
     ``p.grad`` is afterwards the same tensor with the same values as before (the copy
     guards gradients that alias a buffer the closure's backward writes again, such as
     ``DistributedDataParallel``'s bucket views)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = [p for group in groups for p in group["params"]]
     grads = [p.grad for p in params]
     saved = [None if g is None or g.is_sparse else g.clone() for g in grads]
-    capture = optimizer.preconditioner.capture
+    capture = preconditioner.capture
     active, capture.active = capture.active, False
     for p in params:
         p.grad = None

@@ -18,7 +18,6 @@ untouched; each kept output travels with its call's projected input rows.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from kfrob.alerts import warn
 from kfrob.correction import EigenbasisMoment
 from kfrob.factors import RunningFactor
 from kfrob.layers import LayerMath
@@ -54,7 +54,24 @@ class TrackedLayer:
 
     @property
     def factors(self) -> tuple[RunningFactor, ...]:
+        """The estimated factors, domain first."""
         return tuple(f for f in (self.domain, self.codomain) if f is not None)
+
+    @property
+    def sides(self) -> tuple[RunningFactor | None, RunningFactor | None]:
+        """``(codomain, domain)``, ``None`` for an identity side."""
+        return self.codomain, self.domain
+
+    @property
+    def refresh_cost(self) -> float:
+        """The estimated cost of decomposing the factors, ``Σ_sides blocks · n³`` (``n²``
+        for a diagonal side)."""
+        return float(
+            sum(
+                f.value.shape[0] * f.value.shape[-1] ** (2 if f.diagonal else 3)
+                for f in self.factors
+            )
+        )
 
 
 SampledLoss = Callable[[Tensor, torch.Generator | None], Tensor]
@@ -104,7 +121,7 @@ class CurvatureCapture:
         self, layer: TrackedLayer, module: nn.Module, args: Any, kwargs: Any, output: Any
     ) -> None:
         layer.forward_calls += 1
-        if not self._recording(module) or not module.weight.requires_grad:
+        if not self._recording(module) or not layer.math.trainable:
             return
         projected = None  # this call's input rows for the eigenvalue correction
         if layer.domain is not None:
@@ -137,10 +154,9 @@ class CurvatureCapture:
         if not isinstance(output, Tensor):
             if not self._warned_output:
                 self._warned_output = True
-                warnings.warn(
+                warn(
                     "kfrob: fisher='mc' needs the model to return one tensor of predictions; "
-                    f"got {type(output).__name__}, so G is not updated (warned once)",
-                    stacklevel=2,
+                    f"got {type(output).__name__}, so G is not updated (warned once)"
                 )
             return
         loss = self._sampled_loss(output, self._generator)

@@ -22,9 +22,9 @@ The last part reads an optimizer's Kronecker factors: :func:`fisher_trace` and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from kfrob.norms import frobenius_inner, frobenius_norm, nuclear_to_frobenius_ratio
 
 if TYPE_CHECKING:
-    from kfrob.optimizer import FrobPreconditionedSGD
+    from kfrob.preconditioner import KroneckerPreconditioner, StepPlan
 
 __all__ = ["fisher_trace", "geometric_complexity", "hessian_trace", "step_diagnostics"]
 
@@ -262,22 +262,27 @@ def geometric_complexity(
 # ---------------------------------------------------------------------------------------------
 
 
-def fisher_trace(optimizer: FrobPreconditionedSGD) -> Tensor:
+def fisher_trace(source: Any) -> Tensor:
     """``Σ_layers tr(A ⊗ G) = Σ_layers Σ_blocks tr(A)·tr(G)``: the trace of the Kronecker-factored
     curvature, read off the running factors at no extra cost (identity sides count
-    ``tr(I) = n``). A 0-dim tensor on the factors' device."""
+    ``tr(I) = n``). ``source`` is a :class:`~kfrob.KroneckerPreconditioner` or an optimizer
+    holding one as ``.preconditioner``. A 0-dim tensor on the factors' device."""
+    preconditioner = getattr(source, "preconditioner", source)
     traces = [
         (
             torch.diagonal(a, dim1=-2, dim2=-1).sum(-1)
             * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)
         ).sum()
-        for a, g in optimizer.preconditioner.factors().values()
+        for a, g in preconditioner.factors().values()
     ]
     return torch.stack(traces).sum() if traces else torch.zeros(())
 
 
-def step_diagnostics(optimizer: FrobPreconditionedSGD) -> dict[str, float]:
-    """Diagnostics of the step the optimizer's current gradients give, as a flat dict.
+def step_diagnostics(
+    preconditioner: KroneckerPreconditioner, plan: StepPlan, damping: Mapping[str, float]
+) -> dict[str, float]:
+    """Diagnostics of a step, as a flat dict: ``plan`` is
+    :meth:`KroneckerPreconditioner.plan` of the directions, ``damping`` each layer's ``λ``.
 
     Per preconditioned layer ``name`` (``g`` its direction matrix ``[∇W + wd·W, ∇b]``,
     ``Δ = lr·ν·R(g)`` its update with ``R`` the damped preconditioner and ``ν`` the KL clip):
@@ -294,30 +299,28 @@ def step_diagnostics(optimizer: FrobPreconditionedSGD) -> dict[str, float]:
     and globally ``kl_clip_factor`` (``ν``) and ``fisher_trace`` (:func:`fisher_trace`). Every
     norm comes from :mod:`kfrob.norms`. Values are Python floats (this reads to the host).
     """
-    directions = optimizer._directions()
-    steps, nu = optimizer._preconditioned(directions)
-    factors = optimizer.preconditioner.factors()
-    group_of = optimizer._group_of()
+    nu = plan.kl_clip_factor
+    factors = preconditioner.factors()
     out: dict[str, float] = {}
-    for step in steps:
-        name, module = step.layer.name, step.layer.module
+    for step in plan.layers:
+        name = step.layer.name
         a, g = (f if f.dim() == 3 else f.unsqueeze(0) for f in factors[name])
         update = step.lr * nu * step.preconditioned
-        params = step.layer.math.to_matrix(module.weight, module.bias).detach()  # type: ignore[arg-type]
+        params = step.layer.math.parameter_matrix()
         metric_sq = frobenius_norm(update, codomain=g, domain_inverse=a, check=False).square()
         values = {
             "grad_norm": frobenius_norm(step.matrix).square().sum().sqrt(),
             "grad_norm_metric": frobenius_inner(step.matrix, step.preconditioned).sum().sqrt(),
             "update_norm": frobenius_norm(update).square().sum().sqrt(),
             "update_norm_metric": metric_sq.sum().sqrt(),
-            "damping": torch.tensor(float(group_of[module.weight]["damping"])),  # type: ignore[index]
+            "damping": torch.tensor(float(damping[name])),
             "cond_A": _condition_number(a),
             "cond_G": _condition_number(g),
             "nuclear_frobenius_ratio": nuclear_to_frobenius_ratio(params).mean(),
         }
         out.update({f"{name}/{key}": float(value) for key, value in values.items()})
     out["kl_clip_factor"] = float(nu)
-    out["fisher_trace"] = float(fisher_trace(optimizer))
+    out["fisher_trace"] = float(fisher_trace(preconditioner))
     return out
 
 

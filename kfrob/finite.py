@@ -1,4 +1,5 @@
-"""One cheap test of whether a set of tensors holds only finite values."""
+"""One cheap test of whether a set of tensors holds only finite values, and the choice it
+drives."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite"]
+__all__ = ["all_finite", "select"]
 
 
 def all_finite(tensors: Iterable[Tensor]) -> Tensor:
@@ -27,3 +28,14 @@ def all_finite(tensors: Iterable[Tensor]) -> Tensor:
     if not flags:
         return torch.ones((), dtype=torch.bool)
     return torch.stack(flags).all()
+
+
+def select(condition: Tensor, new: Tensor, old: Tensor | float) -> Tensor:
+    """``new`` where the 0-dim bool ``condition`` holds, else ``old`` (a tensor or a scalar):
+    a ``torch.where`` without host sync, except for sparse tensors (sparse embeddings), which
+    need one read."""
+    if new.is_sparse:
+        if bool(condition):
+            return new
+        return old if isinstance(old, Tensor) else torch.zeros_like(new)
+    return torch.where(condition, new, old)

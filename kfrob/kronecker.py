@@ -36,10 +36,11 @@ __all__ = [
     "apply_inverses",
     "decompose",
     "decompose_all",
-    "eigen_scaling",
+    "exact_scaling",
     "factored_damping",
     "factored_inverses",
     "factored_powers",
+    "factored_scaling",
     "subspace_step",
 ]
 
@@ -230,26 +231,25 @@ def factored_damping(
     return (lam if codomain.estimated else zero), (lam if domain.estimated else zero)
 
 
-def eigen_scaling(
-    codomain: Side,
-    domain: Side,
-    damping: float | Tensor,
-    exponent: float = 1.0,
-    method: str = "exact",
+def exact_scaling(
+    codomain: Side, domain: Side, damping: float | Tensor, exponent: float = 1.0
 ) -> Tensor:
-    """The elementwise scaling ``(k, out, in)`` applied in the eigenbases.
-
-    ``exact``: ``(e_G e_Aᵀ + λ)^{-p}`` (no ``λ`` if both sides are identities);
-    ``factored``: ``((e_G + d_G)(e_A + d_A)ᵀ)^{-p}`` with :func:`factored_damping`.
-    """
+    """Exact damping's elementwise scaling ``(e_G e_Aᵀ + λ)^{-p}`` ``(k, out, in)`` in the
+    eigenbases (no ``λ`` if both sides are identities)."""
     e_g, e_a = codomain.eigenvalues, domain.eigenvalues
-    if method == "exact":
-        estimated = codomain.estimated or domain.estimated
-        denominator = e_g[..., :, None] * e_a[..., None, :] + (damping if estimated else 0.0)
-    else:
-        d_g, d_a = factored_damping(codomain, domain, damping)
-        denominator = (e_g + d_g)[..., :, None] * (e_a + d_a)[..., None, :]
+    estimated = codomain.estimated or domain.estimated
+    denominator = e_g[..., :, None] * e_a[..., None, :] + (damping if estimated else 0.0)
     return denominator.pow(-exponent)
+
+
+def factored_scaling(
+    codomain: Side, domain: Side, damping: float | Tensor, exponent: float = 1.0
+) -> Tensor:
+    """Factored damping's elementwise scaling ``((e_G + d_G)(e_A + d_A)ᵀ)^{-p}``
+    ``(k, out, in)`` with the per-side dampings of :func:`factored_damping`."""
+    e_g, e_a = codomain.eigenvalues, domain.eigenvalues
+    d_g, d_a = factored_damping(codomain, domain, damping)
+    return ((e_g + d_g)[..., :, None] * (e_a + d_a)[..., None, :]).pow(-exponent)
 
 
 def apply_eigen(matrix: Tensor, codomain: Side, domain: Side, scaling: Tensor) -> Tensor:

@@ -25,7 +25,8 @@ How it fits Lightning's machinery:
   is no single optimizer step to precondition. ``FrobPreconditionedSGD`` itself can also be
   returned from ``configure_optimizers`` (without this callback).
 * Every ``log_every_n_steps`` optimizer steps, kfrob's diagnostics are logged through
-  ``pl_module.log_dict`` under ``kfrob/``.
+  ``pl_module.log_dict`` under ``kfrob/`` (all of them, or only the names given in
+  ``log_diagnostics``).
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "kfrob.lightning needs Lightning: install it with pip install 'kfrob[lightning]'"
     ) from err
 
-import torch
+import inspect
+from collections.abc import Collection
+
 from torch.optim import Optimizer
 
-from kfrob.optimizer import FrobPreconditionedSGD
+from kfrob.diagnostics import step_diagnostics
+from kfrob.options import PreconditionerOptions, flat_parameters
+from kfrob.preconditioner import KroneckerPreconditioner
 
 __all__ = ["FrobPreconditioner"]
 
@@ -50,62 +55,31 @@ __all__ = ["FrobPreconditioner"]
 class FrobPreconditioner(pl.Callback):
     """Precondition the gradients of any Lightning optimizer with Kronecker factors.
 
-    Takes ``FrobPreconditionedSGD``'s curvature arguments with the same defaults and
-    meaning (learning rate, momentum, weight decay and the ``GradScaler`` come from the
-    trainer); ``log_diagnostics`` turns the logging of
-    :meth:`FrobPreconditionedSGD.diagnostics` on or off. Under a DDP strategy the
-    trainer's process group is detected: factors are averaged over ranks and the inverse
-    work is shared (``inverse_placement`` as in the optimizer).
+    Takes a :class:`~kfrob.options.PreconditionerOptions`, or the same flat keywords as
+    :class:`kfrob.FrobPreconditionedSGD` (``loss``, ``damping``, ``inverse_update_freq``, …)
+    with the same defaults; learning rate, momentum, weight decay and the ``GradScaler``
+    come from the trainer. ``log_diagnostics`` is ``True`` (log every diagnostic of
+    :func:`kfrob.diagnostics.step_diagnostics`), ``False``, or the names to log (e.g.
+    ``["update_norm_metric", "kl_clip_factor"]``: a per-layer name is logged for every
+    layer). Under a DDP strategy the trainer's process group is detected: factors are
+    averaged over ranks and the inverse work is shared.
     """
 
     def __init__(
         self,
+        options: PreconditionerOptions | None = None,
         *,
-        damping: float = 1e-3,
-        factor_decay: float = 0.95,
-        factor_update_freq: int = 1,
-        inverse_update_freq: int = 10,
-        kl_clip: float | None = 1e-3,
-        domain: str = "covariance",
-        codomain: str = "fisher",
-        exponent: float = 1.0,
-        damping_method: str = "factored",
-        eigenbasis_refresh: str = "eigh",
-        weight_sharing: str = "expand",
-        factor_decay_warmup: bool = False,
-        stagger_refreshes: bool = False,
-        fisher: str | None = None,
-        loss: str | None = None,
-        loss_reduction: str = "mean",
-        inverse_placement: str = "replicated",
-        eigenvalue_correction: bool = False,
-        log_diagnostics: bool = True,
+        log_diagnostics: bool | Collection[str] = True,
+        **flat: Any,
     ) -> None:
-        self.options: dict[str, Any] = {
-            "damping": damping,
-            "factor_decay": factor_decay,
-            "factor_update_freq": factor_update_freq,
-            "inverse_update_freq": inverse_update_freq,
-            "kl_clip": kl_clip,
-            "domain": domain,
-            "codomain": codomain,
-            "exponent": exponent,
-            "damping_method": damping_method,
-            "eigenbasis_refresh": eigenbasis_refresh,
-            "weight_sharing": weight_sharing,
-            "factor_decay_warmup": factor_decay_warmup,
-            "stagger_refreshes": stagger_refreshes,
-            "fisher": fisher,
-            "loss": loss,
-            "loss_reduction": loss_reduction,
-            "inverse_placement": inverse_placement,
-            "eigenvalue_correction": eigenvalue_correction,
-        }
+        if options is None:
+            options = PreconditionerOptions.from_flat(**flat)  # validated here, at once
+        elif flat:
+            raise TypeError(f"pass options or flat keywords, not both (got {sorted(flat)})")
+        self.options = options
         self.log_diagnostics = log_diagnostics
-        self.engine: FrobPreconditionedSGD | None = None
+        self.engine: KroneckerPreconditioner | None = None
         self._pending_state: dict[str, Any] | None = None
-        # validate the arguments now, on a throwaway module, for an early clear error
-        FrobPreconditionedSGD(torch.nn.Linear(1, 1), lr=0.0, **self.options).close()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.engine is not None:
@@ -113,17 +87,17 @@ class FrobPreconditioner(pl.Callback):
         if not pl_module.automatic_optimization:
             raise RuntimeError(
                 "FrobPreconditioner supports automatic optimization (one optimizer); with "
-                "manual optimization use FrobPreconditionedSGD.precondition_grads() yourself"
+                "manual optimization call KroneckerPreconditioner.step() yourself"
             )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.engine = FrobPreconditionedSGD(pl_module, lr=0.0, grad_scaler=scaler, **self.options)
+        self.engine = KroneckerPreconditioner(pl_module, self.options, grad_scaler=scaler)
         if self._pending_state is not None:
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.engine is not None:
-            self.engine.close()
+            self.engine.remove_hooks()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -131,12 +105,21 @@ class FrobPreconditioner(pl.Callback):
         engine = self.engine
         if engine is None:
             return
-        due = engine.steps % max(1, trainer.log_every_n_steps) == 0
-        if self.log_diagnostics and due and engine.preconditioner.inverses:
-            stats = {f"kfrob/{k}": v for k, v in engine.diagnostics().items()}
-            pl_module.log_dict(stats, on_step=True, on_epoch=False)
         lrs = {p: float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
-        engine.precondition_grads(lrs)
+        due = engine.steps % max(1, trainer.log_every_n_steps) == 0
+        if self.log_diagnostics and due and engine.inverses:
+            grads = {p: p.grad for p in engine.parameters if p.grad is not None}
+            stats = step_diagnostics(engine, engine.plan(grads, lrs), engine.damping)
+            pl_module.log_dict(
+                {f"kfrob/{k}": v for k, v in stats.items() if self._logs(k)},
+                on_step=True,
+                on_epoch=False,
+            )
+        engine.step(lrs)
+
+    def _logs(self, key: str) -> bool:
+        chosen = self.log_diagnostics
+        return chosen is True or key.rsplit("/", 1)[-1] in chosen  # type: ignore[operator]
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.engine is None else self.engine.state_dict()
@@ -144,7 +127,19 @@ class FrobPreconditioner(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        state = state_dict.get("kfrob", state_dict)  # kfrob 0.1 saved the optimizer's state
         if self.engine is None:
-            self._pending_state = state_dict
+            self._pending_state = state
         else:
-            self.engine.load_state_dict(state_dict)
+            self.engine.load_state_dict(state)
+
+
+def _signature() -> inspect.Signature:
+    """``__init__``'s signature with the flat option keywords spelled out (for config
+    tools such as LightningCLI)."""
+    own = inspect.signature(FrobPreconditioner.__init__)
+    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    return own.replace(parameters=params + flat_parameters())
+
+
+FrobPreconditioner.__init__.__signature__ = _signature()  # type: ignore[attr-defined]

@@ -48,10 +48,19 @@ Conventions
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from kfrob.grams import (
+    apply_domain,
+    apply_gram,
+    check_gram,
+    check_matrix,
+    safe_denominator,
+    singular_values,
+    times_domain_factor,
+    validate,
+)
 
 __all__ = [
     "average_response",
@@ -65,147 +74,6 @@ __all__ = [
     "stable_rank",
     "steepest_descent",
 ]
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_matrix(S: Tensor, name: str) -> None:
-    if S.ndim < 2:
-        raise ValueError(
-            f"{name} must be a (batch of) matrix with shape (..., rows, cols), "
-            f"got shape {tuple(S.shape)}"
-        )
-
-
-def _check_gram(
-    gram: Tensor, name: str, size: int, batch_shape: torch.Size, what: str, check: bool
-) -> None:
-    """Raise ValueError (naming ``name``) unless ``gram`` is a valid SPD Gram of ``size``.
-
-    Shapes are always checked (free); symmetry and positive definiteness only if ``check``.
-    """
-    if gram.ndim < 2 or gram.shape[-1] != gram.shape[-2]:
-        raise ValueError(
-            f"{name} must be square with shape (..., {size}, {size}), got shape {tuple(gram.shape)}"
-        )
-    if gram.shape[-1] != size:
-        n = gram.shape[-1]
-        raise ValueError(f"{name} is {n}x{n} but must be {size}x{size} to match {what}")
-    try:
-        torch.broadcast_shapes(batch_shape, gram.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"{name} batch shape {tuple(gram.shape[:-2])} does not broadcast with the "
-            f"batch shape {tuple(batch_shape)} of {what}"
-        ) from None
-    if not check:
-        return
-    if not gram.is_floating_point():
-        raise ValueError(f"{name} must have a floating-point dtype, got {gram.dtype}")
-    g = gram.detach()
-    if not bool(torch.isfinite(g).all()):
-        raise ValueError(f"{name} has non-finite entries")
-    tol = math.sqrt(torch.finfo(g.dtype).eps)
-    asym = (g - g.mT).abs().amax((-2, -1))
-    scale = g.abs().amax((-2, -1))
-    if not bool((asym <= tol * scale).all()):
-        raise ValueError(f"{name} is not symmetric: max |G - Gᵀ| exceeds {tol:.1e} times max |G|")
-    if bool((torch.linalg.cholesky_ex(g).info != 0).any()):
-        raise ValueError(f"{name} is not positive definite (Cholesky factorisation failed)")
-
-
-def _validate(
-    S: Tensor,
-    domain: Tensor | None,
-    codomain: Tensor | None,
-    domain_inverse: Tensor | None,
-    check: bool,
-    name: str = "S",
-    batch: torch.Size | None = None,
-) -> None:
-    """Validate a map S (..., out, in) together with its domain and co-domain Grams.
-
-    ``batch`` overrides the batch shape the Grams must broadcast with (default S's).
-    """
-    _check_matrix(S, name)
-    if domain is not None and domain_inverse is not None:
-        raise ValueError("got both domain and domain_inverse; pass at most one of them")
-    out, inn = S.shape[-2], S.shape[-1]
-    batch = S.shape[:-2] if batch is None else batch
-    grams = (
-        (domain, "domain", inn, f"the number of columns (in) of {name}"),
-        (domain_inverse, "domain_inverse", inn, f"the number of columns (in) of {name}"),
-        (codomain, "codomain", out, f"the number of rows (out) of {name}"),
-    )
-    for gram, gram_name, size, what in grams:
-        if gram is not None:
-            _check_gram(gram, gram_name, size, batch, what, check)
-
-
-# ---------------------------------------------------------------------- linear algebra
-
-
-def _apply(gram: Tensor | None, X: Tensor, *, inverse: bool, right: bool) -> Tensor:
-    """Multiply X by a Gram or its inverse: G X, G⁻¹ X (``right=False``), X G, X G⁻¹.
-
-    ``gram=None`` is the identity and returns X itself.  Inverses are applied by a
-    Cholesky solve.
-    """
-    if gram is None:
-        return X
-    if not inverse:
-        return X @ gram if right else gram @ X
-    chol = torch.linalg.cholesky_ex(gram).L  # no error check: no host sync
-    if right:
-        # X G⁻¹ = (G⁻¹ Xᵀ)ᵀ because G is symmetric.
-        return torch.cholesky_solve(X.mT, chol).mT
-    return torch.cholesky_solve(X, chol)
-
-
-def _apply_domain(
-    X: Tensor, domain: Tensor | None, domain_inverse: Tensor | None, *, inverse: bool
-) -> Tensor:
-    """Right-multiply by M_X (``inverse=False``) or M_X⁻¹, whichever Gram was given."""
-    if domain_inverse is not None:
-        return _apply(domain_inverse, X, inverse=not inverse, right=True)
-    return _apply(domain, X, inverse=inverse, right=True)
-
-
-def _times_domain_factor(X: Tensor, domain: Tensor | None, domain_inverse: Tensor | None) -> Tensor:
-    """Return X F for a square root F of the domain covariance: F Fᵀ = M_X⁻¹.
-
-    With M_X⁻¹ = L Lᵀ given, F = L.  With M_X = L Lᵀ given, F = L⁻ᵀ (a triangular solve).
-    """
-    if domain_inverse is not None:
-        return X @ torch.linalg.cholesky_ex(domain_inverse).L
-    if domain is not None:
-        chol = torch.linalg.cholesky_ex(domain).L
-        return torch.linalg.solve_triangular(chol.mT, X, upper=True, left=False)
-    return X
-
-
-def _singular_values(
-    S: Tensor, domain: Tensor | None, codomain: Tensor | None, domain_inverse: Tensor | None
-) -> Tensor:
-    """Singular values (descending, shape (..., min(out, in))) of the whitened map.
-
-    The whitened map is K = L_Yᵀ S F with M_Y = L_Y L_Yᵀ and F Fᵀ = M_X⁻¹ (Cholesky
-    factors rather than symmetric square roots).  This choice does not matter: any two
-    square roots of the same SPD matrix differ by an orthogonal factor (e.g.
-    M_Y^{1/2} = U L_Yᵀ with U orthogonal), and orthogonal factors on either side leave
-    singular values unchanged.  Equivalently, σ(K)² are the eigenvalues of
-    K Kᵀ = L_Yᵀ (S M_X⁻¹ Sᵀ) L_Y, which is similar to M_Y S M_X⁻¹ Sᵀ.
-    """
-    K = _times_domain_factor(S, domain, domain_inverse)
-    if codomain is not None:
-        K = torch.linalg.cholesky_ex(codomain).L.mT @ K
-    return torch.linalg.svdvals(K)
-
-
-def _safe_denominator(x: Tensor) -> Tensor:
-    """x with zeros replaced by ones, so that 0 / x is 0 (and its gradient finite)."""
-    return torch.where(x > 0, x, torch.ones_like(x))
 
 
 # -------------------------------------------------------------------------- public API
@@ -235,13 +103,13 @@ def metric_trace(B: Tensor, gram: Tensor | None = None, *, check: bool = True) -
     Returns:
         Tensor of shape ``(...)`` (the broadcast batch shape).
     """
-    _check_matrix(B, "B")
+    check_matrix(B, "B")
     n = B.shape[-1]
     if B.shape[-2] != n:
         raise ValueError(f"B must be square with shape (..., n, n), got shape {tuple(B.shape)}")
     if gram is not None:
-        _check_gram(gram, "gram", n, B.shape[:-2], "the size of B", check)
-    return _apply(gram, B, inverse=True, right=False).diagonal(dim1=-2, dim2=-1).sum(-1)
+        check_gram(gram, "gram", n, B.shape[:-2], "the size of B", check)
+    return apply_gram(gram, B, inverse=True, right=False).diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
 def frobenius_inner(
@@ -270,8 +138,8 @@ def frobenius_inner(
     Returns:
         Tensor of the broadcast batch shape ``(...)``.
     """
-    _check_matrix(S, "S")
-    _check_matrix(T, "T")
+    check_matrix(S, "S")
+    check_matrix(T, "T")
     if T.shape[-2:] != S.shape[-2:]:
         raise ValueError(
             f"T must have the same matrix shape as S, got {tuple(T.shape[-2:])} and "
@@ -283,9 +151,9 @@ def frobenius_inner(
         raise ValueError(
             f"batch shapes of S {tuple(S.shape[:-2])} and T {tuple(T.shape[:-2])} do not broadcast"
         ) from None
-    _validate(S, domain, codomain, domain_inverse, check, batch=batch)
-    S_dual = _apply_domain(S, domain, domain_inverse, inverse=True)  # S M_X⁻¹
-    T_dual = _apply(codomain, T, inverse=False, right=False)  # M_Y T
+    validate(S, domain, codomain, domain_inverse, check, batch=batch)
+    S_dual = apply_domain(S, domain, domain_inverse, inverse=True)  # S M_X⁻¹
+    T_dual = apply_gram(codomain, T, inverse=False, right=False)  # M_Y T
     return (S_dual * T_dual).sum((-2, -1))
 
 
@@ -334,9 +202,9 @@ def riesz_representative(
     Returns:
         Tensor of shape ``(..., out, in)`` (broadcast batch shape).
     """
-    _validate(grad, domain, codomain, domain_inverse, check, name="grad")
-    grad_mx = _apply_domain(grad, domain, domain_inverse, inverse=False)  # grad M_X
-    return _apply(codomain, grad_mx, inverse=True, right=False)  # M_Y⁻¹ grad M_X
+    validate(grad, domain, codomain, domain_inverse, check, name="grad")
+    grad_mx = apply_domain(grad, domain, domain_inverse, inverse=False)  # grad M_X
+    return apply_gram(codomain, grad_mx, inverse=True, right=False)  # M_Y⁻¹ grad M_X
 
 
 def steepest_descent(
@@ -392,10 +260,10 @@ def average_response(
     Returns:
         Tensor of the broadcast batch shape ``(...)``.
     """
-    _validate(S, domain, codomain, domain_inverse, check)
+    validate(S, domain, codomain, domain_inverse, check)
     if n_samples < 1:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
-    SF = _times_domain_factor(S, domain, domain_inverse)  # (..., out, in)
+    SF = times_domain_factor(S, domain, domain_inverse)  # (..., out, in)
     z = torch.randn(
         (*SF.shape[:-2], S.shape[-1], n_samples),
         generator=generator,
@@ -403,7 +271,7 @@ def average_response(
         device=S.device,
     )
     y = SF @ z  # columns are S x with x = F z ~ N(0, M_X⁻¹); shape (..., out, n_samples)
-    sq_norms = (y * _apply(codomain, y, inverse=False, right=False)).sum(-2)  # yᵀ M_Y y
+    sq_norms = (y * apply_gram(codomain, y, inverse=False, right=False)).sum(-2)  # yᵀ M_Y y
     return sq_norms.mean(-1)
 
 
@@ -427,8 +295,8 @@ def operator_norm(
     Returns:
         Tensor of the broadcast batch shape ``(...)``.
     """
-    _validate(S, domain, codomain, domain_inverse, check)
-    return _singular_values(S, domain, codomain, domain_inverse)[..., 0]
+    validate(S, domain, codomain, domain_inverse, check)
+    return singular_values(S, domain, codomain, domain_inverse)[..., 0]
 
 
 def schatten_norm(
@@ -456,8 +324,8 @@ def schatten_norm(
     """
     if not p >= 1:  # also rejects NaN
         raise ValueError(f"p must be in [1, inf] for a Schatten norm, got p={p}")
-    _validate(S, domain, codomain, domain_inverse, check)
-    sv = _singular_values(S, domain, codomain, domain_inverse)
+    validate(S, domain, codomain, domain_inverse, check)
+    sv = singular_values(S, domain, codomain, domain_inverse)
     return torch.linalg.vector_norm(sv, ord=p, dim=-1)
 
 
@@ -482,10 +350,10 @@ def nuclear_to_frobenius_ratio(
     Returns:
         Tensor of the broadcast batch shape ``(...)``.
     """
-    _validate(S, domain, codomain, domain_inverse, check)
-    sv = _singular_values(S, domain, codomain, domain_inverse)
+    validate(S, domain, codomain, domain_inverse, check)
+    sv = singular_values(S, domain, codomain, domain_inverse)
     fro = torch.linalg.vector_norm(sv, dim=-1)
-    return sv.sum(-1) / _safe_denominator(fro)
+    return sv.sum(-1) / safe_denominator(fro)
 
 
 def stable_rank(
@@ -508,6 +376,6 @@ def stable_rank(
     Returns:
         Tensor of the broadcast batch shape ``(...)``.
     """
-    _validate(S, domain, codomain, domain_inverse, check)
-    sv = _singular_values(S, domain, codomain, domain_inverse)
-    return sv.square().sum(-1) / _safe_denominator(sv[..., 0].square())
+    validate(S, domain, codomain, domain_inverse, check)
+    sv = singular_values(S, domain, codomain, domain_inverse)
+    return sv.square().sum(-1) / safe_denominator(sv[..., 0].square())

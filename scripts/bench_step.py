@@ -60,7 +60,7 @@ class PhaseTimer:
             ("capture", CurvatureCapture, "_on_model_output"),
             ("factor update", KroneckerPreconditioner, "update_factors"),
             ("inverse refresh", KroneckerPreconditioner, "update_inverses"),
-            ("preconditioning", FrobPreconditionedSGD, "_precondition"),
+            ("preconditioning", KroneckerPreconditioner, "precondition_"),
         ]
         for phase, cls, name in targets:
             original = cls.__dict__[name]

@@ -7,6 +7,7 @@ import contextlib
 import socket
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfrob import FrobPreconditionedSGD
+from tests.reference import CountingMethod
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
 STEPS = 8
@@ -162,15 +164,8 @@ def train(
     pre = opt.preconditioner
     if pre.communicator is not None:
         pre.communicator.pack_triangles = pack_triangles
-    counts: dict[str, int] = {}
-    decompose = pre._inverses
-
-    def counting(layers: list[Any], damping: dict[str, float]) -> Any:
-        for layer in layers:
-            counts[layer.name] = counts.get(layer.name, 0) + 1
-        return decompose(layers, damping)
-
-    pre._inverses = counting  # type: ignore[method-assign]
+    counting = CountingMethod(pre.method)
+    pre.method = counting  # type: ignore[assignment]
     x_all, y_all = batches()
     per_rank = GLOBAL_BATCH // world_size
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -197,12 +192,12 @@ def train(
         "params": {k: v.detach().clone() for k, v in inner.state_dict().items()},
         "factors": pre.factors(),
         "state": {"model": inner.state_dict(), "optimizer": opt.state_dict()},
-        "counts": counts,
+        "counts": Counter(name for names, _ in counting.calls for name in names),
         "owners": pre.owners() if pre.communicator is not None else {},
         "skipped": int(pre.skipped_windows),
         "traffic": dict(pre.communicator.traffic.bytes) if pre.communicator else {},
         "calls": dict(pre.communicator.traffic.calls) if pre.communicator else {},
-        "warned_late_rows": pre._warned_late_rows,
+        "warned_late_rows": getattr(pre.placement, "warned_late_rows", False),
     }
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -114,3 +115,20 @@ def dense_solve(a: Tensor, g: Tensor, v: Tensor, damping: float, power: float = 
 def random_spd(n: int, generator: torch.Generator, scale: float = 1.0) -> Tensor:
     x = torch.randn(n, 2 * n, generator=generator, dtype=torch.float64)
     return scale * (x @ x.T / (2 * n)) + 1e-2 * torch.eye(n, dtype=torch.float64)
+
+
+class CountingMethod:
+    """An inverse method that records what it is asked to compute and delegates the rest to
+    ``inner`` (inject it as ``preconditioner.method``). ``calls`` holds, per call, the
+    layers' names and the damping they were given."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[tuple[list[str], dict[str, float]]] = []
+
+    def compute(self, layers: Any, damping: Any, held: Any) -> Any:
+        self.calls.append(([layer.name for layer in layers], dict(damping)))
+        return self.inner.compute(layers, damping, held)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

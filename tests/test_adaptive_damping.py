@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from kfrob import FrobPreconditionedSGD
 from kfrob.damping import ModelPiece, adapted_damping, quadratic_model
 from tests.distributed_harness import GLOBAL_BATCH, STEPS, batches, make_model, run_ranks
-from tests.reference import random_spd, vec
+from tests.reference import CountingMethod, random_spd, vec
 from tests.test_optimizer import quiet, small_model
 
 OMEGA = (19 / 20) ** 5
@@ -241,18 +241,13 @@ def test_the_new_damping_acts_at_the_next_inverse_refresh() -> None:
         model, lr=0.1, damping=1e-3, damping_method="exact", inverse_update_freq=2,
         adaptive_damping=True, damping_adaptation_interval=1,
     )  # fmt: skip
-    seen = []
-    original = opt.preconditioner.update_inverses
-
-    def spy(damping: dict[str, float], layers: object = None) -> int:
-        seen.append(dict(damping))
-        return original(damping, layers)
-
-    opt.preconditioner.update_inverses = spy  # type: ignore[method-assign]
+    counting = CountingMethod(opt.preconditioner.method)
+    opt.preconditioner.method = counting  # type: ignore[assignment]
     dampings = []
     for _ in range(4):
         opt.step(make(opt))
         dampings.append(damping_of(opt))
+    seen = [damping for _, damping in counting.calls]
     assert [d[""] for d in seen] == [1e-3, dampings[1]]  # refreshes at steps 0 and 2
 
 

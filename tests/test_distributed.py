@@ -163,7 +163,7 @@ def test_owner_placement_checkpoint_gets_its_missing_inverses_back(tmp_path: Pat
     owner = {"inverse_placement": "owner", "inverse_update_freq": 3}
     first = run_ranks(2, train, tmp_path / "a", owner, last_step=4)
     checkpoint = first[0]["state"]  # holds rank 0's inverses only
-    saved = checkpoint["optimizer"]["kfrob"]["preconditioner"]["layers"]
+    saved = checkpoint["optimizer"]["kfrob"]["engine"]["layers"]
     assert any(entry["inverse"] is None for entry in saved.values())
     resumed = run_ranks(2, train, tmp_path / "b", owner, first_step=4, checkpoint=checkpoint)
     assert_same(resumed[0]["params"], resumed[1]["params"], exact=True)

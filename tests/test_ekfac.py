@@ -72,7 +72,7 @@ def train_step(
     logits = model(x)
     F.cross_entropy(logits, y, reduction=reduction).backward()
     opt.step()
-    if opt.preconditioner.fisher == "empirical":
+    if opt.preconditioner.options.curvature.fisher == "empirical":
         return y
     assert state is not None
     redraw = torch.Generator().set_state(state)
@@ -344,7 +344,7 @@ def test_state_dict_round_trip_reproduces_the_next_steps_exactly() -> None:
     run(model, opt, range(4))
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    assert "correction" in opt.state_dict()["kfrob"]["preconditioner"]["layers"]["0"]
+    assert "correction" in opt.state_dict()["kfrob"]["engine"]["layers"]["0"]
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=False)
     resumed = make_model("conv")
@@ -386,7 +386,7 @@ def test_option_off_keeps_no_correction_and_no_state() -> None:
 
 
 def _layers_state(opt: FrobPreconditionedSGD) -> dict[str, dict[str, object]]:
-    return opt.state_dict()["kfrob"]["preconditioner"]["layers"]
+    return opt.state_dict()["kfrob"]["engine"]["layers"]
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -426,4 +426,4 @@ def test_lightning_callback_takes_the_option() -> None:
     with pytest.raises(ValueError, match=r"eigenvalue_correction.*damping_method='exact'"):
         make(eigenvalue_correction=True)
     callback = make(damping_method="exact", eigenvalue_correction=True)
-    assert callback.options["eigenvalue_correction"] is True  # type: ignore[attr-defined]
+    assert callback.options.inverse.eigenvalue_correction is True  # type: ignore[attr-defined]

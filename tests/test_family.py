@@ -172,10 +172,17 @@ def test_mc_fisher_warns_once_when_the_model_output_is_not_a_tensor() -> None:
 
 def test_default_fisher_is_mc_when_the_loss_is_known() -> None:
     layer = nn.Linear(3, 2)
-    assert FrobPreconditionedSGD(layer, lr=0.1, loss="cross_entropy").preconditioner.fisher == "mc"
-    assert FrobPreconditionedSGD(layer, lr=0.1).preconditioner.fisher == "empirical"
+    assert (
+        FrobPreconditionedSGD(
+            layer, lr=0.1, loss="cross_entropy"
+        ).preconditioner.options.curvature.fisher
+        == "mc"
+    )
+    assert (
+        FrobPreconditionedSGD(layer, lr=0.1).preconditioner.options.curvature.fisher == "empirical"
+    )
     forced = FrobPreconditionedSGD(layer, lr=0.1, fisher="empirical", loss="mse")
-    assert forced.preconditioner.fisher == "empirical"
+    assert forced.preconditioner.options.curvature.fisher == "empirical"
 
 
 def test_mc_fisher_survives_a_nan_batch() -> None:

@@ -131,7 +131,7 @@ def test_accumulation_gives_the_factors_of_the_whole_batch() -> None:
     trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[callbacks[1]]).fit(
         Classifier(sgd), loader(batch_size=8)
     )
-    whole, split = (c.engine.preconditioner.factors() for c in callbacks)  # type: ignore[union-attr]
+    whole, split = (c.engine.factors() for c in callbacks)  # type: ignore[union-attr]
     for name, (a, g) in whole.items():
         torch.testing.assert_close(split[name][0], a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(split[name][1], g, rtol=1e-4, atol=1e-7)
@@ -141,7 +141,7 @@ def test_bf16_mixed_keeps_float32_finite_factors() -> None:
     callback = FrobPreconditioner()
     module = Classifier(sgd)
     trainer(max_steps=10, precision="bf16-mixed", callbacks=[callback]).fit(module, loader())
-    for a, g in callback.engine.preconditioner.factors().values():  # type: ignore[union-attr]
+    for a, g in callback.engine.factors().values():  # type: ignore[union-attr]
         assert a.dtype == g.dtype == torch.float32
         assert torch.isfinite(a).all() and torch.isfinite(g).all()
     assert module.losses[-1] < module.losses[0]
@@ -239,8 +239,8 @@ def test_16_mixed_with_a_grad_scaler_removes_the_loss_scale() -> None:
     trainer(max_steps=1, plugins=[plugin], callbacks=[mixed]).fit(Classifier(sgd), loader())
     trainer(max_steps=1, callbacks=[full]).fit(Classifier(sgd), loader())
     assert mixed.engine.grad_scaler is scaler  # type: ignore[union-attr]
-    for name, (a, g) in full.engine.preconditioner.factors().items():  # type: ignore[union-attr]
-        a16, g16 = mixed.engine.preconditioner.factors()[name]  # type: ignore[union-attr]
+    for name, (a, g) in full.engine.factors().items():  # type: ignore[union-attr]
+        a16, g16 = mixed.engine.factors()[name]  # type: ignore[union-attr]
         assert a16.dtype == g16.dtype == torch.float32
         torch.testing.assert_close(g16, g, rtol=5e-3, atol=1e-5)
         torch.testing.assert_close(a16, a, rtol=5e-3, atol=1e-4)
@@ -265,7 +265,7 @@ def test_lightning_cli_example_runs_on_the_embedded_data() -> None:
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, FrobPreconditioner)]
     assert len(callbacks) == 1 and callbacks[0].engine is not None
     assert callbacks[0].engine.steps == 6
-    assert callbacks[0].engine.preconditioner.fisher == "mc"
+    assert callbacks[0].engine.options.curvature.fisher == "mc"
 
 
 class SaveFactors(pl.Callback):
@@ -280,9 +280,9 @@ class SaveFactors(pl.Callback):
         assert engine is not None
         torch.save(
             {
-                "factors": engine.preconditioner.factors(),
+                "factors": engine.factors(),
                 "params": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-                "distributed": engine.preconditioner.communicator is not None,
+                "distributed": engine.communicator is not None,
             },
             Path(self.out) / f"rank{trainer.global_rank}.pt",
         )

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kfrob.preconditioner
 from kfrob import FrobPreconditionedSGD
 from kfrob.factors import RunningFactor
-from tests.reference import domain_factor_linear
+from tests.reference import CountingMethod, domain_factor_linear
 
 
 def small_model() -> nn.Module:
@@ -169,20 +168,14 @@ def test_factor_update_freq_records_only_on_update_steps() -> None:
     assert changed == [False, False, True, False, False, True]
 
 
-def test_inverse_update_freq_reuses_inverses(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = kfrob.preconditioner.decompose_all
-
-    def counting(factors: list[Tensor], previous=None):  # type: ignore[no-untyped-def]
-        calls.extend(f.shape for f in factors)
-        return real(factors, previous)
-
-    monkeypatch.setattr(kfrob.preconditioner, "decompose_all", counting)
+def test_inverse_update_freq_reuses_inverses() -> None:
     model = small_model()
     opt = quiet(model, lr=0.05, inverse_update_freq=4, damping_method="exact")
+    counting = CountingMethod(opt.preconditioner.method)
+    opt.preconditioner.method = counting  # type: ignore[assignment]
     train(model, opt, batches(9))
-    # refreshes at steps 0, 4, 8; three layers with two factors each
-    assert len(calls) == 3 * 3 * 2
+    # refreshes at steps 0, 4, 8, each of all three layers
+    assert [sorted(names) for names, _ in counting.calls] == [["0", "3", "6"]] * 3
 
 
 def test_kl_clip_scales_all_layers_by_one_factor() -> None:

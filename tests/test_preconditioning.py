@@ -15,9 +15,10 @@ from kfrob.kronecker import (
     apply_eigen,
     decompose,
     decompose_all,
-    eigen_scaling,
+    exact_scaling,
     factored_inverses,
     factored_powers,
+    factored_scaling,
 )
 from tests.reference import dense_solve, random_spd
 
@@ -118,12 +119,12 @@ def test_pure_functions_on_random_spd_factors() -> None:
     v = torch.randn(1, 3, 4, generator=gen, dtype=torch.float64)
     sa, sg = decompose(a), decompose(g)
     assert sa is not None and sg is not None
-    exact = apply_eigen(v, sg, sa, eigen_scaling(sg, sa, 0.01))
+    exact = apply_eigen(v, sg, sa, exact_scaling(sg, sa, 0.01))
     torch.testing.assert_close(exact[0], dense_solve(a[0], g[0], v[0], 0.01))
     inverses = factored_inverses(g, a, 0.01)
     assert inverses is not None
     torch.testing.assert_close(inverses.apply(v)[0], factored_reference(a[0], g[0], v[0], 0.01))
-    factored_eigen = apply_eigen(v, sg, sa, eigen_scaling(sg, sa, 0.01, method="factored"))
+    factored_eigen = apply_eigen(v, sg, sa, factored_scaling(sg, sa, 0.01))
     torch.testing.assert_close(factored_eigen, inverses.apply(v))
 
 

@@ -294,7 +294,7 @@ def test_state_saved_in_float64_loads_onto_float32_factors() -> None:
     opt = quiet(model, lr=0.1)
     fit(model, opt, [(torch.randn(5, 3), torch.randint(0, 2, (5,)))])
     state = opt.state_dict()
-    layer_state = state["kfrob"]["preconditioner"]["layers"]["0"]["domain"]
+    layer_state = state["kfrob"]["engine"]["layers"]["0"]["domain"]
     layer_state["value"] = layer_state["value"].double()
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -1,4 +1,5 @@
-"""Per-layer math: how a layer turns its inputs and output gradients into factor rows.
+"""Per-layer math: how a layer turns its inputs and output gradients into factor rows, and
+its gradient into a matrix.
 
 Every supported layer is viewed the same way. Its forward pass is a batched matrix product
 ``y[b, :, l] = W_k @ a[b, :, l]`` over ``blocks`` independent blocks ``k`` (the groups of a
@@ -33,27 +34,25 @@ Both coincide for ``nn.Linear`` (one location).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "WEIGHT_SHARING",
-    "ConvMath",
-    "LayerMath",
-    "LinearMath",
-    "layer_math",
-    "unsupported_reason",
-]
+__all__ = ["WEIGHT_SHARING", "LayerMath"]
 
 WEIGHT_SHARING = ("expand", "reduce")
 
 
 class LayerMath:
     """Shared per-layer math; subclasses implement :meth:`unfold_input` and
-    :meth:`flatten_output`.
+    :meth:`flatten_output` (and override the parameter layout where theirs differs).
+
+    A ``LayerMath`` owns its module's parameters: nothing else in kfrob reads
+    ``module.weight`` or ``module.bias``. :attr:`parameters` are the tensors that enter the
+    matrix ``V = [W, b]``; :meth:`gradient_matrix` turns per-parameter tensors (gradients,
+    steps) into ``V``-shaped matrices and :meth:`split` turns a matrix back.
 
     Shapes (``k = blocks``): factor rows are ``(k, rows, features)``; the domain factor
     ``A`` is ``(k, in, in)`` with ``in = in_features (+1 for the bias)``; the co-domain factor
@@ -121,85 +120,68 @@ class LayerMath:
 
     def from_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
         """Inverse of :meth:`to_matrix`: ``(weight_like, bias_like or None)``."""
-        weight: Tensor = self.module.weight  # type: ignore[assignment]
+        weight = self.weight
         if not self.has_bias:
             return mat.reshape(weight.shape), None
         return mat[..., :-1].reshape(weight.shape), mat[..., -1].reshape(-1)
 
+    # --- the layer's parameters ----------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight  # type: ignore[return-value]
 
-class LinearMath(LayerMath):
-    """``nn.Linear`` on inputs of shape ``(..., d_in)``: every leading index is a sample."""
+    @property
+    def bias(self) -> Tensor | None:
+        """The bias, if it is part of the matrix (present and trainable at creation)."""
+        return self.module.bias if self.has_bias else None  # type: ignore[return-value]
 
-    def unfold_input(self, x: Tensor) -> Tensor:
-        return x.reshape(-1, x.shape[-1], 1)
+    @property
+    def parameters(self) -> tuple[Tensor, ...]:
+        """The tensors of the matrix ``V``: the weight, then the bias if it has one."""
+        bias = self.bias
+        return (self.weight,) if bias is None else (self.weight, bias)
 
-    def flatten_output(self, y: Tensor) -> Tensor:
-        return y.reshape(-1, y.shape[-1], 1)
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the weight is trained (a frozen weight is neither recorded nor refreshed)."""
+        return self.weight.requires_grad
 
-class ConvMath(LayerMath):
-    """``nn.Conv1d``/``nn.Conv2d`` with any stride, padding (``'same'``, ``'valid'``, padding
-    modes), dilation and groups; one block per group, one row per output location."""
+    @property
+    def bias_changed(self) -> bool:
+        """Whether the bias was frozen or unfrozen since this object was made."""
+        bias = getattr(self.module, "bias", None)
+        return self.has_bias != (bias is not None and bias.requires_grad)
 
-    def __init__(self, module: nn.Conv1d | nn.Conv2d, weight_sharing: str = "expand") -> None:
-        super().__init__(module, blocks=module.groups, weight_sharing=weight_sharing)
-        self.spatial_dims = len(module.kernel_size)
-        self._pad = _explicit_padding(module)
-        self._pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    def covers(self, tensors: Mapping[Tensor, Tensor]) -> bool:
+        """Whether ``tensors`` holds an entry for every parameter of the matrix."""
+        return all(p in tensors for p in self.parameters)
 
-    def _as_2d(self, values: Sequence[int], fill: int) -> tuple[int, int]:
-        return (fill, values[0]) if self.spatial_dims == 1 else (values[0], values[1])
+    def gradient_matrix(self, tensors: Mapping[Tensor, Tensor]) -> Tensor | None:
+        """The ``(blocks, out, in)`` matrix of per-parameter tensors (``tensors[weight]``,
+        ``tensors[bias]``; a missing bias entry counts as zeros), or ``None`` without a
+        weight entry. Sparse tensors are made dense."""
+        weight = tensors.get(self.weight)
+        if weight is None:
+            return None
+        bias = tensors.get(self.bias) if self.bias is not None else None
+        return self.to_matrix(*(_dense(t) for t in (weight, bias)))  # type: ignore[arg-type]
 
-    def unfold_input(self, x: Tensor) -> Tensor:
-        conv: nn.Conv1d | nn.Conv2d = self.module  # type: ignore[assignment]
-        if x.dim() == self.spatial_dims + 1:  # unbatched input
-            x = x.unsqueeze(0)
-        if any(self._pad):
-            x = F.pad(x, self._pad, mode=self._pad_mode)
-        if self.spatial_dims == 1:
-            x = x.unsqueeze(-2)
-        return F.unfold(
-            x,
-            kernel_size=self._as_2d(conv.kernel_size, 1),
-            dilation=self._as_2d(conv.dilation, 1),  # type: ignore[arg-type]
-            stride=self._as_2d(conv.stride, 1),
-        )
+    def split(self, matrix: Tensor) -> dict[Tensor, Tensor]:
+        """A ``(blocks, out, in)`` matrix as ``{parameter: parameter-shaped tensor}``."""
+        weight, bias = self.from_matrix(matrix)
+        out = {self.weight: weight}
+        if bias is not None and self.bias is not None:
+            out[self.bias] = bias
+        return out
 
-    def flatten_output(self, y: Tensor) -> Tensor:
-        if y.dim() == self.spatial_dims + 1:  # unbatched output
-            y = y.unsqueeze(0)
-        return y.reshape(y.shape[0], y.shape[1], -1)
-
-
-def _explicit_padding(conv: nn.Conv1d | nn.Conv2d) -> list[int]:
-    """The layer's padding as an ``F.pad`` list (last spatial dim first, left then right)."""
-    pads: list[int] = []
-    for dim in reversed(range(len(conv.kernel_size))):
-        if conv.padding == "same":
-            total = conv.dilation[dim] * (conv.kernel_size[dim] - 1)
-            pads += [total // 2, total - total // 2]
-        elif conv.padding == "valid":
-            pads += [0, 0]
-        else:
-            p = conv.padding[dim]  # type: ignore[index]
-            pads += [p, p]
-    return pads
+    def parameter_matrix(self) -> Tensor:
+        """The layer's current parameters as one detached matrix ``[W, b]``."""
+        return self.gradient_matrix({p: p.detach() for p in self.parameters})  # type: ignore[return-value]
 
 
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why ``module``'s own parameters cannot be preconditioned (``None`` when they can)."""
-    if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
-        return None
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return f"{type(module).__name__} is not a supported convolution"
-    return f"{type(module).__name__} has no Kronecker-factored curvature in kfrob"
-
-
-def layer_math(module: nn.Module, weight_sharing: str = "expand") -> LayerMath | None:
-    """The :class:`LayerMath` for a supported module, else ``None``; ``weight_sharing``
-    (``"expand"`` or ``"reduce"``) applies to convolutions."""
-    if isinstance(module, nn.Linear):
-        return LinearMath(module)
-    if isinstance(module, nn.Conv1d | nn.Conv2d):
-        return ConvMath(module, weight_sharing)
-    return None
+def _dense(t: Tensor | None) -> Tensor | None:
+    return t.to_dense() if t is not None and t.is_sparse else t

@@ -1,0 +1,268 @@
+"""Inverse methods: how a layer's damped inverse is computed from its factors.
+
+One :class:`InverseMethod` is chosen at construction (:func:`method_for`) and never asked
+about by name again:
+
+* :class:`FactoredDamping` (the default): π-damping of each factor. For ``p = 1`` and full
+  factors the two damped inverses by Cholesky; otherwise the damped matrix powers from the
+  eigendecompositions (or, with a diagonal side, the eigenbasis scaling).
+* :class:`ExactDamping`: eigendecompositions, damping ``A ⊗ G`` exactly; the eigenbases are
+  refreshed by ``eigh`` or, with ``refresh="subspace"``, by one subspace-iteration step from
+  the previous basis.
+* :class:`EigenvalueCorrected`: exact damping whose scaling follows the running per-sample
+  second moment ``S`` in the eigenbases (EKFAC, :mod:`kfrob.correction`).
+
+A method computes inverses for a list of layers (full factors of one size decomposed in one
+batched call, :func:`~kfrob.kronecker.decompose_all`), rebuilds an inverse from the state
+that travels between ranks, and owns any per-layer state of its own and its part of the
+``state_dict``. The math itself is in :mod:`kfrob.kronecker`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kfrob.capture import TrackedLayer
+from kfrob.correction import EigenbasisMoment
+from kfrob.factors import RunningFactor
+from kfrob.kronecker import (
+    EigenInverse,
+    InverseFactors,
+    Side,
+    decompose,
+    decompose_all,
+    exact_scaling,
+    factored_inverses,
+    factored_powers,
+    factored_scaling,
+)
+from kfrob.options import InverseOptions
+
+__all__ = [
+    "EigenvalueCorrected",
+    "ExactDamping",
+    "FactoredDamping",
+    "Inverse",
+    "InverseMethod",
+    "inverse_from_state",
+    "method_for",
+]
+
+Inverse = EigenInverse | InverseFactors
+
+
+class InverseMethod:
+    """The base: eigendecomposition-based inverses with a method-specific scaling.
+
+    Subclasses choose :meth:`scaling` (exact or factored damping), may compute some layers
+    without eigendecompositions (:meth:`by_cholesky`), may start decompositions from the
+    previous eigenbasis (:meth:`previous_basis`), and may keep per-layer state
+    (:meth:`attach`, :meth:`adopt`, :meth:`after_fold`, :meth:`layer_state`).
+    """
+
+    #: why the method cannot run under data parallelism (``None``: it can)
+    parallel_conflict: str | None = None
+
+    def __init__(self, exponent: float = 1.0) -> None:
+        self.exponent = exponent
+
+    # --- what subclasses choose --------------------------------------------------------------
+    def scaling(self, codomain: Side, domain: Side, damping: float) -> Tensor:
+        raise NotImplementedError
+
+    def by_cholesky(self, layer: TrackedLayer) -> bool:
+        """Whether the layer's inverse comes without eigendecompositions."""
+        return False
+
+    def previous_basis(self, inverse: Inverse | None, side: str, factor: Tensor) -> Tensor | None:
+        """The basis a decomposition of ``factor`` starts from (``None``: a full one)."""
+        return None
+
+    def from_sides(self, codomain: Side, domain: Side, damping: float) -> Inverse:
+        """The inverse from the two decomposed sides."""
+        return EigenInverse(codomain, domain, self.scaling(codomain, domain, damping))
+
+    # --- computing -------------------------------------------------------------------------
+    def compute(
+        self,
+        layers: Sequence[TrackedLayer],
+        damping: Mapping[str, float],
+        held: Mapping[str, Any],
+    ) -> dict[str, Inverse | None]:
+        """Each layer's damped inverse from its current factors (``None`` where a
+        decomposition failed). ``held`` maps layer names to their current inverses."""
+        eigen = [layer for layer in layers if not self.by_cholesky(layer)]
+        full = [  # in the order _side takes them: co-domain first
+            (layer.name, side, f.value)
+            for layer in eigen
+            for side, f in (("codomain", layer.codomain), ("domain", layer.domain))
+            if f is not None and not f.diagonal
+        ]
+        previous = [
+            self.previous_basis(_local(held.get(name)), side, value) for name, side, value in full
+        ]
+        decomposed = iter(decompose_all([value for *_, value in full], previous))
+        out: dict[str, Inverse | None] = {}
+        for layer in layers:
+            lam = damping[layer.name]
+            if not self.by_cholesky(layer):
+                sides = [
+                    _side(factor, size, decomposed, layer)
+                    for factor, size in (
+                        (layer.codomain, layer.math.out_features),
+                        (layer.domain, layer.math.in_features),
+                    )
+                ]
+                ok = sides[0] is not None and sides[1] is not None
+                out[layer.name] = self.from_sides(*sides, lam) if ok else None  # type: ignore[arg-type]
+                continue
+            out[layer.name] = factored_inverses(*(_value(f) for f in layer.sides), lam)
+        return out
+
+    def shared_state(self, inverse: Inverse) -> dict[str, Any]:
+        """What travels to the other ranks: the inverse's state, without an eigenbasis
+        scaling (cheap to recompute on arrival, :meth:`assemble`)."""
+        return {k: v for k, v in inverse.state_dict().items() if k != "scaling"}
+
+    def assemble(self, state: dict[str, Any], damping: float, device: torch.device) -> Inverse:
+        """An inverse from :meth:`shared_state`, computed exactly as its owner did."""
+        if state["kind"] != "eigen":
+            return inverse_from_state(state, device)
+        inverse = EigenInverse.from_state_dict({**state, "scaling": torch.empty(0)}, device)
+        inverse.scaling = self.scaling(inverse.codomain, inverse.domain, damping)
+        return inverse
+
+    # --- per-layer state (none by default) -------------------------------------------------
+    def attach(self, layer: TrackedLayer) -> None:
+        """Give a new layer the method's per-layer state."""
+
+    def adopt(self, layer: TrackedLayer, inverse: Inverse, damping: float) -> None:
+        """A new inverse was taken for ``layer``."""
+
+    def after_fold(self, layer: TrackedLayer, inverse: Inverse | None) -> None:
+        """The layer's factors were folded (its inverse, if any, may follow them)."""
+
+    def layer_state(self, layer: TrackedLayer) -> dict[str, Any]:
+        return {}
+
+    def load_layer_state(
+        self, layer: TrackedLayer, entry: dict[str, Any], inverse: Inverse | None
+    ) -> None:
+        """Restore :meth:`layer_state` (``entry`` is the layer's whole saved entry)."""
+
+
+class FactoredDamping(InverseMethod):
+    """π-damping: ``((A + π√λ I) ⊗ (G + √λ/π I))^{-p}``, two products per step."""
+
+    def scaling(self, codomain: Side, domain: Side, damping: float) -> Tensor:
+        return factored_scaling(codomain, domain, damping, self.exponent)
+
+    def by_cholesky(self, layer: TrackedLayer) -> bool:
+        """``p = 1`` and no diagonal side: Cholesky inverses."""
+        return self.exponent == 1.0 and not any(f.diagonal for f in layer.factors)
+
+    def from_sides(self, codomain: Side, domain: Side, damping: float) -> Inverse:
+        if all(s.basis is not None or not s.estimated for s in (codomain, domain)):
+            return factored_powers(codomain, domain, damping, self.exponent)
+        return super().from_sides(codomain, domain, damping)
+
+
+class ExactDamping(InverseMethod):
+    """``(A ⊗ G + λI)^{-p}`` in the eigenbases; ``refresh`` is ``"eigh"`` or
+    ``"subspace"``."""
+
+    def __init__(self, exponent: float = 1.0, refresh: str = "eigh") -> None:
+        super().__init__(exponent)
+        self.refresh = refresh
+
+    def scaling(self, codomain: Side, domain: Side, damping: float) -> Tensor:
+        return exact_scaling(codomain, domain, damping, self.exponent)
+
+    def previous_basis(self, inverse: Inverse | None, side: str, factor: Tensor) -> Tensor | None:
+        """With subspace refreshes, the current basis on that side if it has the factor's
+        shape."""
+        if self.refresh != "subspace" or not isinstance(inverse, EigenInverse):
+            return None
+        basis = getattr(inverse, side).basis
+        return basis if basis is not None and basis.shape == factor.shape else None
+
+
+class EigenvalueCorrected(ExactDamping):
+    """Exact damping with EKFAC's scaling ``(S + λ)^{-p}`` (:mod:`kfrob.correction`)."""
+
+    parallel_conflict = "False under data parallelism (S is not averaged over ranks)"
+
+    def attach(self, layer: TrackedLayer) -> None:
+        math = layer.math
+        layer.correction = EigenbasisMoment(
+            math.blocks, math.out_features, math.in_features, math.device
+        )
+
+    def adopt(self, layer: TrackedLayer, inverse: Inverse, damping: float) -> None:
+        if layer.correction is not None and isinstance(inverse, EigenInverse):
+            assert layer.codomain is not None
+            layer.correction.restart(inverse, layer.codomain.folds, damping, self.exponent)
+
+    def after_fold(self, layer: TrackedLayer, inverse: Inverse | None) -> None:
+        if layer.correction is not None and isinstance(inverse, EigenInverse):
+            inverse.scaling = layer.correction.scaling()  # the step follows S (on device)
+
+    def layer_state(self, layer: TrackedLayer) -> dict[str, Any]:
+        return {} if layer.correction is None else {"correction": layer.correction.state_dict()}
+
+    def load_layer_state(
+        self, layer: TrackedLayer, entry: dict[str, Any], inverse: Inverse | None
+    ) -> None:
+        """Restore ``S`` and its bases (those of the loaded inverse). A state saved without
+        the correction leaves it unset: the loaded inverse's scaling is used and ``S``
+        starts at the next refresh."""
+        correction = layer.correction
+        if correction is None:
+            return
+        held = inverse if isinstance(inverse, EigenInverse) else None
+        if entry.get("correction") is None or held is None:
+            correction.codomain_basis = correction.domain_basis = None
+            correction.discard()
+            return
+        correction.load_state_dict(entry["correction"], held)
+
+
+def method_for(options: InverseOptions) -> InverseMethod:
+    """The method the options name."""
+    match options.damping_method, options.eigenvalue_correction:
+        case "exact", True:
+            return EigenvalueCorrected(options.exponent, options.eigenbasis_refresh)
+        case "exact", False:
+            return ExactDamping(options.exponent, options.eigenbasis_refresh)
+        case _:
+            return FactoredDamping(options.exponent)
+
+
+def inverse_from_state(state: dict[str, Any], device: torch.device) -> Inverse:
+    """An inverse from its ``state_dict`` (either kind)."""
+    kind = EigenInverse if state["kind"] == "eigen" else InverseFactors
+    return kind.from_state_dict(state, device)
+
+
+def _local(inverse: Any) -> Inverse | None:
+    return inverse if isinstance(inverse, EigenInverse | InverseFactors) else None
+
+
+def _value(factor: RunningFactor | None) -> Tensor | None:
+    return None if factor is None else factor.value
+
+
+def _side(
+    factor: RunningFactor | None, size: int, decomposed: Iterator[Side | None], layer: TrackedLayer
+) -> Side | None:
+    """One side of a layer: an identity, a diagonal, or the next full decomposition."""
+    if factor is None:
+        ones = torch.ones(layer.math.blocks, size, device=layer.math.device)
+        return Side(None, ones, estimated=False)
+    if factor.diagonal:
+        return decompose(factor.value, diagonal=True)
+    return next(decomposed)

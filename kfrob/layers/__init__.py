@@ -1,0 +1,22 @@
+"""The layer registry: one file per layer kind, each owning its parameters and their layout,
+what its hooks record and how a gradient becomes a matrix (:class:`LayerMath`).
+
+Adding a layer kind is one new file here, with a ``LayerMath`` subclass and a
+``register(ModuleType, TheMath)`` line, and one import below.
+"""
+
+from kfrob.layers import conv, linear  # noqa: F401  (each registers its kinds)
+from kfrob.layers.base import WEIGHT_SHARING, LayerMath
+from kfrob.layers.conv import ConvMath
+from kfrob.layers.linear import LinearMath
+from kfrob.layers.registry import layer_math, register, unsupported_reason
+
+__all__ = [
+    "WEIGHT_SHARING",
+    "ConvMath",
+    "LayerMath",
+    "LinearMath",
+    "layer_math",
+    "register",
+    "unsupported_reason",
+]
