@@ -9,7 +9,7 @@ from kfrob.layers import conv, linear  # noqa: F401  (each registers its kinds)
 from kfrob.layers.base import WEIGHT_SHARING, LayerMath
 from kfrob.layers.conv import ConvMath
 from kfrob.layers.linear import LinearMath
-from kfrob.layers.registry import layer_math, register, unsupported_reason
+from kfrob.layers.registry import layer_math, register, unregister, unsupported_reason
 
 __all__ = [
     "WEIGHT_SHARING",
@@ -18,5 +18,6 @@ __all__ = [
     "LinearMath",
     "layer_math",
     "register",
+    "unregister",
     "unsupported_reason",
 ]

@@ -12,7 +12,7 @@ from torch import nn
 
 from kfrob.layers.base import LayerMath
 
-__all__ = ["layer_math", "register", "unsupported_reason"]
+__all__ = ["layer_math", "register", "unregister", "unsupported_reason"]
 
 LayerFactory = Callable[[nn.Module, str], LayerMath]
 
@@ -24,6 +24,11 @@ def register(kinds: type[nn.Module] | tuple[type[nn.Module], ...], factory: Laye
     weight_sharing)``. A later registration of the same type replaces the earlier one."""
     for kind in kinds if isinstance(kinds, tuple) else (kinds,):
         _REGISTRY[kind] = factory
+
+
+def unregister(kind: type[nn.Module]) -> None:
+    """Stop serving modules of exactly ``kind`` (no error if it was not registered)."""
+    _REGISTRY.pop(kind, None)
 
 
 def _factory(module: nn.Module) -> LayerFactory | None:
