@@ -40,13 +40,12 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "kfrob.lightning needs Lightning: install it with pip install 'kfrob[lightning]'"
     ) from err
 
-import inspect
 from collections.abc import Collection
 
 from torch.optim import Optimizer
 
 from kfrob.diagnostics import step_diagnostics
-from kfrob.options import PreconditionerOptions, flat_parameters
+from kfrob.options import PreconditionerOptions, with_flat_keywords
 from kfrob.preconditioner import KroneckerPreconditioner
 
 __all__ = ["FrobPreconditioner"]
@@ -134,12 +133,4 @@ class FrobPreconditioner(pl.Callback):
             self.engine.load_state_dict(state)
 
 
-def _signature() -> inspect.Signature:
-    """``__init__``'s signature with the flat option keywords spelled out (for config
-    tools such as LightningCLI)."""
-    own = inspect.signature(FrobPreconditioner.__init__)
-    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    return own.replace(parameters=params + flat_parameters())
-
-
-FrobPreconditioner.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
+with_flat_keywords(FrobPreconditioner.__init__)

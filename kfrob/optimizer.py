@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,7 +12,7 @@ from torch.optim import Optimizer
 from kfrob.adaptation import LevenbergMarquardt
 from kfrob.distributed import unwrap
 from kfrob.finite import select
-from kfrob.options import PreconditionerOptions, check_group, flat_parameters, require
+from kfrob.options import PreconditionerOptions, check_group, require, with_flat_keywords
 from kfrob.preconditioner import KroneckerPreconditioner
 
 __all__ = ["FrobPreconditionedSGD"]
@@ -306,11 +305,4 @@ class FrobPreconditionedSGD(Optimizer):
         return text
 
 
-def _signature() -> inspect.Signature:
-    """``__init__``'s signature with the flat option keywords spelled out."""
-    own = inspect.signature(FrobPreconditionedSGD.__init__)
-    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    return own.replace(parameters=params + flat_parameters())
-
-
-FrobPreconditionedSGD.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
+with_flat_keywords(FrobPreconditionedSGD.__init__)

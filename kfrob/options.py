@@ -31,6 +31,7 @@ __all__ = [
     "ScheduleOptions",
     "check_group",
     "flat_parameters",
+    "with_flat_keywords",
 ]
 
 Domain = Literal["covariance", "diagonal", "identity"]
@@ -301,6 +302,14 @@ def check_group(group: dict[str, Any]) -> None:
     if "damping" in group:
         lam = group["damping"]
         require("damping", lam, _number(lam) and lam > 0, "a finite number > 0")
+
+
+def with_flat_keywords(function: Any) -> None:
+    """Give ``function`` (a front's ``__init__`` that takes ``**flat``) a signature listing the
+    flat keywords in place of ``**flat``, with their defaults and types."""
+    own = inspect.signature(function)
+    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    function.__signature__ = own.replace(parameters=params + flat_parameters())
 
 
 def flat_parameters() -> list[inspect.Parameter]:
