@@ -50,7 +50,8 @@ class FrobPreconditionedSGD(Optimizer):
             ``weight_decay``, ``damping``), or ``None`` (default) for one group of all the
             model's parameters. A layer's ``damping`` and KL-clip learning rate are those of
             its weight's group.
-        lr: learning rate (``>= 0``).
+        lr: learning rate (``>= 0``; required; ``FrobPreconditionedSGD(model, 0.1)`` also
+            works).
         momentum: momentum factor in ``[0, 1)``.
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 penalty added to the gradient before preconditioning (``>= 0``).
@@ -80,7 +81,7 @@ class FrobPreconditionedSGD(Optimizer):
         model: nn.Module,
         params: Iterable[Any] | None = None,
         *,
-        lr: float,
+        lr: float | None = None,
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
@@ -96,6 +97,10 @@ class FrobPreconditionedSGD(Optimizer):
                 "second argument, e.g. FrobPreconditionedSGD(model, [{'params': decay}, "
                 "{'params': no_decay, 'weight_decay': 0.0}], lr=0.1)"
             )
+        if isinstance(params, int | float) and not isinstance(params, bool) and lr is None:
+            params, lr = None, params  # FrobPreconditionedSGD(model, 0.1), as in kfrob 0.1
+        if lr is None:
+            raise TypeError("FrobPreconditionedSGD needs a learning rate: lr=...")
         everything = list(unwrap(model).parameters())
         if not everything:
             raise ValueError("model has no parameters to optimize")
@@ -305,4 +310,4 @@ class FrobPreconditionedSGD(Optimizer):
         return text
 
 
-with_flat_keywords(FrobPreconditionedSGD.__init__)
+with_flat_keywords(FrobPreconditionedSGD.__init__, required=("lr",))

@@ -304,11 +304,16 @@ def check_group(group: dict[str, Any]) -> None:
         require("damping", lam, _number(lam) and lam > 0, "a finite number > 0")
 
 
-def with_flat_keywords(function: Any) -> None:
+def with_flat_keywords(function: Any, required: tuple[str, ...] = ()) -> None:
     """Give ``function`` (a front's ``__init__`` that takes ``**flat``) a signature listing the
-    flat keywords in place of ``**flat``, with their defaults and types."""
+    flat keywords in place of ``**flat``, with their defaults and types; the parameters named
+    in ``required`` are shown without a default."""
     own = inspect.signature(function)
-    params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params = [
+        p.replace(default=inspect.Parameter.empty) if p.name in required else p
+        for p in own.parameters.values()
+        if p.kind is not p.VAR_KEYWORD
+    ]
     function.__signature__ = own.replace(parameters=params + flat_parameters())
 
 

@@ -234,8 +234,10 @@ def test_parameters_instead_of_the_model_say_what_to_pass() -> None:
     model = small_model()
     with pytest.raises(TypeError, match=r"pass the model itself.*parameter groups"):
         FrobPreconditionedSGD(model.parameters(), lr=0.1)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="keyword-only argument: 'lr'"):
-        FrobPreconditionedSGD(model, 0.1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="needs a learning rate"):
+        FrobPreconditionedSGD(model)
+    positional = FrobPreconditionedSGD(model, 0.1, momentum=0.5)  # type: ignore[arg-type]
+    assert positional.param_groups[0]["lr"] == 0.1 and len(positional.param_groups) == 1
 
 
 # --- warnings and state formats -----------------------------------------------------------------
