@@ -87,6 +87,10 @@ class Placement:
     def fired_anywhere(self, local: dict[str, bool]) -> dict[str, bool]:
         return local
 
+    def check_same_layers(self, layout: dict[str, Any]) -> None:
+        """Refuse, on every rank, ranks whose layer tables differ (``layout``: this rank's
+        ``{layer name: description}``); nothing to compare in one process."""
+
     def average(self, values: Tensor) -> Tensor:
         """The mean of ``values`` over ranks (in place)."""
         return values
@@ -209,6 +213,21 @@ class Replicated(Placement):
         every rank disables the same layers."""
         gathered = self.communicator.gather_objects(local)
         return {name: any(flags[name] for flags in gathered) for name in local}
+
+    def check_same_layers(self, layout: dict[str, Any]) -> None:
+        """One small gather of every rank's layer table; every rank raises the same
+        ``ValueError``, naming the first layer that differs, so none waits for the others."""
+        tables = self.communicator.gather_objects(layout)
+        for rank, table in enumerate(tables):
+            if table == tables[0]:
+                continue
+            for name in sorted(set(table) | set(tables[0])):
+                mine, theirs = tables[0].get(name), table.get(name)
+                if mine != theirs:
+                    raise ValueError(
+                        f"ranks disagree on the model at layer {name!r}: rank 0 has "
+                        f"{mine or 'no such layer'}, rank {rank} has {theirs or 'no such layer'}"
+                    )
 
     def average(self, values: Tensor) -> Tensor:
         vote = torch.ones((), dtype=torch.bool, device=values.device)

@@ -123,6 +123,9 @@ class KroneckerPreconditioner(EngineState):
         self.placement: Placement = make_placement(
             communicator, options.parallel.inverse_placement, costs
         )
+        self.placement.check_same_layers(
+            {name: layer.math.describe() for name, layer in self.layers.items()}
+        )
         self.schedule = RefreshSchedule(options.schedule, costs)
         self.parameters = [p for p in model.parameters()]
         self.inverses: dict[str, Any] = {}

@@ -249,3 +249,90 @@ def refuse_fsdp(rank: int, world_size: int) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+# --- uneven batches ----------------------------------------------------------------------------
+
+# rows per rank at each step (each sums to GLOBAL_BATCH): uneven, and an empty last batch
+UNEVEN = [(3, 9), (9, 3), (6, 6), (1, 11), (12, 0), (5, 7), (2, 10), (0, 12)]
+
+
+def _rank_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean loss of this rank's rows; an empty batch has loss 0 (and zero gradients)."""
+    out = model(x)
+    return F.cross_entropy(out, y) if len(y) else out.sum() * 0.0
+
+
+def train_uneven(
+    rank: int, world_size: int, options: dict[str, Any] | None = None,
+    sizes: list[tuple[int, ...]] = UNEVEN,
+) -> dict[str, Any]:  # fmt: skip
+    """Each step, this rank takes its ``sizes[step][rank]`` rows of the global batch."""
+    inner = make_model()
+    model = nn.parallel.DistributedDataParallel(inner)
+    opt = make_optimizer(model, **(options or {}))
+    x_all, y_all = batches()
+    for step, counts in enumerate(sizes):
+        start = sum(counts[:rank])
+        rows = slice(start, start + counts[rank])
+        opt.zero_grad()
+        _rank_loss(model, x_all[step, rows], y_all[step, rows]).backward()
+        opt.step()
+    return {
+        "params": {k: v.detach().clone() for k, v in inner.state_dict().items()},
+        "factors": opt.preconditioner.factors(),
+    }
+
+
+def reference_uneven(
+    options: dict[str, Any] | None = None, sizes: list[tuple[int, ...]] = UNEVEN
+) -> dict[str, Any]:
+    """One process with the factors of the concatenated batch (recorded from its mean loss)
+    and DDP's gradient for these per-rank batches: the mean over ranks of each rank's mean
+    loss gradient (an empty rank adds zero)."""
+    model = make_model()
+    opt = make_optimizer(model, **(options or {}))
+    capture = opt.preconditioner.capture
+    x_all, y_all = batches()
+    for step, counts in enumerate(sizes):
+        opt.zero_grad()
+        F.cross_entropy(model(x_all[step]), y_all[step]).backward()  # records A and G
+        opt.zero_grad()
+        capture.active, recording = False, capture.active
+        start = 0
+        for count in counts:
+            rows = slice(start, start + count)
+            (_rank_loss(model, x_all[step, rows], y_all[step, rows]) / len(counts)).backward()
+            start += count
+        capture.active = recording
+        opt.step()
+    return {
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "factors": opt.preconditioner.factors(),
+    }
+
+
+def weighted_average(rank: int, world_size: int) -> list[torch.Tensor]:
+    """``Communicator.average_`` of rank-dependent statistics with rank-dependent weights."""
+    from kfrob.distributed import Communicator
+
+    communicator = Communicator()
+    stats = [torch.full((2, 3), float(rank + 1)), torch.full((4,), 10.0 * (rank + 1))]
+    weights = [float(rank + 1), 0.0 if rank == 1 else 5.0]
+    totals, accepted = communicator.average_(stats, weights, torch.ones((), dtype=torch.bool))
+    return [*stats, torch.stack(totals), accepted]
+
+
+def refuse_mismatch(rank: int, world_size: int, change: str) -> str:
+    """Rank 1 builds a model that differs (``"shape"`` or ``"extra"`` layer); returns the
+    error each rank raised at construction."""
+    torch.manual_seed(0)
+    width = 6 if rank == 1 and change == "shape" else 5
+    layers = [nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3)]
+    if rank == 1 and change == "extra":
+        layers.append(nn.Linear(3, 3))
+    try:
+        make_optimizer(nn.Sequential(*layers))
+    except ValueError as err:
+        return str(err)
+    return "no error"

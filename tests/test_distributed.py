@@ -15,10 +15,14 @@ import torch.distributed as dist
 from kfrob.distributed import assign_owners
 from tests.distributed_harness import (
     STEPS,
+    reference_uneven,
     refuse_fsdp,
+    refuse_mismatch,
     run_ranks,
     train,
     train_rank_dependent,
+    train_uneven,
+    weighted_average,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -209,3 +213,55 @@ def test_owner_assignment_is_greedy_balanced_and_deterministic() -> None:
     assert owners == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}  # loads 12 and 12
     assert assign_owners(dict(reversed(costs.items())), 2) == owners
     assert set(assign_owners(costs, 1).values()) == {0}
+
+
+def test_weighted_average_over_ranks_unit(tmp_path: Path) -> None:
+    """Weights 1, 2 (and 5, 0): rank 1's second statistic does not count at all."""
+    for stat_a, stat_b, totals, accepted in run_ranks(2, weighted_average, tmp_path):
+        torch.testing.assert_close(stat_a, torch.full((2, 3), (1 * 1 + 2 * 2) / 3))
+        torch.testing.assert_close(stat_b, torch.full((4,), 10.0))
+        torch.testing.assert_close(totals, torch.tensor([3.0, 5.0]))
+        assert bool(accepted)
+
+
+@pytest.mark.parametrize("options", [{}, {"fisher": "mc", "loss": "cross_entropy"}],
+                         ids=["empirical", "mc-factors-only"])  # fmt: skip
+def test_uneven_and_empty_batches_equal_the_concatenated_batch(
+    tmp_path: Path, options: dict
+) -> None:
+    """Ranks of 3 and 9 rows, …, and an empty batch on either rank: every rank's factors are
+    those of the concatenated batch (weighted by rows and samples, not by rank), and its steps
+    those of one process using them with DDP's averaged gradient."""
+    ranks = run_ranks(2, train_uneven, tmp_path, options)
+    assert_same(ranks[0]["params"], ranks[1]["params"], exact=True)
+    if options:  # the MC labels differ between ranks and one process: compare ranks only
+        return
+    reference = reference_uneven(options)
+    assert_same(factors_flat(ranks[0]["factors"]), factors_flat(reference["factors"]), exact=False)
+    assert_same(ranks[0]["params"], reference["params"], exact=False)
+
+
+def test_equal_weights_would_not_give_the_concatenated_factors() -> None:
+    """The check above can fail: averaging the ranks' factors with equal weights differs
+    from the concatenated batch's factors by far more than the tolerance."""
+    from tests.distributed_harness import UNEVEN, batches, make_model, make_optimizer
+
+    x_all, y_all = batches()
+    per_rank = []
+    for rows in (slice(0, UNEVEN[0][0]), slice(UNEVEN[0][0], 12)):
+        model = make_model()
+        opt = make_optimizer(model)
+        torch.nn.functional.cross_entropy(model(x_all[0, rows]), y_all[0, rows]).backward()
+        opt.step()
+        per_rank.append(factors_flat(opt.preconditioner.factors()))
+    whole = factors_flat(reference_uneven(sizes=UNEVEN[:1])["factors"])
+    equal = {k: (per_rank[0][k] + per_rank[1][k]) / 2 for k in whole}
+    assert any(not torch.allclose(equal[k], whole[k], rtol=1e-4, atol=1e-5) for k in whole)
+
+
+@pytest.mark.parametrize("change", ["shape", "extra"])
+def test_ranks_with_different_models_are_refused_on_every_rank(tmp_path: Path, change: str) -> None:
+    messages = run_ranks(2, refuse_mismatch, tmp_path, change, timeout=60)
+    assert messages[0] == messages[1]
+    assert "ranks disagree on the model at layer" in messages[0]
+    assert ("'0'" if change == "shape" else "'3'") in messages[0]

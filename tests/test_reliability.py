@@ -612,3 +612,26 @@ def test_all_finite_flags_every_kind_of_non_finite_value() -> None:
         assert not bool(all_finite([sparse]))
     # float16 values whose float16 sum would overflow are still finite
     assert bool(all_finite([torch.full((100, 100), 60000.0, dtype=torch.float16)]))
+
+
+def test_an_empty_batch_records_nothing_and_breaks_nothing() -> None:
+    """A step on zero rows (a rank's empty last batch) leaves the factors as they were and
+    takes a finite (zero-gradient) step, for convolutions and linear layers alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(48, 4))
+    opt = FrobPreconditionedSGD(model, lr=0.1, inverse_update_freq=1)
+    data = [(torch.randn(n, 2, 4, 4), torch.randint(0, 4, (n,))) for n in (6, 0, 6)]
+    for i, (x, y) in enumerate(data):
+        opt.zero_grad()
+        out = model(x)
+        (F.cross_entropy(out, y) if len(y) else out.sum() * 0.0).backward()
+        if i == 1:
+            before = {
+                k: tuple(t.clone() for t in v) for k, v in opt.preconditioner.factors().items()
+            }
+        opt.step()
+        if i == 1:
+            for name, (a, g) in opt.preconditioner.factors().items():
+                assert torch.equal(a, before[name][0]) and torch.equal(g, before[name][1])
+    assert int(opt.preconditioner.skipped_windows) == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())

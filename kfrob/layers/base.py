@@ -82,9 +82,10 @@ class LayerMath:
     # --- shared ------------------------------------------------------------------------
     def _rows(self, t: Tensor) -> Tensor:
         """``(samples, blocks * f, locations)`` → float32 ``(blocks, samples * locations, f)``."""
-        samples, _, locations = t.shape
-        t = t.reshape(samples, self.blocks, -1, locations).permute(1, 0, 3, 2)
-        return t.reshape(self.blocks, samples * locations, -1).float()
+        samples, channels, locations = t.shape
+        features = channels // self.blocks  # explicit: an empty batch has no -1 to infer
+        t = t.reshape(samples, self.blocks, features, locations).permute(1, 0, 3, 2)
+        return t.reshape(self.blocks, samples * locations, features).float()
 
     def input_rows(self, x: Tensor) -> Tensor:
         """Domain rows ``a`` of shape ``(blocks, rows, in)``, bias column of ones last
@@ -155,6 +156,12 @@ class LayerMath:
         """Whether the bias was frozen or unfrozen since this object was made."""
         bias = getattr(self.module, "bias", None)
         return self.has_bias != (bias is not None and bias.requires_grad)
+
+    def describe(self) -> str:
+        """The layer's kind and shapes, e.g. ``"Linear (4, 3) with bias"``, for comparing
+        the models of several ranks."""
+        shape = tuple(self.weight.shape)
+        return f"{type(self.module).__name__} {shape} {'with' if self.has_bias else 'without'} bias"
 
     def covers(self, tensors: Mapping[Tensor, Tensor]) -> bool:
         """Whether ``tensors`` holds an entry for every parameter of the matrix."""

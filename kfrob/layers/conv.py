@@ -44,7 +44,7 @@ class ConvMath(LayerMath):
     def flatten_output(self, y: Tensor) -> Tensor:
         if y.dim() == self.spatial_dims + 1:  # unbatched output
             y = y.unsqueeze(0)
-        return y.reshape(y.shape[0], y.shape[1], -1)
+        return y.flatten(2)  # (samples, channels, locations), also for an empty batch
 
 
 def _explicit_padding(conv: nn.Conv1d | nn.Conv2d) -> list[int]:
