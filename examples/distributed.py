@@ -10,6 +10,10 @@ holds the same factors and takes the same step.
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST:29500 --rdzv_id=kfrob examples/distributed.py     # two nodes
 
+With a fixed ``--node_rank`` (static rendezvous) the global ranks, and so the shards and
+every step, are those of one node with all the processes: tests/test_distributed_launch.py
+runs two "nodes" on one machine against a single-node run.
+
 Uses NCCL on GPUs and gloo on CPUs. ``--inverse-placement owner`` keeps each layer's
 eigenbases on one rank only (less memory, more traffic; see docs/distributed.md).
 """
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="per rank")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--inverse-placement", default="replicated")
+    parser.add_argument("--save", default=None, help="rank 0 saves the trained weights here")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -69,6 +74,8 @@ def main() -> None:
                 logits = model.module(x_test.to(device))
                 accuracy = (logits.argmax(1).cpu() == y_test).float().mean().item()
             print(f"epoch {epoch}: test accuracy {accuracy:.4f} ({step} steps on {world} ranks)")
+    if rank == 0 and args.save:
+        torch.save({k: v.cpu() for k, v in model.module.state_dict().items()}, args.save)
     dist.destroy_process_group()
 
 

@@ -40,8 +40,9 @@ def _entry(
     worker: Callable[..., Any],
     args: tuple,
     kwargs: dict[str, Any],
+    threads: int = 1,
 ) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         dist.init_process_group(
             "gloo",
@@ -66,16 +67,19 @@ def run_ranks(
     out: Path,
     *args: Any,
     timeout: float = 120.0,
+    threads: int = 1,
     **kwargs: Any,
 ) -> list[Any]:
-    """``worker(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned gloo ranks; returns
-    their results (what each returned), failing with the rank's traceback or on timeout."""
+    """``worker(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned gloo ranks of
+    ``threads`` intra-op threads each; returns their results (what each returned), failing
+    with the rank's traceback or on timeout."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     context = mp.get_context("spawn")
     processes = [
         context.Process(
-            target=_entry, args=(rank, world_size, port, str(out), worker, args, kwargs)
+            target=_entry,
+            args=(rank, world_size, port, str(out), worker, args, kwargs, threads),
         )
         for rank in range(world_size)
     ]
@@ -336,3 +340,10 @@ def refuse_mismatch(rank: int, world_size: int, change: str) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def repeat_train(
+    rank: int, world_size: int, options: dict[str, Any], extra: dict[str, Any], repeats: int
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`train` ``repeats`` times in one process group; each run's parameters."""
+    return [train(rank, world_size, options, **extra)["params"] for _ in range(repeats)]
