@@ -51,10 +51,11 @@ class EigenbasisMoment(RunningFactor):
     """
 
     def __init__(
-        self, blocks: int, out_features: int, in_features: int, device: torch.device | None
-    ) -> None:
-        super().__init__(blocks, out_features, per_sample_scale=True, device=device)
-        self.value = torch.zeros(blocks, out_features, in_features, device=device)
+        self, blocks: int, out_features: int, in_features: int, device: torch.device | None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:  # fmt: skip
+        super().__init__(blocks, out_features, per_sample_scale=True, device=device, dtype=dtype)
+        self.value = torch.zeros(blocks, out_features, in_features, device=device, dtype=dtype)
         self._sum = torch.zeros_like(self.value)
         self.codomain_basis: Tensor | None = None
         self.domain_basis: Tensor | None = None

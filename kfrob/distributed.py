@@ -183,7 +183,9 @@ class Communicator:
     def _start_all_reduce(self, pieces: list[Tensor], purpose: str) -> tuple[Tensor, list]:
         """Start summing the concatenation of ``pieces`` over ranks, in buckets launched
         back to back; returns the buffer and the works to wait for."""
-        flat = torch.cat([p.float() for p in pieces])
+        # float32, or float64 where a statistic is (float64 layers keep float64 curvature)
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in pieces) else torch.float32
+        flat = torch.cat([p.to(dtype) for p in pieces])
         works = []
         for bucket in flat.split(self.bucket_elements):
             self.traffic.add(purpose, bucket)

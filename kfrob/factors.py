@@ -1,6 +1,7 @@
 """Running estimates of one Kronecker factor; the same class serves ``A`` and ``G``.
 
-Between two optimizer steps the hooks add raw sums ``S = Σ_rows r rᵀ`` (float32) of factor
+Between two optimizer steps the hooks add raw sums ``S = Σ_rows r rᵀ`` (in the factor's dtype:
+float32, or float64 for a float64 layer) of factor
 rows ``r``, together with the number of rows and of samples they came from. At the step the
 window's statistic is
 
@@ -37,6 +38,7 @@ class RunningFactor:
         per_sample_scale: False for ``A`` (normalise by rows); True for ``G`` (the rows are
             loss gradients; normalise as the module docstring says).
         device: where the factor lives (the layer's parameters' device).
+        dtype: the factor's dtype (float32 by default; float64 for float64 layers).
     """
 
     def __init__(
@@ -47,13 +49,14 @@ class RunningFactor:
         diagonal: bool = False,
         per_sample_scale: bool = False,
         device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (blocks, size) if diagonal else (blocks, size, size)
         self.diagonal = diagonal
         self.per_sample_scale = per_sample_scale
-        self.value = torch.zeros(shape, device=device)
+        self.value = torch.zeros(shape, device=device, dtype=dtype)
         self.folds = torch.zeros((), dtype=torch.long, device=device)  # accepted windows
-        self._sum = torch.zeros(shape, device=device)
+        self._sum = torch.zeros(shape, device=device, dtype=dtype)
         self.rows = 0
         self.samples = 0
         self.calls = 0
@@ -100,6 +103,7 @@ class RunningFactor:
             weight = (1.0 / (self.folds + 1)).clamp(min=1.0 - decay) * accept
         else:
             weight = torch.where(self.initialized, 1.0 - decay, 1.0) * accept
+        weight = weight.to(self.value.dtype)
         # a rejected (possibly non-finite) statistic is replaced before it meets the weight
         self.value = torch.lerp(self.value, torch.where(accept, statistic, self.value), weight)
         self.folds = self.folds + accept.long()

@@ -199,7 +199,7 @@ class EigenvalueCorrected(ExactDamping):
     def attach(self, layer: TrackedLayer) -> None:
         math = layer.math
         layer.correction = EigenbasisMoment(
-            math.blocks, math.out_features, math.in_features, math.device
+            math.blocks, math.out_features, math.in_features, math.device, math.factor_dtype
         )
 
     def adopt(self, layer: TrackedLayer, inverse: Inverse, damping: float) -> None:
@@ -261,7 +261,8 @@ def _side(
 ) -> Side | None:
     """One side of a layer: an identity, a diagonal, or the next full decomposition."""
     if factor is None:
-        ones = torch.ones(layer.math.blocks, size, device=layer.math.device)
+        math = layer.math
+        ones = torch.ones(math.blocks, size, device=math.device, dtype=math.factor_dtype)
         return Side(None, ones, estimated=False)
     if factor.diagonal:
         return decompose(factor.value, diagonal=True)

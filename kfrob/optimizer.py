@@ -6,7 +6,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.optim import Optimizer
 
 from kfrob.adaptation import LevenbergMarquardt
@@ -18,7 +20,7 @@ from kfrob.preconditioner import KroneckerPreconditioner
 __all__ = ["FrobPreconditionedSGD"]
 
 
-class FrobPreconditionedSGD(Optimizer):
+class FrobPreconditionedSGD(Optimizer, Joinable):
     r"""Stochastic gradient descent preconditioned by Kronecker-factored curvature.
 
     For every registered layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``; weight ``W``
@@ -73,7 +75,11 @@ class FrobPreconditionedSGD(Optimizer):
     ``ρ = (L(θ+Δ) − L(θ)) / M(Δ)`` on its batch by calling the closure once more after the
     update, and moves every group's ``damping`` (:mod:`kfrob.adaptation`); :meth:`step` then
     needs a closure. Under data parallelism every rank must call :meth:`step` (and
-    :meth:`diagnostics`) together.
+    :meth:`diagnostics`) together, or run inside
+    ``torch.distributed.algorithms.join.Join([ddp_model, optimizer])`` for uneven inputs: a
+    rank out of data then shadows kfrob's collectives (its factors and inverses stay those of
+    the others; DDP syncs the final weights). Join needs ``inverse_placement="replicated"``
+    and no ``adaptive_damping``.
     """
 
     def __init__(
@@ -135,6 +141,7 @@ class FrobPreconditionedSGD(Optimizer):
         rule = options.adaptation
         self._adaptation = None if rule is None else LevenbergMarquardt(rule)
         self.last_reduction_ratio: float | None = None  # ρ of the last adaptation
+        Joinable.__init__(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As in ``torch.optim``; the group's options are validated and its parameters must
@@ -183,6 +190,7 @@ class FrobPreconditionedSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        Join.notify_join_context(self)
         pre = self.preconditioner
         measured = adaptation is not None and adaptation.due(pre.steps)
         before = adaptation.snapshot(self.param_groups) if measured else None  # type: ignore[union-attr]
@@ -269,6 +277,44 @@ class FrobPreconditionedSGD(Optimizer):
                     d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
                 p.add_(select(finite, d, 0.0), alpha=-lr)
 
+    # --- uneven inputs: torch.distributed.algorithms.join -------------------------------
+    @property
+    def _join_config(self) -> Any:  # set by Join on entry and exit (the Joinable protocol)
+        return self.__dict__.get("_join_settings")
+
+    @_join_config.setter
+    def _join_config(self, config: Any) -> None:
+        self.__dict__["_join_settings"] = config
+        if "preconditioner" in self.__dict__:  # joined ranks shadow collectives only at step
+            self.preconditioner.sends_early = not config.enable
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        """The hook by which a rank out of data shadows kfrob's collectives."""
+        if self.options.parallel.inverse_placement != "replicated" or self.adaptive_damping:
+            raise ValueError(
+                "Join needs inverse_placement='replicated' and adaptive_damping=False: a "
+                "joined rank cannot shadow the owners' broadcasts of preconditioned "
+                "gradients or the damping rule's closure"
+            )
+        return _ShadowStep(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self.preconditioner.parameters[0].device
+
+    @property
+    def join_process_group(self) -> Any:
+        communicator = self.preconditioner.communicator
+        group = None if communicator is None else communicator.group
+        return dist.group.WORLD if group is None else group  # the same object DDP names
+
+    def _shadow_step(self) -> None:
+        """What a joined rank does while the others step: take part in the factor average
+        (recording nothing) and the refreshes, and count the step."""
+        pre = self.preconditioner
+        pre.update({}, self.layer_damping())
+        pre.advance()
+
     # --- persistence and lifetime --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state plus the preconditioner's (factors, inverses, step counter, the
@@ -311,3 +357,13 @@ class FrobPreconditionedSGD(Optimizer):
 
 
 with_flat_keywords(FrobPreconditionedSGD.__init__, required=("lr",))
+
+
+class _ShadowStep(JoinHook):
+    """Runs :meth:`FrobPreconditionedSGD._shadow_step` on a joined rank each iteration."""
+
+    def __init__(self, optimizer: FrobPreconditionedSGD) -> None:
+        self.optimizer = optimizer
+
+    def main_hook(self) -> None:
+        self.optimizer._shadow_step()

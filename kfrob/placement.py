@@ -259,7 +259,9 @@ class Owner(Replicated):
         mine = {name: apply(name, m) for name, m in matrices.items() if owners[name] == rank}
         shapes = {name: matrix.shape for name, matrix in matrices.items()}
         device = next(iter(matrices.values())).device if matrices else torch.device("cpu")
-        return self.communicator.share_tensors(mine, shapes, owners, torch.float32, device)
+        dtype = next(iter(matrices.values())).dtype if matrices else torch.float32
+        dtype = torch.promote_types(dtype, torch.float32)  # what apply returns
+        return self.communicator.share_tensors(mine, shapes, owners, dtype, device)
 
     def loaded_inverse(self, name: str, state: dict[str, Any], device: torch.device) -> Any:
         """Only the owner keeps a loaded inverse."""
@@ -288,7 +290,7 @@ def _local_statistics(
     """This rank's statistics (zeros where it recorded nothing) and their weights: the rows
     behind an ``A``, the samples behind a ``G``."""
     stats = [
-        statistic(f, codomain) if f.pending else torch.zeros_like(f.value, dtype=torch.float32)
+        statistic(f, codomain) if f.pending else torch.zeros_like(f.value)
         for f, codomain in factors
     ]
     weights = [

@@ -52,7 +52,8 @@ _FROM_OPTIONS: Any = object()
 @dataclass
 class LayerStep:
     """One layer's part of a step: its direction matrix ``(blocks, out, in)`` (gradient plus
-    weight decay), the preconditioned matrix before the KL clip (float32), and its
+    weight decay), the preconditioned matrix before the KL clip (in the layer's
+    ``factor_dtype``: float32, or float64 for a float64 layer), and its
     learning rate."""
 
     layer: TrackedLayer
@@ -139,6 +140,9 @@ class KroneckerPreconditioner(EngineState):
         self._warned_nonfinite = False
         self._inverses_after_load = False
         self._early_hook = None
+        #: send statistics complete after the DDP forward while backward runs (turned off
+        #: inside a ``Join`` context, whose joined ranks shadow collectives only at ``step``)
+        self.sends_early = True
         if wrapper is not model and communicator is not None:
             self._early_hook = wrapper.register_forward_hook(weak_callable(self._send_early))
 
@@ -244,14 +248,14 @@ class KroneckerPreconditioner(EngineState):
         preconditioned = self.placement.precondition(complete, self._apply_inverse)
         steps, kl_terms = [], []
         for layer in layers:
-            matrix = matrices[layer.name]
+            matrix = matrices[layer.name].to(layer.math.factor_dtype)
             direction = preconditioned.get(layer.name)
             if direction is None:
-                direction = matrix.float()
+                direction = matrix
             weight = layer.math.weight
             rate = float(lr if not isinstance(lr, Mapping) else lr.get(weight, 0.0))
-            # in float32: a float16 pairing overflows and would zero the step via the clip
-            pairing = frobenius_inner(matrix.float(), direction, check=False)
+            # in at least float32: a float16 pairing overflows and would zero the step
+            pairing = frobenius_inner(matrix, direction, check=False)
             kl_terms.append(rate**2 * pairing.sum())
             steps.append(LayerStep(layer, matrix, direction, rate))
         nu: Tensor | float = 1.0
@@ -275,16 +279,18 @@ class KroneckerPreconditioner(EngineState):
         return plan
 
     def precondition(self, name: str, matrix: Tensor) -> Tensor | None:
-        """The layer's preconditioned gradient matrix in float32, or ``None`` if it has no
-        inverse (yet, or on this rank)."""
+        """The layer's preconditioned gradient matrix (in its factors' dtype), or ``None``
+        if it has no inverse (yet, or on this rank)."""
         inverse = self.inverses.get(name)
         if inverse is None or isinstance(inverse, RemoteInverse) or name in self.disabled:
             return None
-        return inverse.apply(matrix.to(torch.float32))
+        return inverse.apply(matrix.to(self.layers[name].math.factor_dtype))
 
     def _apply_inverse(self, name: str, matrix: Tensor) -> Tensor:
         preconditioned = self.precondition(name, matrix)
-        return matrix.float() if preconditioned is None else preconditioned
+        if preconditioned is None:
+            return matrix.to(self.layers[name].math.factor_dtype)
+        return preconditioned
 
     def advance(self) -> None:
         """End the step: the next window records if the schedule says so."""
@@ -346,7 +352,7 @@ class KroneckerPreconditioner(EngineState):
         of the wrapper run in lockstep on every rank; inside ``no_sync()`` the window goes
         on."""
         recording = self.capture.active and ddp.training and torch.is_grad_enabled()
-        if not recording or not ddp.require_backward_grad_sync:
+        if not (recording and self.sends_early and ddp.require_backward_grad_sync):
             return
         mc = self.options.curvature.fisher == "mc"
         sided = [

@@ -9,7 +9,7 @@ from kfrob.alerts import warn
 from kfrob.capture import TrackedLayer
 from kfrob.factors import RunningFactor
 from kfrob.inverses import InverseMethod
-from kfrob.layers import layer_math, unsupported_reason
+from kfrob.layers import LayerMath, layer_math, unsupported_reason
 from kfrob.options import CurvatureOptions
 
 __all__ = ["factor_matrices", "track_layers"]
@@ -42,8 +42,8 @@ def track_layers(
         else:
             layer = TrackedLayer(
                 name, module, math,
-                _factor(curvature.domain, math.blocks, math.in_features, False, math.device),
-                _factor(curvature.codomain, math.blocks, math.out_features, True, math.device),
+                _factor(curvature.domain, math, math.in_features, False),
+                _factor(curvature.codomain, math, math.out_features, True),
             )  # fmt: skip
             method.attach(layer)
             layers[name] = layer
@@ -53,20 +53,19 @@ def track_layers(
     return layers, unsupported
 
 
-def _factor(
-    kind: str, blocks: int, size: int, codomain: bool, device: torch.device
-) -> RunningFactor | None:
+def _factor(kind: str, math: LayerMath, size: int, codomain: bool) -> RunningFactor | None:
     if kind == "identity":
         return None
-    diagonal = kind == "diagonal"
-    return RunningFactor(blocks, size, diagonal=diagonal, per_sample_scale=codomain, device=device)
+    return RunningFactor(
+        math.blocks, size, diagonal=kind == "diagonal", per_sample_scale=codomain,
+        device=math.device, dtype=math.factor_dtype,
+    )  # fmt: skip
 
 
-def _as_matrix(
-    factor: RunningFactor | None, blocks: int, size: int, device: torch.device
-) -> Tensor:
+def _as_matrix(factor: RunningFactor | None, math: LayerMath, size: int) -> Tensor:
     if factor is None:
-        return torch.eye(size, device=device).expand(blocks, size, size)
+        eye = torch.eye(size, device=math.device, dtype=math.factor_dtype)
+        return eye.expand(math.blocks, size, size)
     if factor.diagonal:
         return torch.diag_embed(factor.value)
     return factor.value
@@ -76,7 +75,7 @@ def factor_matrices(layer: TrackedLayer) -> tuple[Tensor, Tensor]:
     """The layer's ``(A, G)`` as matrices (see :meth:`KroneckerPreconditioner.factors`)."""
     math = layer.math
     pair = [
-        _as_matrix(factor, math.blocks, size, math.device)
+        _as_matrix(factor, math, size)
         for factor, size in ((layer.domain, math.in_features), (layer.codomain, math.out_features))
     ]
     a, g = (m.squeeze(0) if math.blocks == 1 else m for m in pair)

@@ -149,6 +149,7 @@ def train(
     accumulate: int = 1,
     subgroup: bool = False,
     extra_forward_on: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Steps ``first_step .. last_step - 1`` on this rank's slice of the global batches
     (the whole batch on one rank), from ``checkpoint`` if given. ``nan_at=(rank, step)``
@@ -156,7 +157,7 @@ def train(
     micro-batches, all but the last under ``DDP.no_sync()``; ``subgroup`` passes an explicit
     process group (a new group of all ranks). Returns parameters, factors, the optimizer's
     state, the last step's diagnostics and how often this rank decomposed each layer."""
-    inner = make_model()
+    inner = make_model().to(dtype)
     model: nn.Module = inner
     if ddp and dist.is_initialized():
         model = nn.parallel.DistributedDataParallel(inner)
@@ -171,6 +172,7 @@ def train(
     counting = CountingMethod(pre.method)
     pre.method = counting  # type: ignore[assignment]
     x_all, y_all = batches()
+    x_all = x_all.to(dtype)
     per_rank = GLOBAL_BATCH // world_size
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     for step in range(first_step, last_step):
@@ -300,7 +302,8 @@ def reference_uneven(
     x_all, y_all = batches()
     for step, counts in enumerate(sizes):
         opt.zero_grad()
-        F.cross_entropy(model(x_all[step]), y_all[step]).backward()  # records A and G
+        rows = slice(0, sum(counts))  # the concatenated batch of this step
+        F.cross_entropy(model(x_all[step, rows]), y_all[step, rows]).backward()  # records A, G
         opt.zero_grad()
         capture.active, recording = False, capture.active
         start = 0
@@ -347,3 +350,29 @@ def repeat_train(
 ) -> list[dict[str, torch.Tensor]]:
     """:func:`train` ``repeats`` times in one process group; each run's parameters."""
     return [train(rank, world_size, options, **extra)["params"] for _ in range(repeats)]
+
+
+# rank 0 has 8 batches of 6 rows, rank 1 runs out after 6 and joins
+JOIN_STEPS = (8, 6)
+JOIN_SIZES = [(6, 6)] * 6 + [(6, 0)] * 2
+
+
+def train_join(rank: int, world_size: int, options: dict[str, Any] | None = None) -> dict:
+    """Uneven inputs under ``Join([ddp, optimizer])``: rank 1 joins two steps early."""
+    from torch.distributed.algorithms.join import Join
+
+    inner = make_model()
+    model = nn.parallel.DistributedDataParallel(inner)
+    opt = make_optimizer(model, **(options or {}))
+    x_all, y_all = batches()
+    rows = slice(6 * rank, 6 * rank + 6)
+    with Join([model, opt]):
+        for step in range(JOIN_STEPS[rank]):
+            opt.zero_grad()
+            F.cross_entropy(model(x_all[step, rows]), y_all[step, rows]).backward()
+            opt.step()
+    return {
+        "params": {k: v.detach().clone() for k, v in inner.state_dict().items()},
+        "factors": opt.preconditioner.factors(),
+        "steps": opt.steps,
+    }

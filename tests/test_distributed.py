@@ -20,6 +20,7 @@ from tests.distributed_harness import (
     refuse_mismatch,
     run_ranks,
     train,
+    train_join,
     train_rank_dependent,
     train_uneven,
     weighted_average,
@@ -265,3 +266,43 @@ def test_ranks_with_different_models_are_refused_on_every_rank(tmp_path: Path, c
     assert messages[0] == messages[1]
     assert "ranks disagree on the model at layer" in messages[0]
     assert ("'0'" if change == "shape" else "'3'") in messages[0]
+
+
+def test_float64_models_keep_float64_curvature_across_ranks(tmp_path: Path) -> None:
+    """Factors, statistics' averages and inverses of a float64 model stay float64, so 2 ranks
+    equal one process on the global batch to float64 precision (not float32's ~1e-7)."""
+    options = {"damping_method": "exact"}
+    reference = train(0, 1, options, dtype=torch.float64)
+    ranks = run_ranks(2, train, tmp_path, options, dtype=torch.float64)
+    for name, (a, g) in ranks[0]["factors"].items():
+        assert a.dtype == g.dtype == torch.float64, name
+    for key, want in reference["params"].items():
+        torch.testing.assert_close(ranks[0]["params"][key], want, rtol=1e-10, atol=1e-12, msg=key)
+    for key, (a, g) in reference["factors"].items():
+        torch.testing.assert_close(ranks[1]["factors"][key][0], a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ranks[1]["factors"][key][1], g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [{}, {"damping_method": "exact"}], ids=["factored", "exact"])
+def test_join_with_uneven_inputs_equals_the_reference(tmp_path: Path, options: dict) -> None:
+    """Under ``Join``, rank 1 runs out of data two steps early and shadows kfrob's
+    collectives: no hang, both ranks keep the same factors and step count, and the weights
+    (synced by DDP at the end) are those of one process with the concatenated factors and
+    DDP's gradient (which counts the joined rank as an empty batch)."""
+    from tests.distributed_harness import JOIN_SIZES
+
+    ranks = run_ranks(2, train_join, tmp_path, options, timeout=90)
+    assert [r["steps"] for r in ranks] == [8, 8]
+    assert_same(factors_flat(ranks[0]["factors"]), factors_flat(ranks[1]["factors"]), exact=True)
+    assert_same(ranks[0]["params"], ranks[1]["params"], exact=True)
+    reference = reference_uneven(options, sizes=JOIN_SIZES)
+    assert_same(factors_flat(ranks[0]["factors"]), factors_flat(reference["factors"]), exact=False)
+    assert_same(ranks[0]["params"], reference["params"], exact=False)
+
+
+def test_join_refuses_what_it_cannot_shadow() -> None:
+    from kfrob import FrobPreconditionedSGD
+
+    opt = FrobPreconditionedSGD(torch.nn.Linear(2, 2), lr=0.1, adaptive_damping=True)
+    with pytest.raises(ValueError, match="Join needs"):
+        opt.join_hook()

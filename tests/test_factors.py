@@ -146,3 +146,23 @@ def test_fold_is_the_decayed_average_and_ignores_rejected_windows(warmup: bool) 
     older = RunningFactor(1, 3)  # a state saved before folds were counted
     older.load_state_dict({"value": factor.value, "initialized": torch.tensor(True)})
     assert int(older.folds) == 1 and bool(older.initialized)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 4)], ids=["2d", "3d"])
+def test_float64_layers_get_float64_factors_to_float64_precision(shape: tuple[int, ...]) -> None:
+    """A float64 layer's factors are float64 and equal the brute-force float64 definitions
+    to ~1e-12, where float32 factors agree only to ~1e-6."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4).double()
+    head = nn.Sequential(nn.Tanh(), nn.Linear(4, 3)).double()
+    model = nn.Sequential(layer, head)
+    x = torch.randn(*shape, 5, dtype=torch.float64)
+    targets = torch.randint(0, 3, shape)
+
+    a, g = captured_factors(model, x, targets, "mean")["0"]
+
+    assert a.dtype == g.dtype == torch.float64
+    y = layer(x).detach().reshape(-1, 4)
+    grads = per_sample_output_grads(head, ce_term, y, targets.reshape(-1))
+    torch.testing.assert_close(a, domain_factor_linear(x, True), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g, codomain_factor(grads)[0], rtol=1e-12, atol=1e-14)

@@ -81,11 +81,12 @@ class LayerMath:
 
     # --- shared ------------------------------------------------------------------------
     def _rows(self, t: Tensor) -> Tensor:
-        """``(samples, blocks * f, locations)`` → float32 ``(blocks, samples * locations, f)``."""
+        """``(samples, blocks * f, locations)`` → ``(blocks, samples * locations, f)`` in
+        :attr:`factor_dtype`."""
         samples, channels, locations = t.shape
         features = channels // self.blocks  # explicit: an empty batch has no -1 to infer
         t = t.reshape(samples, self.blocks, features, locations).permute(1, 0, 3, 2)
-        return t.reshape(self.blocks, samples * locations, features).float()
+        return t.reshape(self.blocks, samples * locations, features).to(self.factor_dtype)
 
     def input_rows(self, x: Tensor) -> Tensor:
         """Domain rows ``a`` of shape ``(blocks, rows, in)``, bias column of ones last
@@ -145,6 +146,12 @@ class LayerMath:
     @property
     def device(self) -> torch.device:
         return self.weight.device
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """The dtype of the layer's curvature: the wider of float32 and the weight's dtype
+        (float32 for half-precision layers, float64 for float64 ones)."""
+        return torch.promote_types(torch.float32, self.weight.dtype)
 
     @property
     def trainable(self) -> bool:
