@@ -62,6 +62,10 @@ class TrackedLayer:
         """``(codomain, domain)``, ``None`` for an identity side."""
         return self.codomain, self.domain
 
+    def checksum(self) -> Tensor:
+        """A cheap fingerprint of the factors (their summed entries), for comparing ranks."""
+        return sum((f.value.sum(dtype=torch.float64) for f in self.factors), torch.zeros(()))
+
     @property
     def refresh_cost(self) -> float:
         """The estimated cost of decomposing the factors, ``Σ_sides blocks · n³`` (``n²``

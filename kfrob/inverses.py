@@ -48,6 +48,7 @@ __all__ = [
     "FactoredDamping",
     "Inverse",
     "InverseMethod",
+    "eigenvalues_of",
     "inverse_from_state",
     "method_for",
 ]
@@ -240,6 +241,26 @@ def method_for(options: InverseOptions) -> InverseMethod:
             return ExactDamping(options.exponent, options.eigenbasis_refresh)
         case _:
             return FactoredDamping(options.exponent)
+
+
+def eigenvalues_of(layer: TrackedLayer, inverse: Any) -> dict[str, Tensor] | None:
+    """``{"A": eigenvalues, "G": eigenvalues}`` of the factors behind a held inverse,
+    ascending, ``(blocks, n)``, identity sides left out: stored by an eigenbasis inverse,
+    else computed from the current factors in float64 (``None`` if that fails, or if the
+    inverse is held by another rank)."""
+    if isinstance(inverse, EigenInverse):
+        sides = {"A": inverse.domain, "G": inverse.codomain}
+        return {k: s.eigenvalues for k, s in sides.items() if s.estimated}
+    if not isinstance(inverse, InverseFactors):
+        return None
+    try:  # in float64: float32 eigvalsh fails on some ill-conditioned factors
+        return {
+            k: torch.linalg.eigvalsh(f.value.double()).to(f.value.dtype).clamp(min=0)
+            for k, f in (("A", layer.domain), ("G", layer.codomain))
+            if f is not None
+        }
+    except torch.linalg.LinAlgError:
+        return None
 
 
 def inverse_from_state(state: dict[str, Any], device: torch.device) -> Inverse:

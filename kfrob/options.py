@@ -149,13 +149,18 @@ class ScheduleOptions:
 @dataclass(frozen=True, kw_only=True)
 class ParallelOptions:
     """The data-parallel process group (``None``: the default group when one of more than
-    one rank is initialised) and where inverses live (see :mod:`kfrob.placement`)."""
+    one rank is initialised), where inverses live (see :mod:`kfrob.placement`), and
+    ``verify_factors``: a debugging check that compares a checksum of every layer's factors
+    across ranks after each factor update and raises, on every rank, naming the first layer
+    that differs (one small all-gather per update)."""
 
     process_group: Any = None
     inverse_placement: InversePlacement = "replicated"
+    verify_factors: bool = False
 
     def __post_init__(self) -> None:
         _choice("inverse_placement", self.inverse_placement, InversePlacement)
+        _bool("verify_factors", self.verify_factors)
 
 
 @dataclass(frozen=True, kw_only=True)

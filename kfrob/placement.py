@@ -91,6 +91,10 @@ class Placement:
         """Refuse, on every rank, ranks whose layer tables differ (``layout``: this rank's
         ``{layer name: description}``); nothing to compare in one process."""
 
+    def verify(self, checksums: dict[str, Tensor]) -> None:
+        """Raise, on every rank, if ranks hold different factors (``checksums``: one 0-dim
+        tensor per layer); nothing to compare in one process."""
+
     def average(self, values: Tensor) -> Tensor:
         """The mean of ``values`` over ranks (in place)."""
         return values
@@ -227,6 +231,22 @@ class Replicated(Placement):
                     raise ValueError(
                         f"ranks disagree on the model at layer {name!r}: rank 0 has "
                         f"{mine or 'no such layer'}, rank {rank} has {theirs or 'no such layer'}"
+                    )
+
+    def verify(self, checksums: dict[str, Tensor]) -> None:
+        """One all-gather of the checksums (a host read: a debugging aid); every rank raises
+        the same ``RuntimeError`` naming the first layer whose factors differ."""
+        names = sorted(checksums)
+        if not names:
+            return
+        mine = torch.stack([checksums[name].double() for name in names])
+        gathered = self.communicator.gather_objects(mine.cpu())
+        for rank, theirs in enumerate(gathered[1:], start=1):
+            for name, a, b in zip(names, gathered[0].tolist(), theirs.tolist(), strict=True):
+                if a != b:
+                    raise RuntimeError(
+                        f"kfrob: the factors of layer {name!r} differ between ranks 0 and "
+                        f"{rank} (checksums {a!r} and {b!r}): the ranks have desynchronised"
                     )
 
     def average(self, values: Tensor) -> Tensor:

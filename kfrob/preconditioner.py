@@ -35,8 +35,7 @@ from kfrob.distributed import Communicator, check_not_sharded, default_communica
 from kfrob.factors import RunningFactor
 from kfrob.finite import all_finite, select
 from kfrob.fisher import SAMPLED_LOSSES
-from kfrob.inverses import InverseMethod, method_for
-from kfrob.kronecker import EigenInverse
+from kfrob.inverses import InverseMethod, eigenvalues_of, method_for
 from kfrob.norms import frobenius_inner
 from kfrob.options import PreconditionerOptions, require
 from kfrob.persistence import EngineState
@@ -158,28 +157,13 @@ class KroneckerPreconditioner(EngineState):
         return {name: factor_matrices(layer) for name, layer in self.layers.items()}
 
     def eigenvalues(self) -> dict[str, dict[str, Tensor]]:
-        """``{layer: {"A": eigenvalues, "G": eigenvalues}}`` behind each held inverse,
-        ascending, ``(blocks, n)``; identity sides are left out. Eigenbasis inverses store
-        them; otherwise they are computed here in float64 (a layer whose factors cannot be
-        decomposed is left out)."""
-        out: dict[str, dict[str, Tensor]] = {}
-        for name, inverse in self.inverses.items():
-            if isinstance(inverse, RemoteInverse):
-                continue
-            if isinstance(inverse, EigenInverse):
-                sides = {"A": inverse.domain, "G": inverse.codomain}
-                out[name] = {k: s.eigenvalues for k, s in sides.items() if s.estimated}
-                continue
-            layer = self.layers[name]
-            try:  # in float64: float32 eigvalsh fails on some ill-conditioned factors
-                out[name] = {
-                    k: torch.linalg.eigvalsh(f.value.double()).to(f.value.dtype).clamp(min=0)
-                    for k, f in (("A", layer.domain), ("G", layer.codomain))
-                    if f is not None
-                }
-            except torch.linalg.LinAlgError:
-                continue
-        return out
+        """``{layer: {"A": eigenvalues, "G": eigenvalues}}`` behind each inverse this rank
+        holds, ascending, ``(blocks, n)``; identity sides are left out (see
+        :func:`kfrob.inverses.eigenvalues_of`)."""
+        pairs = (
+            (name, eigenvalues_of(self.layers[name], inv)) for name, inv in self.inverses.items()
+        )
+        return {name: values for name, values in pairs if values is not None}
 
     def active_layers(self) -> Iterator[TrackedLayer]:
         """Layers that are preconditioned (not fallen back to plain SGD)."""
@@ -326,6 +310,13 @@ class KroneckerPreconditioner(EngineState):
             self.method.after_fold(layer, self.inverses.get(layer.name))
         self.capture.new_window()
         self.skipped_windows = self.skipped_windows.to(accept.device) + (~accept).long()
+        if self.options.parallel.verify_factors:
+            self.placement.verify(
+                {
+                    name: sum(f.value.sum() for f in layer.factors)
+                    for name, layer in self.layers.items()
+                }  # type: ignore[misc]
+            )
         return accept
 
     def _statistic(self, factor: RunningFactor, is_codomain: bool) -> Tensor:

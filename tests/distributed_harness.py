@@ -376,3 +376,22 @@ def train_join(rank: int, world_size: int, options: dict[str, Any] | None = None
         "factors": opt.preconditioner.factors(),
         "steps": opt.steps,
     }
+
+
+def desynchronise(rank: int, world_size: int) -> str:
+    """With ``verify_factors``, rank 1's factors of layer ``"3"`` are changed after a step;
+    the next step must raise on every rank, naming the layer."""
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = make_optimizer(model, verify_factors=True)
+    x_all, y_all = batches()
+    rows = slice(6 * rank, 6 * rank + 6)
+    try:
+        for step in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x_all[step, rows]), y_all[step, rows]).backward()
+            opt.step()
+            if step == 1 and rank == 1:
+                opt.preconditioner.layers["3"].domain.value.add_(1e-3)  # type: ignore[union-attr]
+    except RuntimeError as err:
+        return f"step {step}: {err}"
+    return "no error"

@@ -6,6 +6,7 @@ per-rank batches is the gradient of the global mean loss)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from kfrob.distributed import assign_owners
 from tests.distributed_harness import (
     STEPS,
+    desynchronise,
     reference_uneven,
     refuse_fsdp,
     refuse_mismatch,
@@ -47,10 +49,25 @@ def factors_flat(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[
     }
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """References computed here use one intra-op thread, like every spawned rank, so that a
+    comparison never depends on how this process splits its sums among threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def single() -> dict:
-    """The single-process run over the global batches."""
-    return train(0, 1)
+    """The single-process run over the global batches (with one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(0, 1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
@@ -306,3 +323,9 @@ def test_join_refuses_what_it_cannot_shadow() -> None:
     opt = FrobPreconditionedSGD(torch.nn.Linear(2, 2), lr=0.1, adaptive_damping=True)
     with pytest.raises(ValueError, match="Join needs"):
         opt.join_hook()
+
+
+def test_verify_factors_names_the_layer_on_every_rank(tmp_path: Path) -> None:
+    messages = run_ranks(2, desynchronise, tmp_path, timeout=60)
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("step 2: kfrob: the factors of layer '3' differ")
