@@ -126,14 +126,17 @@ def main() -> None:
     kfrob_table = markdown_table(
         ["observed fraction", "λ (nuc/fro)", "lr", "damping", "kfrob error"], kfrob_rows
     )
-    adam_nf = {f: best["nuclear/frobenius"][f][0] for f in kfrob_fractions}
+    adam_nf_text = ", ".join(
+        f"{best['nuclear/frobenius'][f][0]:.3f} at {f}" for f in kfrob_fractions
+    )
     body = (
         f"Rank-{RANK} {N}×{N} matrix, {steps} Adam steps (lr 0.02), relative recovery error "
         "‖X − M‖_F / ‖M‖_F with the best λ of each grid (in brackets), one problem per "
         "fraction:\n\n" + markdown_table(header, rows) + "\n\n![recovery error against the "
-        f"observed fraction]({args.out.name}/seed_matrix_completion.png)\n\n"
+        "observed fraction](seed_matrix_completion.png)\n\n"
         "kfrob (FrobPreconditionedSGD, empirical Fisher, no KL clip) on the same problem with the "
-        f"nuclear/Frobenius penalty at Adam's best λ (Adam's errors: {adam_nf}):\n\n" + kfrob_table
+        f"nuclear/Frobenius penalty at Adam's best λ (Adam's errors: {adam_nf_text}):\n\n"
+        + kfrob_table
     )
     data = {
         "steps": steps,
