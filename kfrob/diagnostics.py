@@ -86,7 +86,8 @@ def _buffers_preserved(model: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for module, name, buffer, value in saved:
-                buffer.copy_(value)
+                if not torch.equal(buffer, value):  # an unneeded write would break a
+                    buffer.copy_(value)  # differentiable result that saved the buffer
                 if getattr(module, name) is not buffer:
                     setattr(module, name, buffer)
 
@@ -103,6 +104,8 @@ def hessian_trace(
     n_samples: int = 64,
     generator: torch.Generator | None = None,
     params: Iterable[Tensor] | None = None,
+    *,
+    create_graph: bool = False,
 ) -> Tensor:
     """Hutchinson estimate of the trace of the loss Hessian with respect to the parameters.
 
@@ -138,9 +141,12 @@ def hessian_trace(
         generator: source of the probes; ``None`` uses the default generator.
         params: the parameters ``θ`` the Hessian is taken with respect to (each must require
             grad); ``None`` means all parameters of ``model`` that require grad.
+        create_graph: keep the graph of the estimate, so that it can be differentiated with
+            respect to ``θ`` (a flatness penalty, :func:`kfrob.penalties.hessian_trace_penalty`);
+            its gradient costs a third-order pass, about twice the estimate itself.
 
     Returns:
-        A detached 0-dim tensor holding the estimate of ``tr(H)``.
+        A 0-dim tensor holding the estimate of ``tr(H)``, detached unless ``create_graph``.
 
     Raises:
         ValueError: if ``n_samples < 1``, if there are no parameters, if a given parameter does
@@ -177,12 +183,17 @@ def hessian_trace(
             probes = [_draw_probe(theta[i], "rademacher", generator) for i in live]
             g_dot_v = sum((grads[i] * v).sum() for i, v in zip(live, probes, strict=True))
             hvps = torch.autograd.grad(
-                g_dot_v, [theta[i] for i in live], retain_graph=True, allow_unused=True
+                g_dot_v,
+                [theta[i] for i in live],
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
             )
             vhv = torch.zeros((), dtype=loss.dtype, device=loss.device)
             for hv, v in zip(hvps, probes, strict=True):
                 if hv is not None:  # None: gᵀv does not depend on this block
-                    vhv = vhv + (hv.detach() * v).sum().to(vhv)
+                    hv = hv if create_graph else hv.detach()
+                    vhv = vhv + (hv * v).sum().to(vhv)
             quadratic_forms.append(vhv)
     return torch.stack(quadratic_forms).mean()
 
@@ -192,6 +203,8 @@ def geometric_complexity(
     inputs: Tensor,
     n_samples: int = 16,
     generator: torch.Generator | None = None,
+    *,
+    create_graph: bool = False,
 ) -> Tensor:
     """Estimate the geometric complexity of ``model`` on a batch of inputs.
 
@@ -221,9 +234,13 @@ def geometric_complexity(
             gradient flows into whatever produced it.
         n_samples: number of probes per sample, at least 1.
         generator: source of the probes; ``None`` uses the default generator.
+        create_graph: keep the graph of the estimate (double backward), so that it can be
+            differentiated with respect to the model's parameters (a penalty,
+            :func:`kfrob.penalties.geometric_complexity_penalty`); its gradient costs about one
+            more backward pass per probe.
 
     Returns:
-        A detached 0-dim tensor holding the estimate of ``GC``.
+        A 0-dim tensor holding the estimate of ``GC``, detached unless ``create_graph``.
 
     Raises:
         ValueError: if ``n_samples < 1``, if ``inputs`` has no batch dimension or is empty, or if
@@ -249,11 +266,17 @@ def geometric_complexity(
         for _ in range(n_samples):
             u = _draw_probe(outputs, "gaussian", generator)
             (u_jacobian,) = torch.autograd.grad(
-                outputs, x, grad_outputs=u, retain_graph=True, allow_unused=True
+                outputs,
+                x,
+                grad_outputs=u,
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
             )
             if u_jacobian is None:  # the output does not depend on the input
                 break
-            total += u_jacobian.detach().square().sum()
+            u_jacobian = u_jacobian if create_graph else u_jacobian.detach()
+            total = total + u_jacobian.square().sum()
     return total / (n_samples * batch_size)
 
 

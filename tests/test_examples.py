@@ -30,3 +30,19 @@ def test_distributed_example_runs_under_torchrun() -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(3 steps on 2 ranks)" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "argv", "expect"),
+    [
+        ("regularization_matrix_completion", ["--steps", "200"], "nuclear/Frobenius: relative"),
+        ("regularization_deep_factorization", ["--max-steps", "50"], "λ=0.01: 49 steps"),
+        ("regularization_mlp", ["--subset", "256", "--epochs", "2"], "epoch 2:"),
+    ],
+)
+def test_regularization_example_runs(
+    name: str, argv: list[str], expect: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    assert expect in capsys.readouterr().out
