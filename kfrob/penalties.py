@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from kfrob.diagnostics import geometric_complexity, hessian_trace
+from kfrob.layers import LayerMath, layer_math
 from kfrob.norms import frobenius_inner, nuclear_to_frobenius_ratio, schatten_norm
 
 __all__ = [
@@ -156,14 +157,16 @@ def frobenius_penalty(
 # ------------------------------------------------------------------------------ model
 
 
-def penalized_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, nn.Module]:
-    """The model's layers with a weight matrix (``nn.Linear``, ``nn.Conv1d/2d/3d``), by name.
+def penalized_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict[str, LayerMath]:
+    """The model's layers with a weight matrix, by name: the layer kinds of kfrob's registry
+    (:mod:`kfrob.layers`: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, …), as their
+    :class:`~kfrob.layers.LayerMath`, which knows each kind's parameter layout.
 
     Raises:
         ValueError: a name in ``layers`` that is not such a layer (the message lists those).
     """
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    found = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+    maths = ((name, layer_math(m)) for name, m in model.named_modules())
+    found = {name: math for name, math in maths if math is not None}
     if layers is None:
         return found
     chosen = list(layers)
@@ -173,14 +176,6 @@ def penalized_layers(model: nn.Module, layers: Iterable[str] | None = None) -> d
             f"layers: {unknown} not among the model's weight layers; allowed: {sorted(found)}"
         )
     return {name: found[name] for name in chosen}
-
-
-def _parameter_matrix(module: nn.Module) -> Tensor:
-    """``[W, b]`` as ``(out, in·Πk + 1)`` (no bias column without a bias), differentiable."""
-    matrix = module.weight.flatten(1)
-    if getattr(module, "bias", None) is not None:
-        matrix = torch.cat([matrix, module.bias.unsqueeze(1)], dim=1)
-    return matrix
 
 
 def _factors_of(factors: Any) -> Mapping[str, tuple[Tensor, Tensor]]:
@@ -210,11 +205,11 @@ def matrix_penalty(
     :func:`frobenius_penalty`), or ``"metric_frobenius"``: ``Σ_l tr(A_l V_lᵀ G_l V_l)`` with
     ``V_l = [W_l, b_l]`` and the running factors ``factors`` (``{layer: (A, G)}`` as returned by
     ``KroneckerPreconditioner.factors()``, or the preconditioner, or an optimizer holding one as
-    ``.preconditioner``); the factors are constants (detached), the default layers are those
-    that have factors, and grouped convolutions are not supported.
+    ``.preconditioner``); the factors are constants (detached) and the default layers are
+    those that have factors. A grouped convolution's groups are separate matrices.
 
-    ``layers`` names the modules (as in ``model.named_modules()``); default: every
-    ``nn.Linear``/``nn.Conv*``. Weights of equal shape go through one batched SVD.
+    ``layers`` names the modules (as in ``model.named_modules()``); default: every layer of
+    kfrob's registry. Weights of equal shape go through one batched SVD.
 
     Raises:
         ValueError: unknown ``kind`` (the allowed kinds are listed), ``p < 1``, an unknown layer,
@@ -228,12 +223,12 @@ def matrix_penalty(
         return _metric_frobenius(model, layers, factors)
     chosen = penalized_layers(model, layers)
     groups: dict[tuple[int, ...], list[Tensor]] = {}
-    for module in chosen.values():
-        matrix = module.weight.flatten(1)
-        groups.setdefault(tuple(matrix.shape), []).append(matrix)
+    for math in chosen.values():
+        matrix = math.weight_matrix()  # (blocks, out, in): a grouped conv's blocks apart
+        groups.setdefault(tuple(matrix.shape[1:]), []).append(matrix)
     total = next(model.parameters()).new_zeros(())
     for matrices in groups.values():
-        stack = torch.stack(matrices)  # (layers of this shape, out, in): one batched call
+        stack = torch.cat(matrices)  # (matrices of this shape, out, in): one batched call
         if kind == "frobenius":
             values = stack.square().sum((-2, -1))
         elif kind == "nuclear_frobenius":
@@ -254,17 +249,19 @@ def _metric_frobenius(model: nn.Module, layers: Iterable[str] | None, factors: A
     names = list(table) if layers is None else list(layers)
     chosen = penalized_layers(model, names)
     total = next(model.parameters()).new_zeros(())
-    for name, module in chosen.items():
+    for name, math in chosen.items():
         if name not in table:
             raise ValueError(f"layers: {name!r} has no factors; layers with factors: {list(table)}")
         a, g = (f.detach() for f in table[name])
-        matrix = _parameter_matrix(module)
-        if a.dim() != 2 or a.shape[-1] != matrix.shape[1] or g.shape[-1] != matrix.shape[0]:
+        matrix = math.matrix()  # [W, b] (blocks, out, in), as the factors are
+        matrix = matrix[0] if math.blocks == 1 else matrix
+        fits = a.dim() == g.dim() == matrix.dim() and a.shape[:-2] == matrix.shape[:-2]
+        if not fits or a.shape[-1] != matrix.shape[-1] or g.shape[-1] != matrix.shape[-2]:
             raise ValueError(
                 f"factors[{name!r}]: A {tuple(a.shape)} and G {tuple(g.shape)} do not fit the "
                 f"layer's [W, b] of shape {tuple(matrix.shape)}"
             )
-        total = total + frobenius_penalty(matrix, codomain=g, domain_inverse=a)
+        total = total + frobenius_penalty(matrix, codomain=g, domain_inverse=a).sum()
     return total
 
 

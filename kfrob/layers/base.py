@@ -192,9 +192,18 @@ class LayerMath:
             out[self.bias] = bias
         return out
 
+    def matrix(self) -> Tensor:
+        """The layer's parameters as one matrix ``[W, b]`` ``(blocks, out, in)``, with their
+        graph (for penalties)."""
+        return self.to_matrix(self.weight, self.bias)
+
+    def weight_matrix(self) -> Tensor:
+        """The weight alone as ``(blocks, out, in)`` (no bias column), with its graph."""
+        return self.to_matrix(self.weight, None)[..., : self.in_features - int(self.has_bias)]
+
     def parameter_matrix(self) -> Tensor:
         """The layer's current parameters as one detached matrix ``[W, b]``."""
-        return self.gradient_matrix({p: p.detach() for p in self.parameters})  # type: ignore[return-value]
+        return self.matrix().detach()
 
 
 def _dense(t: Tensor | None) -> Tensor | None:
