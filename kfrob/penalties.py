@@ -20,7 +20,7 @@ convolution kernel ``(out, in, *k)`` as ``w.flatten(1)``; :func:`matrix_penalty`
 Penalties of a model:
 
 * :func:`matrix_penalty` — one of the above summed over the model's weight matrices (all
-  ``nn.Linear`` / ``nn.Conv*`` layers, or the ``layers`` named); weights of equal shape are
+  layers of kfrob's registry, or the ``layers`` named); weights of equal shape are
   stacked into one batched call. ``kind="metric_frobenius"`` reads ``{layer: (A, G)}`` from
   ``opt.preconditioner.factors()`` and penalizes ``tr(A Vᵀ G V)`` with ``V = [W, b]``.
 * :func:`geometric_complexity_penalty` — ``(1/B) Σ_b ‖∂f(x_b)/∂x_b‖²_F`` by double backward
