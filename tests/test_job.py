@@ -278,8 +278,8 @@ def test_full_data_is_downloaded_only_when_asked(
     monkeypatch.setattr("kfrob.data.SYSTEM_DIR", tmp_path / "nowhere")
     fetched = []
 
-    def download() -> Path:  # stands in for the network
-        cache = tmp_path / "kfrob" / "fashion-mnist"
+    def download(destination: Path | None = None) -> Path:  # stands in for the network
+        cache = destination or tmp_path / "kfrob" / "fashion-mnist"
         cache.mkdir(parents=True)
         fake_dataset(cache)
         fetched.append(cache)
@@ -292,6 +292,44 @@ def test_full_data_is_downloaded_only_when_asked(
     assert not fetched
     data = load_data(DataConfig(source="full", download=True))
     assert fetched and str(fetched[0]) in data.source and len(data.x_train) == 6
+    # a directory named explicitly is where a download goes
+    mine = tmp_path / "mine"
+    data = load_data(DataConfig(source="full", dir=str(mine), download=True))
+    assert fetched[-1] == mine and str(mine) in data.source
+
+
+@pytest.mark.parametrize("how", ["--data-dir", "data.dir", "KFROB_DATA"])
+def test_explicit_data_dir_that_is_missing_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, how: str
+) -> None:
+    from tests.test_data import fake_dataset
+
+    # a complete copy elsewhere on the search path must not be used instead
+    monkeypatch.delenv("KFROB_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "kfrob" / "fashion-mnist"
+    cache.mkdir(parents=True)
+    fake_dataset(cache)
+    missing = tmp_path / "nonexistent"
+    args = ["compare", "--logdir", str(tmp_path / "runs"), "--no-progress", *TINY]
+    if how == "--data-dir":
+        args += ["--data-dir", str(missing)]
+    elif how == "data.dir":
+        args += ["data.source=auto", f"data.dir={missing}"]
+    else:
+        monkeypatch.setenv("KFROB_DATA", str(missing))
+        args += ["data.source=full"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} (from " in err and "does not exist" in err
+    assert "train-images-idx3-ubyte.gz" in err
+    assert not (tmp_path / "runs" / "compare-mlp" / "version_0" / "kfrob").exists()
+
+
+def test_data_dir_with_the_embedded_source_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match=r"data\.dir is set but data\.source is 'embedded'"):
+        load_config(None, ["data.dir=/somewhere"])
+    assert load_config(None, ["data.source=auto", "data.dir=/somewhere"]).data.dir
 
 
 def test_batch_order_covers_each_epoch_and_resumes_anywhere() -> None:

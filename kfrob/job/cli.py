@@ -12,6 +12,7 @@ Exit status: 0 done, 2 bad config or data, 130 interrupted (a checkpoint was wri
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -101,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*args.overrides, *extra]
     if args.device:
         overrides.append(f"training.device={args.device}")
-    if args.data_dir:
-        overrides.append(f"data.dir={args.data_dir}")
-    if args.download:
-        overrides.append("data.download=true")
     try:
+        if args.data_dir or args.download:
+            # --data-dir and --download ask for the full set: an embedded config turns full
+            source = load_config(args.config, overrides).data.source
+            overrides += ["data.source=full"] if source == "embedded" else []
+            overrides += [f"data.dir={json.dumps(args.data_dir)}"] if args.data_dir else []
+            overrides += ["data.download=true"] if args.download else []
         config = load_config(args.config, overrides)
-        if (args.data_dir or args.download) and config.data.source == "embedded":
-            config.data.source = "full"
         progress = False if args.no_progress else None
         if args.command == "train":
             name = args.optimizer or next(iter(config.optimizers))

@@ -7,8 +7,10 @@ across kfrob, SGD and AdamW::
     workload: mlp                 # mlp | autoencoder | cnn
     data:
       source: embedded            # embedded | full | auto (full if found, else embedded)
-      dir: null                   # a directory holding the four IDX .gz files
-      download: false             # full/auto: download into the user cache if not found
+      dir: null                   # a directory holding the four IDX .gz files (else
+                                  # $KFROB_DATA); named, it must hold them: no fallback
+      download: false             # full/auto: download if not found (into dir, else the
+                                  # user cache)
       train_size: null            # use only the first N training / test images
       test_size: null
     training:
@@ -69,6 +71,16 @@ class DataConfig(Section):
     download: bool = False
     train_size: int | None = Field(default=None, ge=1)
     test_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _dir_needs_the_full_set(self) -> DataConfig:
+        if self.source == "embedded" and (self.dir is not None or self.download):
+            given = "data.dir" if self.dir is not None else "data.download"
+            raise ValueError(
+                f"{given} is set but data.source is 'embedded' (the subset shipped with "
+                "kfrob, which needs no directory); set data.source to 'full' or 'auto'"
+            )
+        return self
 
 
 class TargetConfig(Section):

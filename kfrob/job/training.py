@@ -31,7 +31,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kfrob.data import download_fashion_mnist, find_data_dir, load_fashion_mnist
+from kfrob.data import (
+    download_fashion_mnist,
+    explicit_data_dir,
+    find_data_dir,
+    load_fashion_mnist,
+)
 from kfrob.job.board import Board
 from kfrob.job.config import Config, DataConfig
 from kfrob.job.optimizers import build_optimizer
@@ -61,17 +66,21 @@ class Dataset:
 
 
 def load_data(config: DataConfig) -> Dataset:
-    """The data a config asks for: the embedded subset, the full set (found, or downloaded
-    into the user cache when ``download`` is set), or ``auto``: full if found, else embedded.
-    ``train_size``/``test_size`` keep the first images of each split."""
+    """The data a config asks for: the embedded subset, the full set, or ``auto``: full if
+    found, else embedded. A directory named explicitly (``data.dir``, else ``$KFROB_DATA``)
+    is the only place looked at, and never falls back: missing or incomplete, it is an error
+    (or, with ``download``, where the files are downloaded to); otherwise the standard places
+    are searched, and ``download`` fetches into the user cache. ``train_size``/``test_size``
+    keep the first images of each split."""
     directory: Path | None = None
     if config.source != "embedded":
+        explicit = explicit_data_dir(config.dir)
         try:
-            directory = find_data_dir(config.dir)
+            directory = find_data_dir(config.dir, named_by="data.dir / --data-dir")
         except FileNotFoundError:
             if config.download:
-                directory = download_fashion_mnist()
-            elif config.source == "full":
+                directory = download_fashion_mnist(explicit[0] if explicit else None)
+            elif config.source == "full" or explicit is not None:
                 raise
     if directory is None:
         source = "the embedded Fashion-MNIST subset shipped with kfrob"
