@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -164,6 +166,78 @@ def test_resume_takes_exactly_the_uninterrupted_steps(
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.final["test_loss"] == straight.final["test_loss"]
     assert resumed.final["train_loss"] == straight.final["train_loss"]
+
+
+class StopAfter:
+    """Stands in for the Ctrl-C handler: "interrupted" from the ``checks``-th check on."""
+
+    def __init__(self, checks: int) -> None:
+        self.left = checks
+
+    @contextmanager
+    def installed(self) -> Iterator[StopAfter]:
+        yield self
+
+    @property
+    def requested(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+@pytest.mark.parametrize("how", ["path", "latest"])
+def test_resume_remembers_the_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, how: str
+) -> None:
+    # the config says 2 epochs (8 steps); the run was started with 3 (12 steps) and sgd
+    monkeypatch.setattr("kfrob.job.training._Interrupt", lambda: StopAfter(5))
+    args = ["train", "--logdir", str(tmp_path), "--no-progress", "--optimizer", "sgd"]
+    assert main([*args, *TINY, "training.epochs=3", "optimizers.sgd.lr=0.02"]) == 130
+    run_dir = tmp_path / "mlp-sgd" / "version_0"
+    err = capsys.readouterr().err
+    assert f"--resume {run_dir}" in err
+    saved = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert saved["step"] == 5
+    assert load_config(run_dir / "config.yaml").training.epochs == 3
+    monkeypatch.undo()
+    if how == "path":  # exactly the printed hint: no config, no overrides, no --optimizer
+        assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    else:
+        assert main(["train", "--logdir", str(tmp_path), "--optimizer", "sgd", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "sgd: resumed at step 5 of 12" in out
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 12
+    assert load_config(run_dir / "config.yaml").optimizers["sgd"]["lr"] == 0.02
+    # overrides on the resuming command line apply on top, and are remembered in turn
+    more = ["train", "--resume", str(run_dir), "--no-progress", "training.epochs=4"]
+    assert main(more) == 0
+    assert "resumed at step 12 of 16" in capsys.readouterr().out
+    assert load_config(run_dir / "config.yaml").training.epochs == 4
+    # ... but not a change that would make it another run
+    assert main(["train", "--resume", str(run_dir), "optimizers.sgd.lr=0.5"]) == 2
+    assert "optimizers.sgd.lr (0.02 -> 0.5)" in capsys.readouterr().err
+    assert load_config(run_dir / "config.yaml").optimizers["sgd"]["lr"] == 0.02
+
+
+def test_compare_resume_remembers_overrides_and_optimizers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr("kfrob.job.training._Interrupt", lambda: StopAfter(3))
+    args = ["compare", "--logdir", str(tmp_path), "--no-progress", *TINY]
+    assert main([*args, "--optimizers", "sgd,adamw", "training.epochs=3"]) == 130
+    run_dir = tmp_path / "compare-mlp" / "version_0"
+    assert f"--resume {run_dir}" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["compare", "--resume", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "sgd: resumed at step 3 of 12" in out and "| adamw |" in out and "| kfrob |" not in out
+    report = json.loads((run_dir / "comparison.json").read_text())
+    assert {name: run["steps"] for name, run in report["runs"].items()} == {"sgd": 12, "adamw": 12}
+
+
+def test_resume_of_a_missing_run_directory_is_an_error(tmp_path: Path, capsys) -> None:
+    assert main(["compare", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no run directory" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_data) -> None:

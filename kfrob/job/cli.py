@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from kfrob.job.compare import compare
         from kfrob.job.config import load_config
-        from kfrob.job.training import train
+        from kfrob.job.training import CONFIG, train
     except ImportError as err:
         print(
             f"kfrob: the training job needs its extra dependencies ({err.name} is missing): "
@@ -111,33 +111,33 @@ def main(argv: list[str] | None = None) -> int:
             overrides += ["data.download=true"] if args.download else []
         config = load_config(args.config, overrides)
         progress = False if args.no_progress else None
+        resume = args.resume is not None
         if args.command == "train":
-            name = args.optimizer or next(iter(config.optimizers))
-            if name not in config.optimizers:
-                raise ValueError(
-                    f"--optimizer {name!r} is not in the config's optimizers "
-                    f"({', '.join(config.optimizers)})"
-                )
+            names = [args.optimizer] if args.optimizer else []
+            if resume and args.resume != "latest":  # the run directory names the optimizer
+                run_dir = Path(args.resume)
+                config, names = _saved(run_dir, config, overrides, names)
+            name = names[0] if names else next(iter(config.optimizers))
+            if not (resume and args.resume != "latest"):
+                run_dir = _run_dir(Path(args.logdir) / f"{config.workload}-{name}", args.resume)
+                if resume:
+                    config, _ = _saved(run_dir, config, overrides, [name])
+            _check_names(config, [name], "--optimizer")
             _preflight(config, [name])
-            run_dir = _run_dir(Path(args.logdir) / f"{config.workload}-{name}", args.resume)
-            result = train(config, name, run_dir, resume=args.resume is not None, progress=progress)
+            result = train(config, name, run_dir, resume=resume, progress=progress)
             interrupted = result.interrupted
             print(f"run directory: {run_dir}")
         else:
-            names = args.optimizers.split(",") if args.optimizers else list(config.optimizers)
-            unknown = [n for n in names if n not in config.optimizers]
-            if unknown:
-                raise ValueError(
-                    f"--optimizers: {', '.join(map(repr, unknown))} not in the config's "
-                    f"optimizers ({', '.join(config.optimizers)})"
-                )
-            _preflight(config, names)
+            names = args.optimizers.split(",") if args.optimizers else []
             run_dir = _run_dir(Path(args.logdir) / f"compare-{config.workload}", args.resume)
+            if resume:
+                config, names = _saved(run_dir, config, overrides, names)
+            names = names or list(config.optimizers)
+            _check_names(config, names, "--optimizers")
+            _preflight(config, names)
             out = Path(args.out) if args.out else run_dir
             out.mkdir(parents=True, exist_ok=True)
-            results = compare(
-                config, names, run_dir, resume=args.resume is not None, progress=progress
-            )
+            results = compare(config, names, run_dir, resume=resume, progress=progress)
             interrupted = any(r.interrupted for r in results.values())
             if not interrupted:
                 _publish(run_dir, out)
@@ -150,11 +150,36 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         print(
             f"kfrob: interrupted; checkpoint written. Continue with: kfrob {args.command} "
-            f"--resume {run_dir} (and the same config)",
+            f"--resume {run_dir} (its config, overrides included, is {run_dir / CONFIG})",
             file=sys.stderr,
         )
         return 130
     return 0
+
+
+def _saved(
+    run_dir: Path, config: Config, overrides: list[str], names: list[str]
+) -> tuple[Config, list[str]]:
+    """For ``--resume``: the config the run directory was run with, with this command's
+    overrides on top, and its optimizers (``names``, if given, take precedence). A run
+    directory without a saved config keeps ``config``."""
+    from kfrob.job.training import saved_run
+
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume: no run directory {run_dir}")
+    saved = saved_run(run_dir, overrides)
+    if saved is None:
+        return config, names
+    return saved[0], names or saved[1]
+
+
+def _check_names(config: Config, names: list[str], flag: str) -> None:
+    unknown = [n for n in names if n not in config.optimizers]
+    if unknown:
+        raise ValueError(
+            f"{flag}: {', '.join(map(repr, unknown))} not in the config's optimizers "
+            f"({', '.join(config.optimizers)})"
+        )
 
 
 def _preflight(config: Config, names: list[str]) -> None:

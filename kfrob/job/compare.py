@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from kfrob.job.config import Config
-from kfrob.job.training import RunResult, load_data, train
+from kfrob.job.training import (
+    CHECKPOINT,
+    RunResult,
+    load_data,
+    open_run_dir,
+    record_run,
+    train,
+)
 
 __all__ = ["compare", "plot", "table"]
 
@@ -36,6 +43,11 @@ def compare(
     (``resume=True`` picks every run up where it stopped; finished runs are not re-run)."""
     out_dir = Path(out_dir)
     data = load_data(config.data)
+    if resume:  # refuse a changed config before anything is written
+        for name in names:
+            if (out_dir / name / CHECKPOINT).is_file():
+                open_run_dir(out_dir / name, True, config, name)
+    record_run(out_dir, config, names)
     results: dict[str, RunResult] = {}
     for name in names:
         results[name] = train(

@@ -58,7 +58,7 @@ from pydantic import (
 from kfrob.job.optimizers import check_arguments
 from kfrob.job.workloads import WORKLOADS
 
-__all__ = ["Config", "apply_overrides", "load_config", "parse_yaml"]
+__all__ = ["Config", "apply_overrides", "dump_config", "load_config", "parse_yaml"]
 
 
 class Section(BaseModel):
@@ -217,6 +217,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as err:
         raise ValueError(_explain(err, path)) from None
     return config
+
+
+def dump_config(config: Config) -> str:
+    """``config`` as YAML that :func:`load_config` reads back to an equal config: every key,
+    defaults and overrides included (what a run directory keeps as ``config.yaml``)."""
+    header = "# The effective config of this run (file, defaults and overrides); kfrob --resume\n"
+    header += "# reads it. A valid --config file too.\n"
+    return header + yaml.safe_dump(config.model_dump(), sort_keys=False)
 
 
 def _keys_at(location: list[str]) -> list[str]:

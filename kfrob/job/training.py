@@ -6,10 +6,11 @@ generator) and kfrob's Monte Carlo sampler, so every optimizer of a comparison s
 initial model and the same batches, and a resumed run takes exactly the steps of an
 uninterrupted one.
 
-The run directory holds ``checkpoint.pt`` (written atomically at each epoch's end, every
-``logging.checkpoint_every`` steps, on ``Ctrl-C`` and at the end), the TensorBoard event files
-and ``result.json``. Training time (``seconds``) counts the training steps only: evaluation,
-diagnostics, logging and checkpoints are excluded.
+The run directory holds ``config.yaml`` (the effective config, overrides included, which
+``kfrob train --resume`` continues with), ``checkpoint.pt`` (written atomically at each
+epoch's end, every ``logging.checkpoint_every`` steps, on ``Ctrl-C`` and at the end), the
+TensorBoard event files and ``result.json``. Training time (``seconds``) counts the
+training steps only: evaluation, diagnostics, logging and checkpoints are excluded.
 """
 
 from __future__ import annotations
@@ -38,14 +39,27 @@ from kfrob.data import (
     load_fashion_mnist,
 )
 from kfrob.job.board import Board
-from kfrob.job.config import Config, DataConfig
+from kfrob.job.config import Config, DataConfig, dump_config, load_config
 from kfrob.job.optimizers import build_optimizer
 from kfrob.job.workloads import WORKLOADS, Workload
 from kfrob.optimizer import FrobPreconditionedSGD
 
-__all__ = ["BatchOrder", "Dataset", "RunResult", "load_data", "train"]
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "RUN",
+    "BatchOrder",
+    "Dataset",
+    "RunResult",
+    "load_data",
+    "record_run",
+    "saved_run",
+    "train",
+]
 
 CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"  # the effective config, overrides included: what --resume continues
+RUN = "run.json"  # which of its optimizers the run trains
 # config keys that may change between a run and its resumption
 RESUMABLE_CHANGES = ("training.epochs", "training.max_steps", "training.device", "logging.")
 
@@ -228,7 +242,7 @@ class BatchOrder:
         self._epoch = -1
 
 
-def _open_run_dir(run_dir: Path, resume: bool, config: Config, name: str) -> dict | None:
+def open_run_dir(run_dir: Path, resume: bool, config: Config, name: str) -> dict | None:
     """The checkpoint to resume from (validated against the config), or ``None`` for a new
     run, which must not overwrite an old one."""
     path = run_dir / CHECKPOINT
@@ -246,6 +260,24 @@ def _open_run_dir(run_dir: Path, resume: bool, config: Config, name: str) -> dic
     return None
 
 
+def record_run(run_dir: Path, config: Config, optimizers: list[str]) -> None:
+    """Write the run's effective config (``config.yaml``) and the optimizers it trains
+    (``run.json``) into ``run_dir``: all that ``--resume`` needs to continue it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG).write_text(dump_config(config))
+    (run_dir / RUN).write_text(json.dumps({"optimizers": optimizers}) + "\n")
+
+
+def saved_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[Config, list[str]] | None:
+    """The config (with ``overrides`` on top) and optimizers that :func:`record_run` wrote
+    into ``run_dir``, or ``None`` if it wrote nothing there."""
+    if not (run_dir / CONFIG).is_file():
+        return None
+    config = load_config(run_dir / CONFIG, overrides)
+    run = run_dir / RUN
+    return config, json.loads(run.read_text())["optimizers"] if run.is_file() else []
+
+
 def train(
     config: Config,
     optimizer_name: str,
@@ -261,7 +293,8 @@ def train(
     ``run_dir/result.json``; on ``Ctrl-C`` it checkpoints and returns with
     ``interrupted=True``."""
     run_dir = Path(run_dir)
-    saved = _open_run_dir(run_dir, resume, config, optimizer_name)
+    saved = open_run_dir(run_dir, resume, config, optimizer_name)
+    record_run(run_dir, config, [optimizer_name])
     settings = config.training
     device = torch.device(settings.device)
     workload = WORKLOADS[config.workload]
@@ -319,6 +352,8 @@ def train(
     model.train()
     interrupt = _Interrupt()
     with interrupt.installed():
+        if saved is not None:
+            bar.write(f"{optimizer_name}: resumed at step {step} of {total_steps}")
         bar.write(f"{optimizer_name}: training on {data.source}, {device}")
         while step < total_steps and not interrupt.requested:
             batch = order.indices(step).to(device)
