@@ -271,7 +271,7 @@ def test_tensorboard_event_file_has_the_tags(tmp_path: Path, tiny_data) -> None:
     for tag in ("train/loss", "train/accuracy", "train/lr", "train/step_time"):
         assert tag in tags["scalars"]
     assert {"test/loss", "test/accuracy"} <= set(tags["scalars"])
-    layers = ("1", "3", "5")  # the Linear layers of the MLP (index 0 is Flatten)
+    layers = ("fc1", "fc2", "fc3")  # the Linear layers of the MLP, by name
     for layer in layers:
         for quantity in ("update_norm", "update_norm_metric", "damping", "cond_A", "cond_G"):
             assert f"kfrob/{layer}/{quantity}" in tags["scalars"]
@@ -279,7 +279,7 @@ def test_tensorboard_event_file_has_the_tags(tmp_path: Path, tiny_data) -> None:
             assert f"eigenvalues/{layer}/{side}" in tags["histograms"]
     assert "kfrob/kl_clip_factor" in tags["scalars"]
     # a histogram at each inverse refresh: steps 1, 4, 7 (every 3 steps)
-    assert [e.step for e in events.Histograms("eigenvalues/1/A")] == [1, 4, 7]
+    assert [e.step for e in events.Histograms("eigenvalues/fc1/A")] == [1, 4, 7]
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
     assert "hparam/test_accuracy" in tags["scalars"]
 
