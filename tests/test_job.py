@@ -262,6 +262,31 @@ def test_same_initial_model_and_batches_for_every_optimizer(tmp_path: Path, tiny
     assert strip[0] == strip[1] and len(strip[0]) >= 4
 
 
+@pytest.mark.parametrize("optimizer", ["kfrob", "adamw"])
+def test_warm_up_does_not_change_the_run(tmp_path: Path, tiny_data, optimizer: str) -> None:
+    runs = []
+    for warmup in (0, 5):
+        config = load_config(None, [*TINY, f"training.warmup_steps={warmup}"])
+        run_dir = tmp_path / str(warmup)
+        runs.append(train(config, optimizer, run_dir, progress=False, data=tiny_data))
+    a, b = final_parameters(tmp_path / "0"), final_parameters(tmp_path / "5")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [[{k: v for k, v in e.items() if k != "seconds"} for e in r.history] for r in runs]
+    assert strip[0] == strip[1]
+
+
+def test_comparison_says_how_the_time_was_taken(tmp_path: Path, tiny_data) -> None:
+    from kfrob.job.compare import compare
+
+    config = load_config(None, [*TINY, "training.warmup_steps=3"])
+    compare(config, ["sgd"], tmp_path, progress=False)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "after 3 untimed warm-up steps of each optimizer" in text
+    assert "excludes evaluation (every 2 steps)" in text
+    report = json.loads((tmp_path / "comparison.json").read_text())
+    assert report["timing"] in text
+
+
 def test_tensorboard_event_file_has_the_tags(tmp_path: Path, tiny_data) -> None:
     config = load_config(None, TINY)
     train(config, "kfrob", tmp_path, progress=False, data=tiny_data)

@@ -27,7 +27,7 @@ from kfrob.job.training import (
     train,
 )
 
-__all__ = ["compare", "plot", "table"]
+__all__ = ["compare", "plot", "report", "table", "timing"]
 
 
 def compare(
@@ -59,7 +59,7 @@ def compare(
     summary = report(config, results)
     provenance = (
         f"{config.workload} on {next(iter(results.values())).data}; measured "
-        f"{summary['date']} on {summary['machine']}. Training time excludes evaluation."
+        f"{summary['date']} on {summary['machine']}. {summary['timing']}"
     )
     (out_dir / "comparison.md").write_text(table(config, results) + "\n\n" + provenance + "\n")
     plot(config, results, out_dir / "comparison.png")
@@ -75,8 +75,26 @@ def report(config: Config, results: dict[str, RunResult]) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
+        "timing": timing(config),
         "runs": {name: result.to_json() for name, result in results.items()},
     }
+
+
+def timing(config: Config) -> str:
+    """How the seconds in the table were taken, in a sentence."""
+    warmup, every = config.training.warmup_steps, config.training.eval_every
+    evaluations = f"every {every} steps" if every else "after each epoch"
+    start = (
+        f"after {warmup} untimed warm-up steps of each optimizer on a throwaway model, "
+        if warmup
+        else "with no warm-up (the first optimizer pays the process's start-up), "
+    )
+    return (
+        "Training time is the wall-clock time of the training steps (forward, backward, "
+        f"optimizer step), taken {start}in the order of the table; it excludes evaluation "
+        f"({evaluations}), diagnostics, logging and checkpoints. Seconds to target are those "
+        "at the first evaluation that reached it."
+    )
 
 
 def table(config: Config, results: dict[str, RunResult]) -> str:

@@ -17,6 +17,7 @@ across kfrob, SGD and AdamW::
       batch_size: 128
       epochs: 5
       max_steps: null             # stop after this many steps (before the epochs run out)
+      warmup_steps: 20            # untimed steps on a throwaway model before the clock starts
       eval_every: 20              # steps between test-set evaluations (null: each epoch)
       seed: 0                     # model initialisation, data order, kfrob's MC sampler
       device: cpu                 # cpu | cuda | cuda:1 | mps ...
@@ -99,6 +100,7 @@ class TrainingConfig(Section):
     batch_size: int = Field(default=128, ge=1)
     epochs: int = Field(default=5, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
+    warmup_steps: int = Field(default=20, ge=0)
     eval_every: int | None = Field(default=20, ge=1)
     seed: int = Field(default=0, ge=0)
     device: str = "cpu"

@@ -10,7 +10,9 @@ The run directory holds ``config.yaml`` (the effective config, overrides include
 ``kfrob train --resume`` continues with), ``checkpoint.pt`` (written atomically at each
 epoch's end, every ``logging.checkpoint_every`` steps, on ``Ctrl-C`` and at the end), the
 TensorBoard event files and ``result.json``. Training time (``seconds``) counts the
-training steps only: evaluation, diagnostics, logging and checkpoints are excluded.
+training steps only: evaluation, diagnostics, logging and checkpoints are excluded, and the
+clock starts after ``training.warmup_steps`` untimed steps on a throwaway copy
+(:func:`warm_up`), so that the first optimizer of a process does not pay its start-up.
 """
 
 from __future__ import annotations
@@ -55,13 +57,20 @@ __all__ = [
     "record_run",
     "saved_run",
     "train",
+    "warm_up",
 ]
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"  # the effective config, overrides included: what --resume continues
 RUN = "run.json"  # which of its optimizers the run trains
 # config keys that may change between a run and its resumption
-RESUMABLE_CHANGES = ("training.epochs", "training.max_steps", "training.device", "logging.")
+RESUMABLE_CHANGES = (
+    "training.epochs",
+    "training.max_steps",
+    "training.device",
+    "training.warmup_steps",
+    "logging.",
+)
 
 
 @dataclass
@@ -260,6 +269,35 @@ def open_run_dir(run_dir: Path, resume: bool, config: Config, name: str) -> dict
     return None
 
 
+def warm_up(config: Config, optimizer_name: str, data: Dataset, steps: int) -> None:
+    """``steps`` untimed training steps (forward, backward, kfrob's diagnostics, the
+    optimizer's step) and one evaluation on a throwaway model and optimizer, so that the
+    process's one-off costs (thread pools, kernel selection, allocator growth, the first
+    decompositions) are paid before the clock starts. The run itself is untouched: it
+    reseeds torch and builds its own model, optimizer and batch order afterwards."""
+    workload = WORKLOADS[config.workload]
+    device = data.x_train.device
+    model = workload.build().to(device)
+    optimizer = build_optimizer(
+        optimizer_name, config.optimizers[optimizer_name], model, workload, config.training.seed
+    )
+    order = BatchOrder(len(data.x_train), config.training.batch_size, config.training.seed)
+    is_kfrob = isinstance(optimizer, FrobPreconditionedSGD)
+    for step in range(steps):
+        batch = order.indices(step).to(device)
+        x, y = data.x_train[batch], data.y_train[batch]
+        optimizer.zero_grad(set_to_none=True)
+        output = model(x)
+        workload.loss(output, x, y).backward()
+        if is_kfrob and (step + 1) % config.logging.log_every == 0:
+            optimizer.diagnostics()
+        optimizer.step()
+    evaluate(model, workload, data.x_test[:1000], data.y_test[:1000])
+    close = getattr(optimizer, "close", None)
+    if close is not None:
+        close()
+
+
 def record_run(run_dir: Path, config: Config, optimizers: list[str]) -> None:
     """Write the run's effective config (``config.yaml``) and the optimizers it trains
     (``run.json``) into ``run_dir``: all that ``--resume`` needs to continue it."""
@@ -299,6 +337,8 @@ def train(
     device = torch.device(settings.device)
     workload = WORKLOADS[config.workload]
     data = (data or load_data(config.data)).to(device)
+    if settings.warmup_steps:
+        warm_up(config, optimizer_name, data, settings.warmup_steps)
     torch.manual_seed(settings.seed)
     model = workload.build().to(device)
     optimizer = build_optimizer(
