@@ -345,6 +345,31 @@ def test_cli_compare_writes_table_figure_and_json(tmp_path: Path, capsys) -> Non
     assert main([*args, "--optimizers", "sgd", "--resume", "--no-progress", *TINY]) == 0
 
 
+def test_python_dash_m_kfrob_is_the_command() -> None:
+    run = [sys.executable, "-m", "kfrob"]
+    done = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: kfrob ")
+    assert "example:" in done.stdout and "train" in done.stdout and "compare" in done.stdout
+    done = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("kfrob 0.")
+    done = subprocess.run([*run, "train", "--bogus"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unrecognized arguments: --bogus" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_help_shows_defaults_and_an_example(
+    command: str, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # no line breaks inside the phrases looked for
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: runs)" in text and "(default: cpu)" in text
+    assert f"example:\n  kfrob {command} " in text
+    assert "dotted.key=value" in text
+
+
 def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "kfrob.job.cli", "train", "--optimizer", "kfrob"]
     command += ["--logdir", str(tmp_path), "--no-progress", *TINY, "training.epochs=1000"]

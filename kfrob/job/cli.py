@@ -1,12 +1,13 @@
-"""The ``kfrob`` command.
+"""The ``kfrob`` command (also ``python -m kfrob``; ``kfrob --version``).
 
     kfrob train   [--config FILE] [--optimizer NAME] [options] [dotted.key=value ...]
     kfrob compare [--config FILE] [--optimizers kfrob,sgd,adamw] [options] [dotted.key=value ...]
 
 With no config the embedded default runs (the MLP on the Fashion-MNIST subset shipped with
-kfrob). Each run gets a fresh directory ``<logdir>/<name>/version_<n>`` (checkpoints,
-TensorBoard events, results); ``--resume`` continues the latest one, or the one named.
-Exit status: 0 done, 2 bad config or data, 130 interrupted (a checkpoint was written).
+kfrob). Each run gets a fresh directory ``<logdir>/<name>/version_<n>`` (its effective
+config, checkpoints, TensorBoard events, results); ``--resume`` continues the latest one, or
+the one named, with the config it saved. Exit status: 0 done, 2 bad config or data, 130
+interrupted (a checkpoint was written).
 """
 
 from __future__ import annotations
@@ -24,41 +25,101 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 
+TRAIN_EXAMPLE = """example:
+  kfrob train --config configs/autoencoder.yaml --optimizer kfrob training.epochs=3
+  kfrob train --resume runs/autoencoder-kfrob/version_0   # after Ctrl-C"""
+COMPARE_EXAMPLE = """example:
+  kfrob compare                                    # the MLP on the embedded subset
+  kfrob compare --config configs/cnn.yaml --optimizers kfrob,adamw training.epochs=1"""
+OVERRIDES = """overrides: any config key as dotted.key=value (the value is YAML), after the file and
+the defaults, e.g. training.epochs=3 optimizers.kfrob.damping=1e-2 training.target=null"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"kfrob {version('kfrob')} (torch {version('torch')})"
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "kfrob (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="kfrob", description="Train with kfrob on Fashion-MNIST, alone or side by side."
+        prog="kfrob",
+        description="Train with kfrob on Fashion-MNIST, alone or side by side with SGD and AdamW.",
+        epilog=f"{COMPARE_EXAMPLE}\n\n'kfrob COMMAND --help' lists each command's options.",
+        formatter_class=raw,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML config (default: the embedded default)")
-    common.add_argument("--logdir", default="runs", help="root of the run directories")
+    common.add_argument(
+        "--config", metavar="FILE", help="YAML config (default: none, the built-in defaults)"
+    )
+    common.add_argument(
+        "--logdir", default="runs", help="root of the run directories (default: runs)"
+    )
     common.add_argument(
         "--resume",
         nargs="?",
         const="latest",
         metavar="RUN_DIR",
-        help="continue the latest run of this config (or RUN_DIR) from its checkpoint",
+        help="continue RUN_DIR, or without it the latest run of this config, from its "
+        "checkpoint, with its saved config (overrides given now apply on top)",
     )
-    common.add_argument("--device", help="override training.device (cpu, cuda, cuda:1, …)")
-    common.add_argument("--data-dir", help="read the full Fashion-MNIST from this directory")
+    common.add_argument(
+        "--device", help="override training.device: cpu, cuda, cuda:1, … (default: cpu)"
+    )
+    common.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="use the full Fashion-MNIST from DIR, which must hold its four IDX files "
+        "(default: the config's data.dir)",
+    )
     common.add_argument(
         "--download",
         action="store_true",
-        help="download the full Fashion-MNIST into the user cache if it is not found",
+        help="download the full Fashion-MNIST if it is not found (into --data-dir, else the "
+        "user cache)",
     )
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     common.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. training.epochs=3")
 
-    train = commands.add_parser("train", parents=[common], help="train one optimizer")
-    train.add_argument("--optimizer", help="a key of the config's optimizers (default: the first)")
+    train = commands.add_parser(
+        "train",
+        parents=[common],
+        help="train one optimizer",
+        description="Train one optimizer of the config, in the run directory\n"
+        "<logdir>/<workload>-<optimizer>/version_<n>.",
+        epilog=f"{OVERRIDES}\n\n{TRAIN_EXAMPLE}",
+        formatter_class=raw,
+    )
+    train.add_argument(
+        "--optimizer",
+        metavar="NAME",
+        help="a key of the config's optimizers (default: the first, kfrob)",
+    )
     compare = commands.add_parser(
-        "compare", parents=[common], help="train several optimizers on the same workload"
+        "compare",
+        parents=[common],
+        help="train several optimizers on the same workload",
+        description="Train each optimizer from the same initial model on the same batches,\n"
+        "then write the table, the figure and the JSON of the comparison, in the run\n"
+        "directory <logdir>/compare-<workload>/version_<n>.",
+        epilog=f"{OVERRIDES}\n\n{COMPARE_EXAMPLE}",
+        formatter_class=raw,
     )
     compare.add_argument(
-        "--optimizers", help="comma-separated keys of the config's optimizers (default: all)"
+        "--optimizers",
+        metavar="A,B,…",
+        help="comma-separated keys of the config's optimizers (default: all; kfrob,sgd,adamw)",
     )
     compare.add_argument(
-        "--out", help="where comparison.{md,png,json} go (default: the run directory)"
+        "--out",
+        metavar="DIR",
+        help="also copy comparison.{md,png,json} here (default: only the run directory)",
     )
     return parser
 
