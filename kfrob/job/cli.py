@@ -31,8 +31,9 @@ TRAIN_EXAMPLE = """example:
 COMPARE_EXAMPLE = """example:
   kfrob compare                                    # the MLP on the embedded subset
   kfrob compare --config configs/cnn.yaml --optimizers kfrob,adamw training.epochs=1"""
-OVERRIDES = """overrides: any config key as dotted.key=value (the value is YAML), after the file and
-the defaults, e.g. training.epochs=3 optimizers.kfrob.damping=1e-2 training.target=null"""
+OVERRIDES = """overrides: any config key as dotted.key=value or --dotted.key value (the value is
+YAML), on top of the file and the defaults, e.g. training.epochs=3 or --training.epochs 3,
+optimizers.kfrob.damping=1e-2, training.target=null"""
 
 
 def _version() -> str:
@@ -141,10 +142,30 @@ def _run_dir(root: Path, resume: str | None) -> Path:
     return root / f"version_{versions[-1][0] + 1 if versions else 0}"
 
 
+def _dotted_options(argv: list[str]) -> list[str]:
+    """Config keys may also be given as options, as LightningCLI spells them:
+    ``--training.epochs 3`` and ``--training.epochs=3`` both mean ``training.epochs=3``
+    (no option of the command has a dot in its name)."""
+    out: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not (token.startswith("--") and "." in key):
+            out.append(token)
+            continue
+        if not sep:
+            value = next(tokens, None)
+            if value is None:
+                out.append(token)  # reported as an unrecognized argument
+                continue
+        out.append(f"{key[2:]}={value}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # overrides may come before or after the options
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_dotted_options(sys.argv[1:] if argv is None else argv))
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -196,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
             names = names or list(config.optimizers)
             _check_names(config, names, "--optimizers")
             _preflight(config, names)
-            out = Path(args.out) if args.out else run_dir
-            out.mkdir(parents=True, exist_ok=True)
             results = compare(config, names, run_dir, resume=resume, progress=progress)
             interrupted = any(r.interrupted for r in results.values())
             if not interrupted:
+                out = Path(args.out) if args.out else run_dir
+                out.mkdir(parents=True, exist_ok=True)
                 _publish(run_dir, out)
                 print((out / "comparison.md").read_text(), end="")
                 print(f"figure: {out / 'comparison.png'}, data: {out / 'comparison.json'}")
