@@ -354,6 +354,8 @@ def test_cli_compare_writes_table_figure_and_json(tmp_path: Path, capsys) -> Non
 
     assert matplotlib.image.imread(out / "comparison.png").shape[0] > 300
     assert (out / "comparison.md").read_text().startswith("| optimizer |")
+    assert f"`kfrob compare --config {config} " in (out / "comparison.md").read_text()
+    assert report["command"].startswith("kfrob compare --config")
     # a second comparison gets a new run directory; --resume finds the finished one
     assert main([*args, "--optimizers", "sgd", "--no-progress", *TINY]) == 0
     runs = sorted(p.name for p in (tmp_path / "runs" / "compare-mlp").iterdir())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -217,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             names = names or list(config.optimizers)
             _check_names(config, names, "--optimizers")
             _preflight(config, names)
-            results = compare(config, names, run_dir, resume=resume, progress=progress)
+            command = shlex.join(["kfrob", *(sys.argv[1:] if argv is None else argv)])
+            results = compare(
+                config, names, run_dir, resume=resume, progress=progress, command=command
+            )
             interrupted = any(r.interrupted for r in results.values())
             if not interrupted:
                 out = Path(args.out) if args.out else run_dir

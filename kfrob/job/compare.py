@@ -37,6 +37,7 @@ def compare(
     *,
     resume: bool = False,
     progress: bool | None = None,
+    command: str | None = None,
 ) -> dict[str, RunResult]:
     """Train each optimizer in ``names`` (keys of ``config.optimizers``) into
     ``out_dir/<name>`` and write the comparison; stops early if one run is interrupted
@@ -56,22 +57,27 @@ def compare(
         )  # fmt: skip
         if results[name].interrupted:
             return results
-    summary = report(config, results)
+    summary = report(config, results, command)
+    ran = f"`{command}` on" if command else "measured"
     provenance = (
-        f"{config.workload} on {next(iter(results.values())).data}; measured "
-        f"{summary['date']} on {summary['machine']}. {summary['timing']}"
+        f"{config.workload} on {next(iter(results.values())).data}; {ran} "
+        f"{summary['date']}, {summary['machine']}. {summary['timing']}"
     )
     (out_dir / "comparison.md").write_text(table(config, results) + "\n\n" + provenance + "\n")
-    plot(config, results, out_dir / "comparison.png")
+    caption = f"{command + ', ' if command else ''}{summary['date'][:10]}, {summary['machine']}"
+    plot(config, results, out_dir / "comparison.png", caption=caption)
     (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     return results
 
 
-def report(config: Config, results: dict[str, RunResult]) -> dict[str, Any]:
+def report(
+    config: Config, results: dict[str, RunResult], command: str | None = None
+) -> dict[str, Any]:
     """Everything in the comparison, for machines: the config, where and when it ran, and
     each run's result."""
     return {
         "config": config.model_dump(),
+        "command": command,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
@@ -128,7 +134,9 @@ def table(config: Config, results: dict[str, RunResult]) -> str:
     return "\n".join(lines)
 
 
-def plot(config: Config, results: dict[str, RunResult], path: str | Path) -> None:
+def plot(
+    config: Config, results: dict[str, RunResult], path: str | Path, caption: str = ""
+) -> None:
     """A 2×2 figure: training loss and test accuracy (test loss for a reconstruction
     workload) against steps and against training seconds, one line per optimizer."""
     import matplotlib
@@ -161,6 +169,8 @@ def plot(config: Config, results: dict[str, RunResult], path: str | Path) -> Non
                 ax.axhline(target.value, color="grey", linestyle=":", linewidth=1)
     axes[0, 0].legend()
     fig.suptitle(f"{config.workload} on {next(iter(results.values())).data}", fontsize=10)
-    fig.tight_layout()
+    if caption:  # the command and the machine
+        fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
