@@ -2,14 +2,19 @@
 
     python examples/lightning_fashion_mnist.py fit --config configs/lightning_fashion_mnist.yaml
 
-The config adds ``kfrob.lightning.FrobPreconditioner`` to the trainer's callbacks; the model's
-own optimizer (SGD by default, ``--model.optimizer adamw`` for AdamW) then steps with
-K-FAC-preconditioned gradients. Data: the full Fashion-MNIST if it is installed
-(``$KFROB_DATA``, Debian's ``dataset-fashion-mnist``) and ``data.embedded`` is false, else the
-subset shipped inside kfrob; the script says which it used.
+The config adds ``kfrob.lightning.FrobPreconditioner`` to the trainer's callbacks; the
+model's own optimizer (SGD by default, ``--model.optimizer adamw`` for AdamW) then steps with
+K-FAC-preconditioned gradients. The config's TensorBoard logger writes to
+``runs/lightning-fashion-mnist`` (``tensorboard --logdir runs``): ``train_loss``,
+``val_acc`` and kfrob's diagnostics under ``kfrob/net.fc1/...``; the callback's
+``log_diagnostics: false`` leaves those out. Data: the full Fashion-MNIST if it is installed
+(``$KFROB_DATA``, Debian's ``dataset-fashion-mnist``) and ``data.embedded`` is false, else
+the subset shipped inside kfrob; the script says which it used.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import lightning.pytorch as pl
 import torch
@@ -59,9 +64,9 @@ class MLPClassifier(pl.LightningModule):
     def __init__(self, lr: float = 0.1, optimizer: str = "sgd", momentum: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)
-        )
+        layers = [("fc1", nn.Linear(784, 512)), ("relu1", nn.ReLU())]
+        layers += [("fc2", nn.Linear(512, 256)), ("relu2", nn.ReLU()), ("fc3", nn.Linear(256, 10))]
+        self.net = nn.Sequential(OrderedDict(layers))  # named: kfrob/net.fc1/... in the logs
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

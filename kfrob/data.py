@@ -2,7 +2,9 @@
 
 An IDX file is a big-endian header — two zero bytes, a type code (``0x08`` = uint8), the
 number of dimensions ``n`` — followed by ``n`` uint32 sizes and the data. Files may be
-gzipped. The data directory is searched in order: the ``data_dir`` argument, ``$KFROB_DATA``,
+gzipped. A directory named explicitly (the ``data_dir`` argument, else ``$KFROB_DATA``) is the
+only one looked at: if it is missing or lacks one of the four files, ``FileNotFoundError``
+names it and the missing files. With neither, the standard places are searched in order:
 ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package) and the
 user cache (``$XDG_CACHE_HOME/kfrob/fashion-mnist``, by default ``~/.cache/kfrob/...``).
 Nothing is downloaded unless asked: :func:`download_fashion_mnist` fetches the four files
@@ -13,7 +15,7 @@ only then; an interrupted or failed download leaves nothing behind.
 kfrob also ships an *embedded* stratified subset (10,000 training and 2,000 test images,
 1,000 and 200 per class; built by ``scripts/make_embedded_subset.py``) in the same format:
 ``load_fashion_mnist(..., embedded=True)`` reads it, and :func:`load_any_fashion_mnist` falls
-back to it when the full set is not installed.
+back to it when no directory is named and the full set is not installed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "OFFICIAL_URL",
     "cache_dir",
     "download_fashion_mnist",
+    "explicit_data_dir",
     "find_data_dir",
     "load_any_fashion_mnist",
     "load_fashion_mnist",
@@ -107,20 +110,65 @@ def cache_dir() -> Path:
     return Path(root) / "kfrob" / "fashion-mnist"
 
 
-def find_data_dir(data_dir: str | Path | None = None) -> Path:
-    """The first candidate directory holding all four Fashion-MNIST files."""
-    candidates = [Path(d) for d in (data_dir, os.environ.get("KFROB_DATA")) if d]
-    candidates += [SYSTEM_DIR, cache_dir()]
-    names = [name for pair in FILES.values() for name in pair]
+NAMES = tuple(name for pair in FILES.values() for name in pair)
+
+
+_HOW_TO_GET = (
+    "Install Debian's package (apt-get install dataset-fashion-mnist), set KFROB_DATA / pass "
+    "data_dir (--data-dir) to a directory holding the four files, or download them "
+    "(`kfrob train --download`, or kfrob.data.download_fashion_mnist())."
+)
+
+_HOW_TO_FIX = (
+    "Name a directory that holds all four, or download them into this one "
+    "(`--download`, or kfrob.data.download_fashion_mnist(directory))."
+)
+
+
+def explicit_data_dir(data_dir: str | Path | None = None) -> tuple[Path, str] | None:
+    """The directory named explicitly, and by what: ``data_dir`` (``"data_dir"``), else
+    ``$KFROB_DATA`` (``"$KFROB_DATA"``); ``None`` when neither is set."""
+    if data_dir:
+        return Path(data_dir), "data_dir"
+    if os.environ.get("KFROB_DATA"):
+        return Path(os.environ["KFROB_DATA"]), "$KFROB_DATA"
+    return None
+
+
+def find_data_dir(data_dir: str | Path | None = None, *, named_by: str | None = None) -> Path:
+    """The directory holding all four Fashion-MNIST files.
+
+    A directory named explicitly (``data_dir``, else ``$KFROB_DATA``) is used or refused: a
+    missing or incomplete one raises ``FileNotFoundError`` naming it and the files it lacks,
+    and nothing else is searched. Otherwise the first of the standard places that holds all
+    four files (``/usr/share/datasets/fashion-mnist``, then the user cache) is returned.
+    ``named_by`` says how the caller's user wrote ``data_dir`` (e.g. ``"--data-dir"``), for
+    the message."""
+    explicit = explicit_data_dir(data_dir)
+    if explicit is not None:
+        directory, origin = explicit
+        if origin == "data_dir" and named_by is not None:
+            origin = named_by
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"Fashion-MNIST directory {directory} (from {origin}) does not exist; it should "
+                f"hold {', '.join(NAMES)}. {_HOW_TO_FIX}"
+            )
+        missing = [name for name in NAMES if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"Fashion-MNIST directory {directory} (from {origin}) lacks "
+                f"{', '.join(missing)}. {_HOW_TO_FIX}"
+            )
+        return directory
+    candidates = [SYSTEM_DIR, cache_dir()]
     for candidate in candidates:
-        if all((candidate / name).is_file() for name in names):
+        if all((candidate / name).is_file() for name in NAMES):
             return candidate
     looked = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(
-        f"Fashion-MNIST IDX files ({', '.join(names)}) not found; looked in: {looked}. "
-        "Install Debian's package (apt-get install dataset-fashion-mnist), set "
-        "KFROB_DATA / pass data_dir to a directory holding them, or download them into the "
-        "cache (`kfrob train --download`, or kfrob.data.download_fashion_mnist())."
+        f"Fashion-MNIST IDX files ({', '.join(NAMES)}) not found; looked in: {looked}. "
+        + _HOW_TO_GET
     )
 
 
@@ -142,7 +190,7 @@ def download_fashion_mnist(
     destination = Path(destination) if destination is not None else cache_dir()
     checksums = CHECKSUMS if checksums is None else checksums
     destination.mkdir(parents=True, exist_ok=True)
-    for name in (name for pair in FILES.values() for name in pair):
+    for name in NAMES:
         target = destination / name
         if target.is_file() and _sha256_ok(target, checksums[name]):
             continue
@@ -203,9 +251,13 @@ def load_any_fashion_mnist(
     split: str = "train", data_dir: str | Path | None = None
 ) -> tuple[Tensor, Tensor, str]:
     """The full set if it can be found, else the embedded subset; the third item says which
-    (``"full (<dir>)"`` or ``"embedded subset"``), for the user to see."""
+    (``"full (<dir>)"`` or ``"embedded subset"``), for the user to see. A directory named
+    explicitly (``data_dir`` or ``$KFROB_DATA``) must hold the full set: there is no fallback
+    from it (see :func:`find_data_dir`)."""
     try:
         directory = find_data_dir(data_dir)
     except FileNotFoundError:
+        if explicit_data_dir(data_dir) is not None:
+            raise
         return (*load_fashion_mnist(split, embedded=True), "embedded subset")
     return (*load_fashion_mnist(split, directory), f"full ({directory})")

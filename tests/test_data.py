@@ -81,10 +81,61 @@ def test_missing_files_say_where_and_how(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr("kfrob.data.SYSTEM_DIR", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError) as info:
-        find_data_dir(tmp_path)
+        find_data_dir()
     message = str(info.value)
     assert "apt-get install dataset-fashion-mnist" in message and "--download" in message
     assert str(tmp_path / "cache" / "kfrob" / "fashion-mnist") in message
+
+
+@pytest.fixture
+def complete_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A complete copy in the user cache, which an explicit directory must never fall back
+    to."""
+    monkeypatch.delenv("KFROB_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("kfrob.data.SYSTEM_DIR", tmp_path / "nowhere")
+    cache = tmp_path / "cache" / "kfrob" / "fashion-mnist"
+    cache.mkdir(parents=True)
+    fake_dataset(cache)
+    return cache
+
+
+def test_explicit_dir_that_does_not_exist_is_an_error(tmp_path: Path, complete_cache) -> None:
+    assert find_data_dir() == complete_cache
+    missing = tmp_path / "nonexistent"
+    with pytest.raises(FileNotFoundError) as info:
+        find_data_dir(missing, named_by="--data-dir")
+    message = str(info.value)
+    assert f"{missing} (from --data-dir) does not exist" in message
+    assert all(name in message for pair in FILES.values() for name in pair)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_any_fashion_mnist("test", missing)  # no fallback to the embedded subset either
+
+
+def test_incomplete_explicit_dir_names_the_missing_files(tmp_path: Path, complete_cache) -> None:
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    fake_dataset(partial)
+    (partial / FILES["test"][1]).unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        find_data_dir(partial)
+    message = str(info.value)
+    assert f"{partial} (from data_dir) lacks {FILES['test'][1]}." in message
+    assert FILES["train"][0] not in message.split("lacks")[1].split(".")[0]
+
+
+def test_kfrob_data_that_is_incomplete_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, complete_cache
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("KFROB_DATA", str(empty))
+    with pytest.raises(FileNotFoundError, match=r"\(from \$KFROB_DATA\) lacks train-images"):
+        find_data_dir()
+    with pytest.raises(FileNotFoundError, match=r"\$KFROB_DATA"):
+        load_any_fashion_mnist("test")
+    # an explicit argument takes precedence over the variable
+    assert find_data_dir(complete_cache) == complete_cache
 
 
 def test_user_cache_is_searched_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,22 @@ def test_overrides_apply_on_top_of_file_and_defaults(tmp_path: Path) -> None:
         load_config(None, ["training.epochs"])
 
 
+def test_overrides_may_be_spelled_as_options(tmp_path: Path, capsys) -> None:
+    from kfrob.job.cli import _dotted_options
+
+    argv = ["train", "--training.epochs", "3", "--optimizers.kfrob.lr=1e-2", "--logdir", "x"]
+    assert _dotted_options(argv) == [
+        "train",
+        "training.epochs=3",
+        "optimizers.kfrob.lr=1e-2",
+        "--logdir",
+        "x",
+    ]
+    # the same errors as key=value: the key is named
+    assert main(["train", "--logdir", str(tmp_path), "--training.epoch", "3"]) == 2
+    assert "unknown key 'training.epoch'; did you mean 'epochs'?" in capsys.readouterr().err
+
+
 def test_yaml_reads_exponent_numbers_as_floats() -> None:
     assert parse_yaml("a: 1e-3\nb: 2E5\nc: 3\nd: '1e-3'") == {
         "a": 1e-3,
@@ -166,6 +184,78 @@ def test_resume_takes_exactly_the_uninterrupted_steps(
     assert resumed.final["train_loss"] == straight.final["train_loss"]
 
 
+class StopAfter:
+    """Stands in for the Ctrl-C handler: "interrupted" from the ``checks``-th check on."""
+
+    def __init__(self, checks: int) -> None:
+        self.left = checks
+
+    @contextmanager
+    def installed(self) -> Iterator[StopAfter]:
+        yield self
+
+    @property
+    def requested(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+@pytest.mark.parametrize("how", ["path", "latest"])
+def test_resume_remembers_the_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, how: str
+) -> None:
+    # the config says 2 epochs (8 steps); the run was started with 3 (12 steps) and sgd
+    monkeypatch.setattr("kfrob.job.training._Interrupt", lambda: StopAfter(5))
+    args = ["train", "--logdir", str(tmp_path), "--no-progress", "--optimizer", "sgd"]
+    assert main([*args, *TINY, "training.epochs=3", "optimizers.sgd.lr=0.02"]) == 130
+    run_dir = tmp_path / "mlp-sgd" / "version_0"
+    err = capsys.readouterr().err
+    assert f"--resume {run_dir}" in err
+    saved = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert saved["step"] == 5
+    assert load_config(run_dir / "config.yaml").training.epochs == 3
+    monkeypatch.undo()
+    if how == "path":  # exactly the printed hint: no config, no overrides, no --optimizer
+        assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    else:
+        assert main(["train", "--logdir", str(tmp_path), "--optimizer", "sgd", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "sgd: resumed at step 5 of 12" in out
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 12
+    assert load_config(run_dir / "config.yaml").optimizers["sgd"]["lr"] == 0.02
+    # overrides on the resuming command line apply on top, and are remembered in turn
+    more = ["train", "--resume", str(run_dir), "--no-progress", "training.epochs=4"]
+    assert main(more) == 0
+    assert "resumed at step 12 of 16" in capsys.readouterr().out
+    assert load_config(run_dir / "config.yaml").training.epochs == 4
+    # ... but not a change that would make it another run
+    assert main(["train", "--resume", str(run_dir), "optimizers.sgd.lr=0.5"]) == 2
+    assert "optimizers.sgd.lr (0.02 -> 0.5)" in capsys.readouterr().err
+    assert load_config(run_dir / "config.yaml").optimizers["sgd"]["lr"] == 0.02
+
+
+def test_compare_resume_remembers_overrides_and_optimizers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr("kfrob.job.training._Interrupt", lambda: StopAfter(3))
+    args = ["compare", "--logdir", str(tmp_path), "--no-progress", *TINY]
+    assert main([*args, "--optimizers", "sgd,adamw", "training.epochs=3"]) == 130
+    run_dir = tmp_path / "compare-mlp" / "version_0"
+    assert f"--resume {run_dir}" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["compare", "--resume", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "sgd: resumed at step 3 of 12" in out and "| adamw |" in out and "| kfrob |" not in out
+    report = json.loads((run_dir / "comparison.json").read_text())
+    assert {name: run["steps"] for name, run in report["runs"].items()} == {"sgd": 12, "adamw": 12}
+
+
+def test_resume_of_a_missing_run_directory_is_an_error(tmp_path: Path, capsys) -> None:
+    assert main(["compare", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+
+
 def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_data) -> None:
     config = load_config(None, [*TINY, "training.max_steps=2"])
     train(config, "sgd", tmp_path, progress=False, data=tiny_data)
@@ -188,6 +278,31 @@ def test_same_initial_model_and_batches_for_every_optimizer(tmp_path: Path, tiny
     assert strip[0] == strip[1] and len(strip[0]) >= 4
 
 
+@pytest.mark.parametrize("optimizer", ["kfrob", "adamw"])
+def test_warm_up_does_not_change_the_run(tmp_path: Path, tiny_data, optimizer: str) -> None:
+    runs = []
+    for warmup in (0, 5):
+        config = load_config(None, [*TINY, f"training.warmup_steps={warmup}"])
+        run_dir = tmp_path / str(warmup)
+        runs.append(train(config, optimizer, run_dir, progress=False, data=tiny_data))
+    a, b = final_parameters(tmp_path / "0"), final_parameters(tmp_path / "5")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [[{k: v for k, v in e.items() if k != "seconds"} for e in r.history] for r in runs]
+    assert strip[0] == strip[1]
+
+
+def test_comparison_says_how_the_time_was_taken(tmp_path: Path, tiny_data) -> None:
+    from kfrob.job.compare import compare
+
+    config = load_config(None, [*TINY, "training.warmup_steps=3"])
+    compare(config, ["sgd"], tmp_path, progress=False)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "after 3 untimed warm-up steps of each optimizer" in text
+    assert "excludes evaluation (every 2 steps)" in text
+    report = json.loads((tmp_path / "comparison.json").read_text())
+    assert report["timing"] in text
+
+
 def test_tensorboard_event_file_has_the_tags(tmp_path: Path, tiny_data) -> None:
     config = load_config(None, TINY)
     train(config, "kfrob", tmp_path, progress=False, data=tiny_data)
@@ -197,7 +312,7 @@ def test_tensorboard_event_file_has_the_tags(tmp_path: Path, tiny_data) -> None:
     for tag in ("train/loss", "train/accuracy", "train/lr", "train/step_time"):
         assert tag in tags["scalars"]
     assert {"test/loss", "test/accuracy"} <= set(tags["scalars"])
-    layers = ("1", "3", "5")  # the Linear layers of the MLP (index 0 is Flatten)
+    layers = ("fc1", "fc2", "fc3")  # the Linear layers of the MLP, by name
     for layer in layers:
         for quantity in ("update_norm", "update_norm_metric", "damping", "cond_A", "cond_G"):
             assert f"kfrob/{layer}/{quantity}" in tags["scalars"]
@@ -205,7 +320,7 @@ def test_tensorboard_event_file_has_the_tags(tmp_path: Path, tiny_data) -> None:
             assert f"eigenvalues/{layer}/{side}" in tags["histograms"]
     assert "kfrob/kl_clip_factor" in tags["scalars"]
     # a histogram at each inverse refresh: steps 1, 4, 7 (every 3 steps)
-    assert [e.step for e in events.Histograms("eigenvalues/1/A")] == [1, 4, 7]
+    assert [e.step for e in events.Histograms("eigenvalues/fc1/A")] == [1, 4, 7]
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
     assert "hparam/test_accuracy" in tags["scalars"]
 
@@ -239,11 +354,38 @@ def test_cli_compare_writes_table_figure_and_json(tmp_path: Path, capsys) -> Non
 
     assert matplotlib.image.imread(out / "comparison.png").shape[0] > 300
     assert (out / "comparison.md").read_text().startswith("| optimizer |")
+    assert f"`kfrob compare --config {config} " in (out / "comparison.md").read_text()
+    assert report["command"].startswith("kfrob compare --config")
     # a second comparison gets a new run directory; --resume finds the finished one
     assert main([*args, "--optimizers", "sgd", "--no-progress", *TINY]) == 0
     runs = sorted(p.name for p in (tmp_path / "runs" / "compare-mlp").iterdir())
     assert runs == ["version_0", "version_1"]
     assert main([*args, "--optimizers", "sgd", "--resume", "--no-progress", *TINY]) == 0
+
+
+def test_python_dash_m_kfrob_is_the_command() -> None:
+    run = [sys.executable, "-m", "kfrob"]
+    done = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: kfrob ")
+    assert "example:" in done.stdout and "train" in done.stdout and "compare" in done.stdout
+    done = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("kfrob 0.")
+    done = subprocess.run([*run, "train", "--bogus"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unrecognized arguments: --bogus" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_help_shows_defaults_and_an_example(
+    command: str, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # no line breaks inside the phrases looked for
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: runs)" in text and "(default: cpu)" in text
+    assert f"example:\n  kfrob {command} " in text
+    assert "dotted.key=value" in text
 
 
 def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path: Path) -> None:
@@ -278,8 +420,8 @@ def test_full_data_is_downloaded_only_when_asked(
     monkeypatch.setattr("kfrob.data.SYSTEM_DIR", tmp_path / "nowhere")
     fetched = []
 
-    def download() -> Path:  # stands in for the network
-        cache = tmp_path / "kfrob" / "fashion-mnist"
+    def download(destination: Path | None = None) -> Path:  # stands in for the network
+        cache = destination or tmp_path / "kfrob" / "fashion-mnist"
         cache.mkdir(parents=True)
         fake_dataset(cache)
         fetched.append(cache)
@@ -292,6 +434,44 @@ def test_full_data_is_downloaded_only_when_asked(
     assert not fetched
     data = load_data(DataConfig(source="full", download=True))
     assert fetched and str(fetched[0]) in data.source and len(data.x_train) == 6
+    # a directory named explicitly is where a download goes
+    mine = tmp_path / "mine"
+    data = load_data(DataConfig(source="full", dir=str(mine), download=True))
+    assert fetched[-1] == mine and str(mine) in data.source
+
+
+@pytest.mark.parametrize("how", ["--data-dir", "data.dir", "KFROB_DATA"])
+def test_explicit_data_dir_that_is_missing_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, how: str
+) -> None:
+    from tests.test_data import fake_dataset
+
+    # a complete copy elsewhere on the search path must not be used instead
+    monkeypatch.delenv("KFROB_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "kfrob" / "fashion-mnist"
+    cache.mkdir(parents=True)
+    fake_dataset(cache)
+    missing = tmp_path / "nonexistent"
+    args = ["compare", "--logdir", str(tmp_path / "runs"), "--no-progress", *TINY]
+    if how == "--data-dir":
+        args += ["--data-dir", str(missing)]
+    elif how == "data.dir":
+        args += ["data.source=auto", f"data.dir={missing}"]
+    else:
+        monkeypatch.setenv("KFROB_DATA", str(missing))
+        args += ["data.source=full"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} (from " in err and "does not exist" in err
+    assert "train-images-idx3-ubyte.gz" in err
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_data_dir_with_the_embedded_source_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match=r"data\.dir is set but data\.source is 'embedded'"):
+        load_config(None, ["data.dir=/somewhere"])
+    assert load_config(None, ["data.source=auto", "data.dir=/somewhere"]).data.dir
 
 
 def test_batch_order_covers_each_epoch_and_resumes_anywhere() -> None:

@@ -18,9 +18,16 @@ from typing import Any
 import torch
 
 from kfrob.job.config import Config
-from kfrob.job.training import RunResult, load_data, train
+from kfrob.job.training import (
+    CHECKPOINT,
+    RunResult,
+    load_data,
+    open_run_dir,
+    record_run,
+    train,
+)
 
-__all__ = ["compare", "plot", "table"]
+__all__ = ["compare", "plot", "report", "table", "timing"]
 
 
 def compare(
@@ -30,12 +37,18 @@ def compare(
     *,
     resume: bool = False,
     progress: bool | None = None,
+    command: str | None = None,
 ) -> dict[str, RunResult]:
     """Train each optimizer in ``names`` (keys of ``config.optimizers``) into
     ``out_dir/<name>`` and write the comparison; stops early if one run is interrupted
     (``resume=True`` picks every run up where it stopped; finished runs are not re-run)."""
     out_dir = Path(out_dir)
     data = load_data(config.data)
+    if resume:  # refuse a changed config before anything is written
+        for name in names:
+            if (out_dir / name / CHECKPOINT).is_file():
+                open_run_dir(out_dir / name, True, config, name)
+    record_run(out_dir, config, names)
     results: dict[str, RunResult] = {}
     for name in names:
         results[name] = train(
@@ -44,27 +57,50 @@ def compare(
         )  # fmt: skip
         if results[name].interrupted:
             return results
-    summary = report(config, results)
+    summary = report(config, results, command)
+    ran = f"`{command}` on" if command else "measured"
     provenance = (
-        f"{config.workload} on {next(iter(results.values())).data}; measured "
-        f"{summary['date']} on {summary['machine']}. Training time excludes evaluation."
+        f"{config.workload} on {next(iter(results.values())).data}; {ran} "
+        f"{summary['date']}, {summary['machine']}. {summary['timing']}"
     )
     (out_dir / "comparison.md").write_text(table(config, results) + "\n\n" + provenance + "\n")
-    plot(config, results, out_dir / "comparison.png")
+    caption = f"{command + ', ' if command else ''}{summary['date'][:10]}, {summary['machine']}"
+    plot(config, results, out_dir / "comparison.png", caption=caption)
     (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
     return results
 
 
-def report(config: Config, results: dict[str, RunResult]) -> dict[str, Any]:
+def report(
+    config: Config, results: dict[str, RunResult], command: str | None = None
+) -> dict[str, Any]:
     """Everything in the comparison, for machines: the config, where and when it ran, and
     each run's result."""
     return {
         "config": config.model_dump(),
+        "command": command,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
+        "timing": timing(config),
         "runs": {name: result.to_json() for name, result in results.items()},
     }
+
+
+def timing(config: Config) -> str:
+    """How the seconds in the table were taken, in a sentence."""
+    warmup, every = config.training.warmup_steps, config.training.eval_every
+    evaluations = f"every {every} steps" if every else "after each epoch"
+    start = (
+        f"after {warmup} untimed warm-up steps of each optimizer on a throwaway model, "
+        if warmup
+        else "with no warm-up (the first optimizer pays the process's start-up), "
+    )
+    return (
+        "Training time is the wall-clock time of the training steps (forward, backward, "
+        f"optimizer step), taken {start}in the order of the table; it excludes evaluation "
+        f"({evaluations}), diagnostics, logging and checkpoints. Seconds to target are those "
+        "at the first evaluation that reached it."
+    )
 
 
 def table(config: Config, results: dict[str, RunResult]) -> str:
@@ -98,7 +134,9 @@ def table(config: Config, results: dict[str, RunResult]) -> str:
     return "\n".join(lines)
 
 
-def plot(config: Config, results: dict[str, RunResult], path: str | Path) -> None:
+def plot(
+    config: Config, results: dict[str, RunResult], path: str | Path, caption: str = ""
+) -> None:
     """A 2×2 figure: training loss and test accuracy (test loss for a reconstruction
     workload) against steps and against training seconds, one line per optimizer."""
     import matplotlib
@@ -131,6 +169,8 @@ def plot(config: Config, results: dict[str, RunResult], path: str | Path) -> Non
                 ax.axhline(target.value, color="grey", linestyle=":", linewidth=1)
     axes[0, 0].legend()
     fig.suptitle(f"{config.workload} on {next(iter(results.values())).data}", fontsize=10)
-    fig.tight_layout()
+    if caption:  # the command and the machine
+        fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

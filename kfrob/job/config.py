@@ -7,14 +7,17 @@ across kfrob, SGD and AdamW::
     workload: mlp                 # mlp | autoencoder | cnn
     data:
       source: embedded            # embedded | full | auto (full if found, else embedded)
-      dir: null                   # a directory holding the four IDX .gz files
-      download: false             # full/auto: download into the user cache if not found
+      dir: null                   # a directory holding the four IDX .gz files (else
+                                  # $KFROB_DATA); named, it must hold them: no fallback
+      download: false             # full/auto: download if not found (into dir, else the
+                                  # user cache)
       train_size: null            # use only the first N training / test images
       test_size: null
     training:
       batch_size: 128
       epochs: 5
       max_steps: null             # stop after this many steps (before the epochs run out)
+      warmup_steps: 20            # untimed steps on a throwaway model before the clock starts
       eval_every: 20              # steps between test-set evaluations (null: each epoch)
       seed: 0                     # model initialisation, data order, kfrob's MC sampler
       device: cpu                 # cpu | cuda | cuda:1 | mps ...
@@ -56,7 +59,7 @@ from pydantic import (
 from kfrob.job.optimizers import check_arguments
 from kfrob.job.workloads import WORKLOADS
 
-__all__ = ["Config", "apply_overrides", "load_config", "parse_yaml"]
+__all__ = ["Config", "apply_overrides", "dump_config", "load_config", "parse_yaml"]
 
 
 class Section(BaseModel):
@@ -69,6 +72,16 @@ class DataConfig(Section):
     download: bool = False
     train_size: int | None = Field(default=None, ge=1)
     test_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _dir_needs_the_full_set(self) -> DataConfig:
+        if self.source == "embedded" and (self.dir is not None or self.download):
+            given = "data.dir" if self.dir is not None else "data.download"
+            raise ValueError(
+                f"{given} is set but data.source is 'embedded' (the subset shipped with "
+                "kfrob, which needs no directory); set data.source to 'full' or 'auto'"
+            )
+        return self
 
 
 class TargetConfig(Section):
@@ -87,6 +100,7 @@ class TrainingConfig(Section):
     batch_size: int = Field(default=128, ge=1)
     epochs: int = Field(default=5, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
+    warmup_steps: int = Field(default=20, ge=0)
     eval_every: int | None = Field(default=20, ge=1)
     seed: int = Field(default=0, ge=0)
     device: str = "cpu"
@@ -205,6 +219,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as err:
         raise ValueError(_explain(err, path)) from None
     return config
+
+
+def dump_config(config: Config) -> str:
+    """``config`` as YAML that :func:`load_config` reads back to an equal config: every key,
+    defaults and overrides included (what a run directory keeps as ``config.yaml``)."""
+    header = "# The effective config of this run (file, defaults and overrides); kfrob --resume\n"
+    header += "# reads it. A valid --config file too.\n"
+    return header + yaml.safe_dump(config.model_dump(), sort_keys=False)
 
 
 def _keys_at(location: list[str]) -> list[str]:

@@ -6,10 +6,13 @@ generator) and kfrob's Monte Carlo sampler, so every optimizer of a comparison s
 initial model and the same batches, and a resumed run takes exactly the steps of an
 uninterrupted one.
 
-The run directory holds ``checkpoint.pt`` (written atomically at each epoch's end, every
-``logging.checkpoint_every`` steps, on ``Ctrl-C`` and at the end), the TensorBoard event files
-and ``result.json``. Training time (``seconds``) counts the training steps only: evaluation,
-diagnostics, logging and checkpoints are excluded.
+The run directory holds ``config.yaml`` (the effective config, overrides included, which
+``kfrob train --resume`` continues with), ``checkpoint.pt`` (written atomically at each
+epoch's end, every ``logging.checkpoint_every`` steps, on ``Ctrl-C`` and at the end), the
+TensorBoard event files and ``result.json``. Training time (``seconds``) counts the
+training steps only: evaluation, diagnostics, logging and checkpoints are excluded, and the
+clock starts after ``training.warmup_steps`` untimed steps on a throwaway copy
+(:func:`warm_up`), so that the first optimizer of a process does not pay its start-up.
 """
 
 from __future__ import annotations
@@ -31,18 +34,43 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kfrob.data import download_fashion_mnist, find_data_dir, load_fashion_mnist
+from kfrob.data import (
+    download_fashion_mnist,
+    explicit_data_dir,
+    find_data_dir,
+    load_fashion_mnist,
+)
 from kfrob.job.board import Board
-from kfrob.job.config import Config, DataConfig
+from kfrob.job.config import Config, DataConfig, dump_config, load_config
 from kfrob.job.optimizers import build_optimizer
 from kfrob.job.workloads import WORKLOADS, Workload
 from kfrob.optimizer import FrobPreconditionedSGD
 
-__all__ = ["BatchOrder", "Dataset", "RunResult", "load_data", "train"]
+__all__ = [
+    "CHECKPOINT",
+    "CONFIG",
+    "RUN",
+    "BatchOrder",
+    "Dataset",
+    "RunResult",
+    "load_data",
+    "record_run",
+    "saved_run",
+    "train",
+    "warm_up",
+]
 
 CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"  # the effective config, overrides included: what --resume continues
+RUN = "run.json"  # which of its optimizers the run trains
 # config keys that may change between a run and its resumption
-RESUMABLE_CHANGES = ("training.epochs", "training.max_steps", "training.device", "logging.")
+RESUMABLE_CHANGES = (
+    "training.epochs",
+    "training.max_steps",
+    "training.device",
+    "training.warmup_steps",
+    "logging.",
+)
 
 
 @dataclass
@@ -61,17 +89,21 @@ class Dataset:
 
 
 def load_data(config: DataConfig) -> Dataset:
-    """The data a config asks for: the embedded subset, the full set (found, or downloaded
-    into the user cache when ``download`` is set), or ``auto``: full if found, else embedded.
-    ``train_size``/``test_size`` keep the first images of each split."""
+    """The data a config asks for: the embedded subset, the full set, or ``auto``: full if
+    found, else embedded. A directory named explicitly (``data.dir``, else ``$KFROB_DATA``)
+    is the only place looked at, and never falls back: missing or incomplete, it is an error
+    (or, with ``download``, where the files are downloaded to); otherwise the standard places
+    are searched, and ``download`` fetches into the user cache. ``train_size``/``test_size``
+    keep the first images of each split."""
     directory: Path | None = None
     if config.source != "embedded":
+        explicit = explicit_data_dir(config.dir)
         try:
-            directory = find_data_dir(config.dir)
+            directory = find_data_dir(config.dir, named_by="data.dir / --data-dir")
         except FileNotFoundError:
             if config.download:
-                directory = download_fashion_mnist()
-            elif config.source == "full":
+                directory = download_fashion_mnist(explicit[0] if explicit else None)
+            elif config.source == "full" or explicit is not None:
                 raise
     if directory is None:
         source = "the embedded Fashion-MNIST subset shipped with kfrob"
@@ -219,7 +251,7 @@ class BatchOrder:
         self._epoch = -1
 
 
-def _open_run_dir(run_dir: Path, resume: bool, config: Config, name: str) -> dict | None:
+def open_run_dir(run_dir: Path, resume: bool, config: Config, name: str) -> dict | None:
     """The checkpoint to resume from (validated against the config), or ``None`` for a new
     run, which must not overwrite an old one."""
     path = run_dir / CHECKPOINT
@@ -237,6 +269,53 @@ def _open_run_dir(run_dir: Path, resume: bool, config: Config, name: str) -> dic
     return None
 
 
+def warm_up(config: Config, optimizer_name: str, data: Dataset, steps: int) -> None:
+    """``steps`` untimed training steps (forward, backward, kfrob's diagnostics, the
+    optimizer's step) and one evaluation on a throwaway model and optimizer, so that the
+    process's one-off costs (thread pools, kernel selection, allocator growth, the first
+    decompositions) are paid before the clock starts. The run itself is untouched: it
+    reseeds torch and builds its own model, optimizer and batch order afterwards."""
+    workload = WORKLOADS[config.workload]
+    device = data.x_train.device
+    model = workload.build().to(device)
+    optimizer = build_optimizer(
+        optimizer_name, config.optimizers[optimizer_name], model, workload, config.training.seed
+    )
+    order = BatchOrder(len(data.x_train), config.training.batch_size, config.training.seed)
+    is_kfrob = isinstance(optimizer, FrobPreconditionedSGD)
+    for step in range(steps):
+        batch = order.indices(step).to(device)
+        x, y = data.x_train[batch], data.y_train[batch]
+        optimizer.zero_grad(set_to_none=True)
+        output = model(x)
+        workload.loss(output, x, y).backward()
+        if is_kfrob and (step + 1) % config.logging.log_every == 0:
+            optimizer.diagnostics()
+        optimizer.step()
+    evaluate(model, workload, data.x_test[:1000], data.y_test[:1000])
+    close = getattr(optimizer, "close", None)
+    if close is not None:
+        close()
+
+
+def record_run(run_dir: Path, config: Config, optimizers: list[str]) -> None:
+    """Write the run's effective config (``config.yaml``) and the optimizers it trains
+    (``run.json``) into ``run_dir``: all that ``--resume`` needs to continue it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG).write_text(dump_config(config))
+    (run_dir / RUN).write_text(json.dumps({"optimizers": optimizers}) + "\n")
+
+
+def saved_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[Config, list[str]] | None:
+    """The config (with ``overrides`` on top) and optimizers that :func:`record_run` wrote
+    into ``run_dir``, or ``None`` if it wrote nothing there."""
+    if not (run_dir / CONFIG).is_file():
+        return None
+    config = load_config(run_dir / CONFIG, overrides)
+    run = run_dir / RUN
+    return config, json.loads(run.read_text())["optimizers"] if run.is_file() else []
+
+
 def train(
     config: Config,
     optimizer_name: str,
@@ -252,11 +331,14 @@ def train(
     ``run_dir/result.json``; on ``Ctrl-C`` it checkpoints and returns with
     ``interrupted=True``."""
     run_dir = Path(run_dir)
-    saved = _open_run_dir(run_dir, resume, config, optimizer_name)
+    saved = open_run_dir(run_dir, resume, config, optimizer_name)
+    record_run(run_dir, config, [optimizer_name])
     settings = config.training
     device = torch.device(settings.device)
     workload = WORKLOADS[config.workload]
     data = (data or load_data(config.data)).to(device)
+    if settings.warmup_steps:
+        warm_up(config, optimizer_name, data, settings.warmup_steps)
     torch.manual_seed(settings.seed)
     model = workload.build().to(device)
     optimizer = build_optimizer(
@@ -310,6 +392,8 @@ def train(
     model.train()
     interrupt = _Interrupt()
     with interrupt.installed():
+        if saved is not None:
+            bar.write(f"{optimizer_name}: resumed at step {step} of {total_steps}")
         bar.write(f"{optimizer_name}: training on {data.source}, {device}")
         while step < total_steps and not interrupt.requested:
             batch = order.indices(step).to(device)

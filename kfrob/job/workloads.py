@@ -1,5 +1,6 @@
 """The three Fashion-MNIST workloads (input ``(N, 1, 28, 28)``), defined once for the
-training job, the examples and the benchmark scripts.
+training job, the examples and the benchmark scripts. Their layers have names (``fc1``,
+``enc2``, ``conv1``, …), and so have kfrob's diagnostics and TensorBoard tags for them.
 
 * ``mlp``: 784-512-256-10 with ReLU, a classifier (cross-entropy);
 * ``autoencoder``: the deep autoencoder of the K-FAC literature, 784-1000-500-250-30 and the
@@ -13,6 +14,7 @@ training job, the examples and the benchmark scripts.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -32,30 +34,45 @@ __all__ = [
 ]
 
 
-def relu_stack(widths: list[int]) -> list[nn.Module]:
-    """Linear layers through ``widths`` with a ReLU between consecutive ones."""
-    layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(pairwise(widths)):
-        if i:
-            layers.append(nn.ReLU())
-        layers.append(nn.Linear(d_in, d_out))
+def relu_stack(widths: list[int], prefix: str = "fc") -> list[tuple[str, nn.Module]]:
+    """Linear layers through ``widths``, named ``<prefix>1``, ``<prefix>2``, …, with a ReLU
+    (``<prefix>1_relu``, …) between consecutive ones."""
+    layers: list[tuple[str, nn.Module]] = []
+    for i, (d_in, d_out) in enumerate(pairwise(widths), start=1):
+        if i > 1:
+            layers.append((f"{prefix}{i - 1}_relu", nn.ReLU()))
+        layers.append((f"{prefix}{i}", nn.Linear(d_in, d_out)))
     return layers
 
 
+def _named(*layers: tuple[str, nn.Module]) -> nn.Sequential:
+    """An ``nn.Sequential`` whose layers have names (``fc1``, ``conv2``, …), so that
+    kfrob's diagnostics and TensorBoard tags say ``kfrob/fc1/…`` rather than an index."""
+    return nn.Sequential(OrderedDict(layers))
+
+
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), *relu_stack([784, 512, 256, 10]))
+    """784-512-256-10: ``flatten``, ``fc1``, ``fc2``, ``fc3``."""
+    return _named(("flatten", nn.Flatten()), *relu_stack([784, 512, 256, 10]))
 
 
 def autoencoder() -> nn.Module:
+    """``enc1``…``enc4`` (784-1000-500-250-30), then ``dec1``…``dec4`` back to 784."""
     encoder, decoder = [784, 1000, 500, 250, 30], [30, 250, 500, 1000, 784]
-    return nn.Sequential(nn.Flatten(), *relu_stack(encoder), *relu_stack(decoder))
+    return _named(
+        ("flatten", nn.Flatten()), *relu_stack(encoder, "enc"), *relu_stack(decoder, "dec")
+    )
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), *relu_stack([64 * 7 * 7, 128, 10]),
+    """``conv1``, ``conv2`` (5×5, 32 and 64 channels, each with ReLU and 2×2 max-pooling),
+    then ``fc1``, ``fc2`` (3136-128-10)."""
+    return _named(
+        ("conv1", nn.Conv2d(1, 32, 5, padding=2)), ("conv1_relu", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(32, 64, 5, padding=2)), ("conv2_relu", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()), *relu_stack([64 * 7 * 7, 128, 10]),
     )  # fmt: skip
 
 
