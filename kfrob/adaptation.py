@@ -161,15 +161,12 @@ def _reevaluate(
     params = [p for group in groups for p in group["params"]]
     grads = [p.grad for p in params]
     saved = [None if g is None or g.is_sparse else g.clone() for g in grads]
-    capture = preconditioner.capture
-    active, capture.active = capture.active, False
     for p in params:
         p.grad = None
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), preconditioner.paused():
             loss = closure()
     finally:
-        capture.active = active
         for p, grad, copy in zip(params, grads, saved, strict=True):
             p.grad = grad
             if grad is not None and copy is not None:

@@ -23,6 +23,7 @@ it as the optimizer does. Persistence is in :mod:`kfrob.persistence`.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,6 +276,15 @@ class KroneckerPreconditioner(EngineState):
         if preconditioned is None:
             return matrix.to(self.layers[name].math.factor_dtype)
         return preconditioned
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record no curvature inside (an extra forward pass: a penalty, a re-evaluation)."""
+        active, self.capture.active = self.capture.active, False
+        try:
+            yield
+        finally:
+            self.capture.active = active
 
     def advance(self) -> None:
         """End the step: the next window records if the schedule says so."""

@@ -205,7 +205,7 @@ def test_resume_remembers_the_overrides(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, how: str
 ) -> None:
     # the config says 2 epochs (8 steps); the run was started with 3 (12 steps) and sgd
-    monkeypatch.setattr("kfrob.job.training._Interrupt", lambda: StopAfter(5))
+    monkeypatch.setattr("kfrob.job.training.Interrupt", lambda: StopAfter(5))
     args = ["train", "--logdir", str(tmp_path), "--no-progress", "--optimizer", "sgd"]
     assert main([*args, *TINY, "training.epochs=3", "optimizers.sgd.lr=0.02"]) == 130
     run_dir = tmp_path / "mlp-sgd" / "version_0"
@@ -238,7 +238,7 @@ def test_resume_remembers_the_overrides(
 def test_compare_resume_remembers_overrides_and_optimizers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    monkeypatch.setattr("kfrob.job.training._Interrupt", lambda: StopAfter(3))
+    monkeypatch.setattr("kfrob.job.training.Interrupt", lambda: StopAfter(3))
     args = ["compare", "--logdir", str(tmp_path), "--no-progress", *TINY]
     assert main([*args, "--optimizers", "sgd,adamw", "training.epochs=3"]) == 130
     run_dir = tmp_path / "compare-mlp" / "version_0"
@@ -491,3 +491,51 @@ def test_batch_order_covers_each_epoch_and_resumes_anywhere() -> None:
         resumed.load_state_dict(first.state_dict())
         for step in range(stop, 9):
             assert torch.equal(resumed.indices(step), batches[step]), (stop, step)
+
+
+# --- regularization ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["regularization.kind=lasso"], "regularization.kind: Input should be 'none'"),
+        (["regularization.weight=-1"], "regularization.weight: Input should be greater"),
+        (["regularization.layers=[fc1, conv9]"], r"regularization.layers: \['conv9'\] are not"),
+        (["regularization.kind=metric_frobenius"], "optimizers \\['sgd', 'adamw'\\] do not"),
+        (["regularization.every=0"], "regularization.every"),
+    ],
+)
+def test_bad_regularization_names_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("kind", ["nuclear_frobenius", "metric_frobenius", "hessian_trace"])
+def test_regularization_trains_and_logs_the_penalty(tmp_path: Path, tiny_data, kind: str) -> None:
+    """The penalty enters the loss that is differentiated (the run differs from the
+    unregularized one), and TensorBoard gets its value and its share of the loss."""
+    base = [*TINY, "training.max_steps=4", "optimizers={kfrob: {lr: 0.1}}"]
+    regularized = [*base, f"regularization.kind={kind}", "regularization.weight=0.5",
+                   "regularization.layers=[fc1, fc2]", "regularization.every=2"]  # fmt: skip
+    plain = train(load_config(None, base), "kfrob", tmp_path / "plain", progress=False,
+                  data=tiny_data)  # fmt: skip
+    result = train(load_config(None, regularized), "kfrob", tmp_path / "reg", progress=False,
+                   data=tiny_data)  # fmt: skip
+    assert result.final["train_loss"] != plain.final["train_loss"]
+    events = EventAccumulator(str(tmp_path / "reg"), size_guidance={"scalars": 0})
+    events.Reload()
+    share = [e.value for e in events.Scalars("train/penalty_share")]
+    # (kfrob's factors, and with them the metric penalty, are zero before its first step)
+    assert share and all(0 <= v < 1 for v in share) and share[-1] > 0
+    assert events.Scalars("train/penalty")[-1].value > 0
+
+
+def test_kfrob_train_takes_the_regularization_section(tmp_path: Path, capsys) -> None:
+    args = ["train", "--logdir", str(tmp_path), "--optimizer", "kfrob", "--no-progress"]
+    reg = ["regularization.kind=nuclear", "regularization.weight=0.01", "training.max_steps=2"]
+    assert main([*args, *TINY, *reg]) == 0
+    saved = (next(tmp_path.rglob("config.yaml"))).read_text()
+    assert "kind: nuclear" in saved  # the run remembers it, for --resume
+    assert main([*args, *TINY, "regularization.kind=nuclear", "regularization.layers=[x]"]) == 2
+    assert "regularization.layers: ['x'] are not layers" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """The training job's configuration: a YAML file, validated whole before anything runs.
 
-A config has five sections; every key has a default, so an empty file (or none at all) is
+A config has six sections; every key has a default, so an empty file (or none at all) is
 the embedded default: the MLP on the Fashion-MNIST subset shipped inside kfrob, compared
 across kfrob, SGD and AdamW::
 
@@ -26,6 +26,14 @@ across kfrob, SGD and AdamW::
       log_every: 10               # steps between TensorBoard scalars and kfrob diagnostics
       histograms: true            # factor eigenvalue histograms at each inverse refresh
       checkpoint_every: null      # steps between checkpoints (always: each epoch and at exit)
+    regularization:               # a penalty added to the loss (kfrob.penalties)
+      kind: none                  # none | nuclear | schatten | nuclear_frobenius | frobenius
+                                  # | metric_frobenius | geometric_complexity | hessian_trace
+      weight: 0.0                 # the penalty's factor (>= 0)
+      layers: null                # matrix penalties: only these layers (default: all)
+      p: 1.0                      # Schatten's exponent
+      every: 1                    # apply on every N-th step (for the expensive kinds)
+      n_samples: 1                # random probes of geometric_complexity / hessian_trace
     optimizers:                   # label -> keyword arguments of its constructor
                                   # (label = kfrob | sgd | adam | adamw, or any label
                                   #  with `type: <one of those>` among the arguments)
@@ -56,7 +64,7 @@ from pydantic import (
     model_validator,
 )
 
-from kfrob.job.optimizers import check_arguments
+from kfrob.job.optimizers import check_arguments, optimizer_type
 from kfrob.job.workloads import WORKLOADS
 
 __all__ = ["Config", "apply_overrides", "dump_config", "load_config", "parse_yaml"]
@@ -122,6 +130,23 @@ class LoggingConfig(Section):
     checkpoint_every: int | None = Field(default=None, ge=1)
 
 
+REGULARIZERS = (
+    "none", "nuclear", "schatten", "nuclear_frobenius", "frobenius", "metric_frobenius",
+    "geometric_complexity", "hessian_trace",
+)  # fmt: skip
+
+
+class RegularizationConfig(Section):
+    """A penalty added to the loss (see :mod:`kfrob.job.regularization`)."""
+
+    kind: Literal[REGULARIZERS] = "none"  # type: ignore[valid-type]
+    weight: float = Field(default=0.0, ge=0.0)
+    layers: list[str] | None = None
+    p: float = Field(default=1.0, ge=1.0)
+    every: int = Field(default=1, ge=1)
+    n_samples: int = Field(default=1, ge=1)
+
+
 def _default_optimizers() -> dict[str, dict[str, Any]]:
     return {
         "kfrob": {"lr": 0.1},
@@ -137,6 +162,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
     logging: LoggingConfig = LoggingConfig()
+    regularization: RegularizationConfig = RegularizationConfig()
     optimizers: dict[str, dict[str, Any]] = Field(default_factory=_default_optimizers)
 
     @field_validator("workload")
@@ -155,6 +181,28 @@ class Config(Section):
         if problems:
             raise ValueError("\n  ".join(problems))
         return optimizers
+
+    @model_validator(mode="after")
+    def _regularization_fits(self) -> Config:
+        reg = self.regularization
+        if reg.layers is not None:
+            from kfrob.penalties import penalized_layers
+
+            known = sorted(penalized_layers(WORKLOADS[self.workload].build()))
+            unknown = [name for name in reg.layers if name not in known]
+            if unknown:
+                raise ValueError(
+                    f"regularization.layers: {unknown} are not layers of workload "
+                    f"{self.workload!r}; choose from {known}"
+                )
+        if reg.kind == "metric_frobenius":
+            others = [n for n, a in self.optimizers.items() if optimizer_type(n, a) != "kfrob"]
+            if others:
+                raise ValueError(
+                    "regularization.kind: 'metric_frobenius' measures the weights in kfrob's "
+                    f"running factors, which optimizers {others} do not have"
+                )
+        return self
 
     @model_validator(mode="after")
     def _target_fits_workload(self) -> Config:

@@ -18,14 +18,8 @@ clock starts after ``training.warmup_steps`` untimed steps on a throwaway copy
 from __future__ import annotations
 
 import json
-import math
-import os
-import signal
-import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +35,20 @@ from kfrob.data import (
     load_fashion_mnist,
 )
 from kfrob.job.board import Board
-from kfrob.job.config import Config, DataConfig, dump_config, load_config
+from kfrob.job.config import Config, DataConfig
 from kfrob.job.optimizers import build_optimizer
+from kfrob.job.regularization import penalty
+from kfrob.job.runs import (
+    CHECKPOINT,
+    CONFIG,
+    RUN,
+    BatchOrder,
+    Interrupt,
+    open_run_dir,
+    record_run,
+    save_atomically,
+    saved_run,
+)
 from kfrob.job.workloads import WORKLOADS, Workload
 from kfrob.optimizer import FrobPreconditionedSGD
 
@@ -59,18 +65,6 @@ __all__ = [
     "train",
     "warm_up",
 ]
-
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.yaml"  # the effective config, overrides included: what --resume continues
-RUN = "run.json"  # which of its optimizers the run trains
-# config keys that may change between a run and its resumption
-RESUMABLE_CHANGES = (
-    "training.epochs",
-    "training.max_steps",
-    "training.device",
-    "training.warmup_steps",
-    "logging.",
-)
 
 
 @dataclass
@@ -160,115 +154,6 @@ def evaluate(
     return {"test_loss": float(loss_sum) / len(x), "test_accuracy": accuracy}
 
 
-class _Interrupt:
-    """Turns the first SIGINT into a flag checked between steps (a second one aborts)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    @contextmanager
-    def installed(self) -> Iterator[_Interrupt]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            self.requested = True
-            signal.signal(signal.SIGINT, previous)
-
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then an atomic rename: never a torn checkpoint."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _check_resumable(saved: dict[str, Any], config: Config, optimizer: str) -> None:
-    if saved["optimizer"] != optimizer:
-        raise ValueError(f"checkpoint is of optimizer {saved['optimizer']!r}, not {optimizer!r}")
-    old, new = _flatten(saved["config"]), _flatten(config.model_dump())
-    changed = sorted(
-        key
-        for key in old.keys() | new.keys()
-        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
-    )
-    if changed:
-        raise ValueError(
-            "cannot resume: the config differs from the checkpoint's in "
-            + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
-            + f"; only {', '.join(RESUMABLE_CHANGES)}* may change"
-        )
-
-
-class BatchOrder:
-    """The batches of every epoch: one permutation of the ``n`` training indices per epoch,
-    drawn from a generator seeded with ``seed``, cut into batches. Its state (where the
-    current epoch's permutation and the next one's come from) lets a resumed run draw
-    exactly the batches an uninterrupted one would."""
-
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.batch_size = n, batch_size
-        self.steps_per_epoch = math.ceil(n / batch_size)
-        self.generator = torch.Generator().manual_seed(seed)
-        self._epoch_start = self.generator.get_state()
-        self._epoch = -1
-        self._permutation = torch.empty(0, dtype=torch.long)
-
-    def indices(self, step: int) -> Tensor:
-        """The training indices of optimizer step ``step`` (counting from 0)."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            if position == 0:  # a new epoch; mid-epoch, a loaded state says where it began
-                self._epoch_start = self.generator.get_state()
-            self.generator.set_state(self._epoch_start)
-            self._permutation = torch.randperm(self.n, generator=self.generator)
-            self._epoch = epoch
-        return self._permutation[position * self.batch_size :][: self.batch_size]
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"epoch_start": self._epoch_start, "next": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self._epoch_start = state["epoch_start"]
-        self.generator.set_state(state["next"])
-        self._epoch = -1
-
-
-def open_run_dir(run_dir: Path, resume: bool, config: Config, name: str) -> dict | None:
-    """The checkpoint to resume from (validated against the config), or ``None`` for a new
-    run, which must not overwrite an old one."""
-    path = run_dir / CHECKPOINT
-    if resume:
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        _check_resumable(saved, config, name)
-        return saved
-    if path.exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it, or another --logdir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return None
-
-
 def warm_up(config: Config, optimizer_name: str, data: Dataset, steps: int) -> None:
     """``steps`` untimed training steps (forward, backward, kfrob's diagnostics, the
     optimizer's step) and one evaluation on a throwaway model and optimizer, so that the
@@ -296,24 +181,6 @@ def warm_up(config: Config, optimizer_name: str, data: Dataset, steps: int) -> N
     close = getattr(optimizer, "close", None)
     if close is not None:
         close()
-
-
-def record_run(run_dir: Path, config: Config, optimizers: list[str]) -> None:
-    """Write the run's effective config (``config.yaml``) and the optimizers it trains
-    (``run.json``) into ``run_dir``: all that ``--resume`` needs to continue it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG).write_text(dump_config(config))
-    (run_dir / RUN).write_text(json.dumps({"optimizers": optimizers}) + "\n")
-
-
-def saved_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[Config, list[str]] | None:
-    """The config (with ``overrides`` on top) and optimizers that :func:`record_run` wrote
-    into ``run_dir``, or ``None`` if it wrote nothing there."""
-    if not (run_dir / CONFIG).is_file():
-        return None
-    config = load_config(run_dir / CONFIG, overrides)
-    run = run_dir / RUN
-    return config, json.loads(run.read_text())["optimizers"] if run.is_file() else []
 
 
 def train(
@@ -362,7 +229,7 @@ def train(
         recent.extend(t.to(device) for t in saved["recent"])
 
     def checkpoint() -> None:
-        _save(
+        save_atomically(
             run_dir / CHECKPOINT,
             {
                 "config": config.model_dump(),
@@ -390,7 +257,7 @@ def train(
         dynamic_ncols=True,
     )
     model.train()
-    interrupt = _Interrupt()
+    interrupt = Interrupt()
     with interrupt.installed():
         if saved is not None:
             bar.write(f"{optimizer_name}: resumed at step {step} of {total_steps}")
@@ -403,7 +270,11 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             output = model(x)
             loss = workload.loss(output, x, y)
-            loss.backward()
+            extra = penalty(
+                config.regularization, step, model, optimizer,
+                lambda out, x=x, y=y: workload.loss(out, x, y), x, y,
+            )  # fmt: skip
+            (loss if extra is None else loss + extra).backward()
             paused = time.perf_counter()
             log_now = (step + 1) % config.logging.log_every == 0
             diagnostics = optimizer.diagnostics() if is_kfrob and log_now else None
@@ -414,7 +285,8 @@ def train(
                 accuracy = (output.detach().argmax(-1) == y).float().mean()
             else:
                 accuracy = torch.zeros((), device=device)
-            stats = torch.stack([loss.detach(), accuracy])
+            extra = torch.zeros_like(loss) if extra is None else extra.detach()
+            stats = torch.stack([loss.detach(), accuracy, extra.to(loss)])
             elapsed = (paused - started) + (time.perf_counter() - resumed)
             step += 1
             window.append(stats)
@@ -432,6 +304,9 @@ def train(
                     "lr": optimizer.param_groups[0]["lr"],
                     "step_time": window_seconds / len(window),
                 }
+                if config.regularization.kind != "none":  # the penalty and its share
+                    train_values["penalty"] = means[2]
+                    train_values["penalty_share"] = means[2] / (means[0] + means[2] or 1.0)
                 board.scalars("train", train_values, step)
                 if diagnostics is not None:
                     board.scalars("kfrob", dict(diagnostics), step)
