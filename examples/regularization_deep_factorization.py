@@ -4,7 +4,7 @@ Schatten-1 norm.
 A depth-3 network ``X = W₃W₂W₁`` (10×10 layers) is fitted by gradient descent to 50 Gaussian
 measurements of a rank-1 matrix, once plainly and once with ``λ·tr(∇²L)`` added (Hutchinson's
 estimate with its graph kept, ``kfrob.penalties.hessian_trace_penalty``; λ halves every 400
-steps). Both stop at the target training loss or after ``--max-steps``. About 15 s on 2 CPU cores:
+steps). Both stop at the target training loss or after ``--max-steps``. About 10 s on 2 CPU cores:
 
     python examples/regularization_deep_factorization.py [--max-steps 8000]
 """

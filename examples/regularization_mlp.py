@@ -3,7 +3,7 @@ its own running metric, and the geometric complexity the model ends with.
 
 ``matrix_penalty(model, "metric_frobenius", factors=opt)`` is ``Σ_l tr(A_l V_lᵀ G_l V_l)``
 with ``V_l = [W_l, b_l]`` and the optimizer's running factors ``A_l``, ``G_l`` (constants in
-the backward pass): the squared length of the weights in the metric kfrob steps in. About 30 s
+the backward pass): the squared length of the weights in the metric kfrob steps in. About 5 s
 on 2 CPU cores on 4,000 images of the embedded subset:
 
     python examples/regularization_mlp.py [--subset N] [--epochs 2] [--weight 1e-3]
