@@ -1,13 +1,13 @@
 """The training job's ``regularization`` section: which penalty of :mod:`kfrob.penalties` is
 added to the loss, with which weight, on which layers and how often.
 
-``kind`` is one of :data:`kfrob.job.config.REGULARIZERS`; ``weight`` multiplies the penalty;
-``layers`` restricts the matrix penalties to named layers (default: all the model's
-registered layers); ``p`` is Schatten's exponent; ``every`` applies the penalty on every ``every``-th step only (for the
-expensive ones: ``geometric_complexity`` costs ``2·n_samples`` extra backward passes,
-``hessian_trace`` a third-order pass per probe); ``n_samples`` is the number of random probes
-of those two. ``metric_frobenius`` measures ``[W, b]`` in kfrob's running ``A``, ``G``
-metric, so it needs kfrob optimizers only.
+``kind`` is one of :data:`kfrob.job.config.REGULARIZERS`; ``weight`` multiplies the
+penalty; ``layers`` restricts the matrix penalties to named layers (default: all the
+model's registered layers); ``p`` is Schatten's exponent; ``every`` applies the penalty on
+every ``every``-th step only (for the expensive ones: ``geometric_complexity`` costs
+``2·n_samples`` extra backward passes, ``hessian_trace`` a third-order pass per probe);
+``n_samples`` is the number of random probes of those two. ``metric_frobenius`` measures
+``[W, b]`` in kfrob's running ``A``, ``G`` metric, so it needs kfrob optimizers only.
 """
 
 from __future__ import annotations
