@@ -34,7 +34,13 @@ from kfrob.norms import frobenius_inner, frobenius_norm, nuclear_to_frobenius_ra
 if TYPE_CHECKING:
     from kfrob.preconditioner import KroneckerPreconditioner, StepPlan
 
-__all__ = ["fisher_trace", "geometric_complexity", "hessian_trace", "step_diagnostics"]
+__all__ = [
+    "factors_of",
+    "fisher_trace",
+    "geometric_complexity",
+    "hessian_trace",
+    "step_diagnostics",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,18 +291,35 @@ def geometric_complexity(
 # ---------------------------------------------------------------------------------------------
 
 
+def factors_of(source: Any) -> Mapping[str, tuple[Tensor, Tensor]]:
+    """``{layer: (A, G)}`` from a :class:`~kfrob.KroneckerPreconditioner`, an optimizer
+    holding one as ``.preconditioner``, or such a mapping itself (returned as it is).
+
+    Raises:
+        ValueError: ``source`` is none of these.
+    """
+    if isinstance(source, Mapping):
+        return source
+    preconditioner = getattr(source, "preconditioner", source)
+    if not hasattr(preconditioner, "factors"):
+        raise ValueError(
+            "factors must be {layer: (A, G)}, a KroneckerPreconditioner or an optimizer "
+            f"holding one as .preconditioner, got {type(source).__name__}"
+        )
+    return preconditioner.factors()
+
+
 def fisher_trace(source: Any) -> Tensor:
     """``Σ_layers tr(A ⊗ G) = Σ_layers Σ_blocks tr(A)·tr(G)``: the trace of the Kronecker-factored
     curvature, read off the running factors at no extra cost (identity sides count
-    ``tr(I) = n``). ``source`` is a :class:`~kfrob.KroneckerPreconditioner` or an optimizer
-    holding one as ``.preconditioner``. A 0-dim tensor on the factors' device."""
-    preconditioner = getattr(source, "preconditioner", source)
+    ``tr(I) = n``). ``source`` is anything :func:`factors_of` takes. A 0-dim tensor on the
+    factors' device."""
     traces = [
         (
             torch.diagonal(a, dim1=-2, dim2=-1).sum(-1)
             * torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)
         ).sum()
-        for a, g in preconditioner.factors().values()
+        for a, g in factors_of(source).values()
     ]
     return torch.stack(traces).sum() if traces else torch.zeros(())
 

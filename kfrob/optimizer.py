@@ -134,7 +134,6 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
             "False with a grad_scaler (GradScaler.step refuses closures, and scaled "
             "gradients would skew the reduction ratio)",
         )  # fmt: skip
-        self.options = options
         self.preconditioner = KroneckerPreconditioner(
             model, options, grad_scaler=grad_scaler, generator=generator
         )
@@ -158,6 +157,11 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         super().add_param_group({**param_group, "params": params})
 
     # --- compatibility -------------------------------------------------------------------
+    @property
+    def options(self) -> PreconditionerOptions:
+        """The preconditioner's options (what the flat keywords built)."""
+        return self.preconditioner.options
+
     @property
     def steps(self) -> int:
         """Steps taken (the preconditioner's counter)."""

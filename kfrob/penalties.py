@@ -34,14 +34,14 @@ Penalties of a model:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from kfrob.diagnostics import geometric_complexity, hessian_trace
+from kfrob.diagnostics import factors_of, geometric_complexity, hessian_trace
 from kfrob.layers import LayerMath, layer_math
 from kfrob.norms import frobenius_inner, nuclear_to_frobenius_ratio, schatten_norm
 
@@ -178,18 +178,6 @@ def penalized_layers(model: nn.Module, layers: Iterable[str] | None = None) -> d
     return {name: found[name] for name in chosen}
 
 
-def _factors_of(factors: Any) -> Mapping[str, tuple[Tensor, Tensor]]:
-    if isinstance(factors, Mapping):
-        return factors
-    source = getattr(factors, "preconditioner", factors)
-    if not hasattr(source, "factors"):
-        raise ValueError(
-            "factors must be {layer: (A, G)}, a KroneckerPreconditioner or an optimizer "
-            f"holding one as .preconditioner, got {type(factors).__name__}"
-        )
-    return source.factors()
-
-
 def matrix_penalty(
     model: nn.Module,
     kind: MatrixKind = "nuclear",
@@ -245,7 +233,7 @@ def _metric_frobenius(model: nn.Module, layers: Iterable[str] | None, factors: A
             "factors: kind='metric_frobenius' needs the running factors, e.g. "
             "factors=opt.preconditioner.factors()"
         )
-    table = _factors_of(factors)
+    table = factors_of(factors)
     names = list(table) if layers is None else list(layers)
     chosen = penalized_layers(model, names)
     total = next(model.parameters()).new_zeros(())

@@ -128,7 +128,7 @@ class KroneckerPreconditioner(EngineState):
             {name: layer.math.describe() for name, layer in self.layers.items()}
         )
         self.schedule = RefreshSchedule(options.schedule, costs)
-        self.parameters = [p for p in model.parameters()]
+        self.parameters = list(model.parameters())
         self.inverses: dict[str, Any] = {}
         self.disabled: dict[str, str] = {}
         self.damping = dict.fromkeys(self.layers, float(options.damping))

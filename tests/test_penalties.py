@@ -252,3 +252,8 @@ def test_linear_chain_fisher_trace_is_the_hessian_trace_at_zero_residual() -> No
     torch.testing.assert_close(identity, linear_chain_fisher_trace(weights, torch.eye(3, dtype=DT)))
     with pytest.raises(ValueError, match="does not compose"):
         linear_chain_fisher_trace([weights[0], weights[0]])
+
+
+def test_metric_penalty_refuses_what_holds_no_factors() -> None:
+    with pytest.raises(ValueError, match="factors must be"):
+        matrix_penalty(nn.Sequential(nn.Linear(2, 2)), "metric_frobenius", factors=object())
