@@ -9,9 +9,13 @@ For each workload of the training job:
 * **peak**: the peak resident memory of a fresh process (Linux: ``VmHWM``, reset just
   before training) that builds the model and trains ``--steps`` steps at batch 128, for
   SGD (momentum 0.9), AdamW and kfrob; reported as each peak over SGD's, and as each
-  process's growth in MiB over its memory before training (imports, model).
+  process's growth in MiB over its memory before training (imports, model). With
+  ``--device cuda`` the peak is the device's instead: CUDA's caching allocator's peak
+  allocation (``torch.cuda.max_memory_allocated``, reset just before training), and the
+  growth is over the bytes allocated before training (the model).
 
     python scripts/bench_memory.py             # writes results/memory.md
+    python scripts/bench_memory.py --device cuda
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from pathlib import Path
 
 import torch
 from bench_step import random_batch, timed_steps
-from report import provenance, write_report
+from report import (
+    add_device_argument,
+    device_memory,
+    provenance,
+    reset_peak_memory,
+    sync,
+    write_report,
+)
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
@@ -52,21 +63,23 @@ def build(optimizer: str, model: nn.Module, workload: str) -> torch.optim.Optimi
         )
 
 
-def train(opt: torch.optim.Optimizer, model: nn.Module, workload: str, steps: int) -> None:
-    x, y = random_batch(128)
+def train(
+    opt: torch.optim.Optimizer, model: nn.Module, workload: str, steps: int, device: torch.device
+) -> None:
+    x, y = random_batch(128, device)
     timed_steps(opt, model, WORKLOADS[workload].task, x, y, steps)
 
 
-def state_bytes(workload: str) -> dict[str, float]:
+def state_bytes(workload: str, device: torch.device) -> dict[str, float]:
     """Each optimizer's state after a few steps, as a multiple of the parameter bytes."""
     out: dict[str, float] = {}
     params = 0
     for optimizer in ("sgd", "adamw", "kfrob-factored", "kfrob-exact"):
         torch.manual_seed(0)
-        model = WORKLOADS[workload].build()
+        model = WORKLOADS[workload].build().to(device)
         params = nbytes(list(model.parameters()))
         opt = build(optimizer, model, workload)
-        train(opt, model, workload, 2)
+        train(opt, model, workload, 2, device)
         if isinstance(opt, FrobPreconditionedSGD):
             pre = opt.preconditioner
             factors = [f.value for layer in pre.layers.values() for f in layer.factors]
@@ -97,22 +110,33 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def child(optimizer: str, workload: str, steps: int) -> None:
+def child(optimizer: str, workload: str, steps: int, device: torch.device) -> None:
     """Run in a fresh process: resident memory before training and its peak during
     training, in KiB. The peak counter is reset first (``/proc/self/clear_refs``), so
     neither the import of torch nor the parent's memory (``ru_maxrss`` survives fork and
-    exec) is mistaken for training's peak."""
+    exec) is mistaken for training's peak. On CUDA: the device's allocated bytes before
+    training and their peak during it (the allocator's peak counter reset first)."""
     torch.manual_seed(0)
-    model = WORKLOADS[workload].build()
+    model = WORKLOADS[workload].build().to(device)
     opt = build(optimizer, model, workload)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = status_kib("VmRSS")
-    train(opt, model, workload, steps)
-    print(json.dumps({"before_kib": before, "peak_kib": status_kib("VmHWM")}))
+    if device_memory(device) is None:  # the CPU: the process's resident memory
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before = status_kib("VmRSS")
+        train(opt, model, workload, steps, device)
+        peak = status_kib("VmHWM")
+    else:  # an accelerator: its allocator's bytes
+        sync(device)
+        reset_peak_memory(device)
+        before = device_memory(device)[0] // 1024  # type: ignore[index]
+        train(opt, model, workload, steps, device)
+        sync(device)
+        peak = device_memory(device)[1] // 1024  # type: ignore[index]
+    print(json.dumps({"before_kib": before, "peak_kib": peak}))
 
 
-def peak(optimizer: str, workload: str, steps: int) -> dict[str, float]:
+def peak(optimizer: str, workload: str, steps: int, device: torch.device) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", optimizer, workload, str(steps)]
+    command += ["--device", str(device)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -123,14 +147,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default="results")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = args.device
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]))
+        child(args.child[0], args.child[1], int(args.child[2]), device)
         return
+    on_device = device_memory(device) is not None  # the peak is the device's, not the RSS
+    memory = "peak memory allocated on the device" if on_device else "peak resident memory"
     lines = [
         "# Memory of kfrob against SGD and AdamW",
         "",
-        f"{provenance()} State after 2 steps; peak resident memory of a fresh process "
+        f"{provenance(device)} State after 2 steps; {memory} of a fresh process "
         f"training {args.steps} steps at batch 128 on random images.",
         "",
         "## Optimizer state, as a multiple of the parameter bytes",
@@ -141,7 +169,7 @@ def main() -> None:
     ]
     peaks: dict[str, dict[str, dict[str, float]]] = {}
     for workload in args.workloads.split(","):
-        s = state_bytes(workload)
+        s = state_bytes(workload, device)
         lines.append(
             f"| {workload} | {s['parameter MiB']:.2f} | {s['sgd state']:.2f} | "
             f"{s['adamw state']:.2f} | {s['kfrob-factored factors']:.2f} | "
@@ -149,13 +177,15 @@ def main() -> None:
             f"{s['kfrob-exact inverses']:.2f} |"
         )
         peaks[workload] = {
-            name: peak(name, workload, args.steps)
+            name: peak(name, workload, args.steps, device)
             for name in ("sgd", "adamw", "kfrob-factored", "kfrob-exact")
         }
         print(workload, peaks[workload], flush=True)
     lines += [
         "",
-        "## Peak resident memory of a training process",
+        "## Peak device memory of a training process"
+        if on_device
+        else "## Peak resident memory of a training process",
         "",
         "| workload | SGD peak (MiB) | AdamW / SGD | kfrob factored / SGD | kfrob exact / SGD "
         "| growth in training (MiB): SGD | AdamW | kfrob factored | kfrob exact |",
