@@ -18,6 +18,7 @@ over ``--cycles`` refresh cycles: the median, the mean (amortised) and the slowe
 ratios to SGD's median step. Staggering should leave the mean alone and cut the slowest step.
 
     python scripts/bench_refresh.py          # writes results/refresh.md
+    python scripts/bench_refresh.py --device cuda   # on the GPU (synchronised before clock reads)
 
 Absolute times on a shared 2-core CPU are noise; the ratios are the result.
 """
@@ -33,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 from bench_step import bare_eigh, random_batch, step_times
-from report import provenance, write_report
+from report import add_device_argument, provenance, sync, write_report
 from torch import nn
 
 from kfrob import FrobPreconditionedSGD
@@ -50,8 +51,10 @@ REFRESHES = {  # name: preconditioner options
 def train_steps(
     opt: torch.optim.Optimizer, model: nn.Module, workload: str, steps: int
 ) -> list[float]:
-    """Seconds of each of ``steps`` training steps on the fixed batch of 128."""
-    return step_times(opt, model, WORKLOADS[workload].task, *random_batch(128), steps)
+    """Seconds of each of ``steps`` training steps on the fixed batch of 128 (on the
+    model's device)."""
+    device = next(model.parameters()).device
+    return step_times(opt, model, WORKLOADS[workload].task, *random_batch(128, device), steps)
 
 
 def make_optimizer(model: nn.Module, workload: str, **options: object) -> FrobPreconditionedSGD:
@@ -67,7 +70,7 @@ def make_optimizer(model: nn.Module, workload: str, **options: object) -> FrobPr
 
 def refresh_costs(workload: str, args: argparse.Namespace) -> dict[str, float]:
     """Median seconds of one refresh of every layer per method, and of the bare eighs."""
-    model = WORKLOADS[workload].build()
+    model = WORKLOADS[workload].build().to(args.device)
     trained = make_optimizer(model, workload, damping_method="exact")
     train_steps(trained, model, workload, args.warm)
     state = trained.preconditioner.state_dict()
@@ -100,8 +103,10 @@ def refresh_costs(workload: str, args: argparse.Namespace) -> dict[str, float]:
     times: dict[str, list[float]] = defaultdict(list)
     for _ in range(args.rounds):
         for name, call in calls.items():
+            sync(args.device)
             start = time.perf_counter()
             call()
+            sync(args.device)
             times[name].append(time.perf_counter() - start)
     for pre in preconditioners.values():
         pre.remove_hooks()
@@ -112,7 +117,7 @@ def step_spread(workload: str, freqs: tuple[int, int], args: argparse.Namespace)
     """Per-step times with and without staggering, as ratios to SGD's median step."""
     factor_freq, inverse_freq = freqs
     make = WORKLOADS[workload].build
-    models = {name: make() for name in ("sgd", "plain", "staggered")}
+    models = {name: make().to(args.device) for name in ("sgd", "plain", "staggered")}
     opts: dict[str, torch.optim.Optimizer] = {
         "sgd": torch.optim.SGD(models["sgd"].parameters(), lr=1e-3),
         **{
@@ -151,12 +156,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cycles", type=int, default=3, help="refresh cycles per optimizer")
     parser.add_argument("--out", default="results")
+    add_device_argument(parser)
     args = parser.parse_args()
     workloads = args.workloads.split(",")
     lines = [
         "# Refresh cost and staggered refreshes",
         "",
-        f"{provenance()} Batch 128.",
+        f"{provenance(args.device)} Batch 128.",
         "",
         "## One refresh of all layers, against the bare `eigh` of the same factors",
         "",
