@@ -8,8 +8,12 @@ baseline. Reported per step: kfrob's payload bytes by purpose (factor all-reduce
 broadcasts, preconditioned-gradient broadcasts), DDP's own gradient all-reduce for scale, and
 the median step time as a ratio to the 1-rank kfrob step and to SGD with the same ranks.
 
+With ``--device cuda`` each rank trains on its own GPU (rank r on ``cuda:r``) over NCCL, and
+the device is synchronised before each clock read; a world size needs as many GPUs.
+
     python scripts/bench_distributed.py            # results/distributed.md
     python scripts/bench_distributed.py --steps 20 --world-sizes 1,2   # quicker look
+    python scripts/bench_distributed.py --device cuda --world-sizes 1,2   # two GPUs
 """
 
 from __future__ import annotations
@@ -28,7 +32,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from report import provenance, write_report
+from report import (
+    add_device_argument,
+    device_count,
+    device_name,
+    process_group_backend,
+    provenance,
+    rank_device,
+    sync,
+    use_device,
+    write_report,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from kfrob import FrobPreconditionedSGD
@@ -42,20 +56,25 @@ SETTINGS = {
 }
 
 
-def rank_main(rank: int, world: int, port: int, out: str, steps: int, warmup: int) -> None:
+def rank_main(
+    rank: int, world: int, port: int, out: str, steps: int, warmup: int, device_spec: str
+) -> None:
     torch.set_num_threads(1)
+    device = rank_device(device_spec, rank)
+    use_device(device)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=timedelta(seconds=120),
+        process_group_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        world_size=world, timeout=timedelta(seconds=120),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(rank)
-    x = torch.rand(steps + warmup, 64, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (steps + warmup, 64), generator=gen)
+    x = torch.rand(steps + warmup, 64, 1, 28, 28, generator=gen).to(device)
+    y = torch.randint(0, 10, (steps + warmup, 64), generator=gen).to(device)
+    device_ids = None if device.index is None else [device.index]
     results: dict[str, Any] = {}
     for name, options in SETTINGS.items():
         torch.manual_seed(0)
-        inner = mlp()
-        model = DistributedDataParallel(inner) if world > 1 else inner
+        inner = mlp().to(device)
+        model = DistributedDataParallel(inner, device_ids=device_ids) if world > 1 else inner
         options = dict(options)
         pack = options.pop("pack_triangles", False)
         if name == "sgd":
@@ -73,10 +92,12 @@ def rank_main(rank: int, world: int, port: int, out: str, steps: int, warmup: in
                 if communicator is not None:  # count the measured steps only
                     communicator.traffic.bytes.clear()
             dist.barrier()  # start every step together
+            sync(device)
             start = time.perf_counter()
             opt.zero_grad()
             F.cross_entropy(model(x[step]), y[step]).backward()
             opt.step()
+            sync(device)
             if step >= warmup:
                 times.append(time.perf_counter() - start)
         traffic: dict[str, float] = {}
@@ -92,9 +113,9 @@ def rank_main(rank: int, world: int, port: int, out: str, steps: int, warmup: in
     dist.destroy_process_group()
 
 
-def measure(world: int, steps: int, warmup: int, port: int) -> list[dict[str, Any]]:
+def measure(world: int, steps: int, warmup: int, port: int, device: str) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(rank_main, args=(world, port, out, steps, warmup), nprocs=world, join=True)
+        mp.spawn(rank_main, args=(world, port, out, steps, warmup, device), nprocs=world, join=True)
         return [torch.load(Path(out) / f"rank{r}.pt") for r in range(world)]
 
 
@@ -105,23 +126,42 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--port", type=int, default=29533)
     parser.add_argument("--out", default="results")
+    add_device_argument(parser)
     args = parser.parse_args()
+    worlds = [int(w) for w in args.world_sizes.split(",")]
+    available = device_count(args.device)
+    if available is not None and max(worlds) > available:
+        parser.error(
+            f"--device {args.device} runs one rank per device: world size {max(worlds)} needs "
+            f"{max(worlds)}, this machine has {available}"
+        )
 
     runs = {}
-    for i, world in enumerate(int(w) for w in args.world_sizes.split(",")):
-        runs[world] = measure(world, args.steps, args.warmup, args.port + i)
+    for i, world in enumerate(worlds):
+        runs[world] = measure(world, args.steps, args.warmup, args.port + i, str(args.device))
         print(f"{world} rank(s) measured", flush=True)
 
     base = runs[min(runs)][0]["kfrob"]["median"]
+    if available is None:  # ranks on the CPU
+        transport = "gloo on loopback, one thread per rank"
+        caveat = (
+            " This machine has 2 cores, so 3 ranks oversubscribe it: read the 3-rank times "
+            "as an upper bound."
+        )
+    else:
+        transport = (
+            f"{process_group_backend(args.device)}, one device per rank "
+            f"(rank 0: {device_name(rank_device(args.device, 0))}), one thread per rank"
+        )
+        caveat = ""
     lines = [
         "# kfrob under data parallelism: bytes sent and step time per rank",
         "",
-        f"{provenance()} MLP 784-512-256-10 under DistributedDataParallel, batch 64 per "
-        f"rank, gloo on loopback, one thread per rank, kfrob at factor/inverse frequencies "
+        f"{provenance(args.device)} MLP 784-512-256-10 under DistributedDataParallel, batch "
+        f"64 per rank, {transport}, kfrob at factor/inverse frequencies "
         f"1/10; medians of {args.steps} steps after {args.warmup} warm-up steps (rank 0). "
         "Bytes are the payload one rank puts into collectives per step, averaged over the "
-        "steps (inverses: one refresh per 10 steps). This machine has 2 cores, so 3 ranks "
-        "oversubscribe it: read the 3-rank times as an upper bound.",
+        f"steps (inverses: one refresh per 10 steps).{caveat}",
         "",
         "| ranks | setting | factor all-reduce (KiB/step) | inverse broadcasts (KiB/step) "
         "| gradient broadcasts (KiB/step) | DDP gradients (KiB/step) | step (ms) "

@@ -64,6 +64,15 @@ def rank_device(device: torch.device | str, rank: int) -> torch.device:
     return torch.device(device.type, rank) if device.type == "cuda" else device
 
 
+def use_device(device: torch.device | str) -> None:
+    """Make ``device`` the current device of its kind (CUDA: ``torch.cuda.set_device``, so
+    that collectives and kfrob's buffers of this rank go to its own GPU); a no-op on the
+    CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def process_group_backend(device: torch.device | str) -> str:
     """The collective backend for ``device``: NCCL on CUDA, gloo on the CPU."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
