@@ -64,7 +64,7 @@ class TrackedLayer:
 
     def checksum(self) -> Tensor:
         """A cheap fingerprint of the factors (their summed entries), for comparing ranks."""
-        return sum((f.value.sum(dtype=torch.float64) for f in self.factors), torch.zeros(()))
+        return sum((f.average.sum(dtype=torch.float64) for f in self.factors), torch.zeros(()))
 
     @property
     def refresh_cost(self) -> float:
@@ -72,7 +72,7 @@ class TrackedLayer:
         for a diagonal side)."""
         return float(
             sum(
-                f.value.shape[0] * f.value.shape[-1] ** (2 if f.diagonal else 3)
+                f.average.shape[0] * f.average.shape[-1] ** (2 if f.diagonal else 3)
                 for f in self.factors
             )
         )

@@ -55,8 +55,8 @@ class EigenbasisMoment(RunningFactor):
         dtype: torch.dtype = torch.float32,
     ) -> None:  # fmt: skip
         super().__init__(blocks, out_features, per_sample_scale=True, device=device, dtype=dtype)
-        self.value = torch.zeros(blocks, out_features, in_features, device=device, dtype=dtype)
-        self._sum = torch.zeros_like(self.value)
+        self.average = torch.zeros(blocks, out_features, in_features, device=device, dtype=dtype)
+        self._sum = torch.zeros_like(self.average)
         self.codomain_basis: Tensor | None = None
         self.domain_basis: Tensor | None = None
         self.damping = 0.0
@@ -102,7 +102,7 @@ class EigenbasisMoment(RunningFactor):
         ``e_G e_Aᵀ``; ``folds`` is ``G``'s count of accepted windows."""
         codomain, domain = inverse.codomain, inverse.domain
         self.codomain_basis, self.domain_basis = codomain.basis, domain.basis
-        self.value = codomain.eigenvalues[..., :, None] * domain.eigenvalues[..., None, :]
+        self.average = codomain.eigenvalues[..., :, None] * domain.eigenvalues[..., None, :]
         self.folds = folds.clone()
         self.discard()  # a window recorded in other bases would not fit these
         self.damping = damping

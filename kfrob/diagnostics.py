@@ -341,12 +341,15 @@ def step_diagnostics(
       numbers ``e_max / e_min`` (largest over blocks; ``inf`` for a singular factor);
     * ``{name}/nuclear_frobenius_ratio``: ``‖[W, b]‖_* / ‖[W, b]‖_F`` of the layer's parameters,
       a smooth effective rank;
+    * ``{name}/rank_A``, ``{name}/rank_G``: the eigenpairs a full side keeps (its width when
+      dense, the ``rank`` when low-rank; see :meth:`KroneckerPreconditioner.structures`);
 
     and globally ``kl_clip_factor`` (``ν``) and ``fisher_trace`` (:func:`fisher_trace`). Every
     norm comes from :mod:`kfrob.norms`. Values are Python floats (this reads to the host).
     """
     nu = plan.kl_clip_factor
     factors = preconditioner.factors()
+    structures = preconditioner.structures()
     out: dict[str, float] = {}
     for step in plan.layers:
         name = step.layer.name
@@ -365,6 +368,11 @@ def step_diagnostics(
             "nuclear_frobenius_ratio": nuclear_to_frobenius_ratio(params).mean(),
         }
         out.update({f"{name}/{key}": float(value) for key, value in values.items()})
+        widths = {"domain": ("A", a.shape[-1]), "codomain": ("G", g.shape[-1])}
+        for side, choice in structures.get(name, {}).items():
+            label, width = widths[side]
+            rank = preconditioner.options.inverse.rank
+            out[f"{name}/rank_{label}"] = float(rank if choice.structure == "low_rank" else width)
     out["kl_clip_factor"] = float(nu)
     out["fisher_trace"] = float(fisher_trace(preconditioner))
     return out

@@ -26,7 +26,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["RunningFactor"]
+from kfrob.structure import nystrom
+
+__all__ = ["RunningFactor", "SketchedFactor"]
 
 
 class RunningFactor:
@@ -54,12 +56,29 @@ class RunningFactor:
         shape = (blocks, size) if diagonal else (blocks, size, size)
         self.diagonal = diagonal
         self.per_sample_scale = per_sample_scale
-        self.value = torch.zeros(shape, device=device, dtype=dtype)
+        #: what the moving average runs over (the factor itself, for this class)
+        self.average = torch.zeros(shape, device=device, dtype=dtype)
         self.folds = torch.zeros((), dtype=torch.long, device=device)  # accepted windows
         self._sum = torch.zeros(shape, device=device, dtype=dtype)
         self.rows = 0
         self.samples = 0
         self.calls = 0
+        #: rows of the last window that recorded any (what a step costs the layer; 0: none yet)
+        self.rows_per_window = 0
+
+    @property
+    def value(self) -> Tensor:
+        """The factor ``(blocks, size, size)`` (``(blocks, size)`` when diagonal)."""
+        return self.average
+
+    def trace(self) -> Tensor:
+        """``tr F`` per block, ``(blocks, 1)``."""
+        diagonal = self.average if self.diagonal else self.average.diagonal(dim1=-2, dim2=-1)
+        return diagonal.sum(-1, keepdim=True)
+
+    def zero_statistic(self) -> Tensor:
+        """A statistic of zeros (what a rank that recorded nothing contributes)."""
+        return torch.zeros_like(self._sum)
 
     @property
     def initialized(self) -> Tensor:
@@ -103,10 +122,12 @@ class RunningFactor:
             weight = (1.0 / (self.folds + 1)).clamp(min=1.0 - decay) * accept
         else:
             weight = torch.where(self.initialized, 1.0 - decay, 1.0) * accept
-        weight = weight.to(self.value.dtype)
+        weight = weight.to(self.average.dtype)
         # a rejected (possibly non-finite) statistic is replaced before it meets the weight
-        self.value = torch.lerp(self.value, torch.where(accept, statistic, self.value), weight)
+        average = self.average
+        self.average = torch.lerp(average, torch.where(accept, statistic, average), weight)
         self.folds = self.folds + accept.long()
+        self.rows_per_window = self.rows or self.rows_per_window
         self.discard()
 
     def discard(self) -> None:
@@ -117,11 +138,90 @@ class RunningFactor:
         self.calls = 0
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"value": self.value, "folds": self.folds}
+        return {
+            "value": self.average,
+            "folds": self.folds,
+            "rows": torch.tensor(self.rows_per_window),
+        }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.value = state["value"].to(self.value)
+        self.average = state["value"].to(self.average)
         # states saved before ``folds`` existed carry only whether the factor was initialised
         folds = state["folds"] if "folds" in state else state["initialized"].long()
         self.folds = folds.to(self.folds)
+        self.rows_per_window = int(state["rows"]) if "rows" in state else 0
         self.discard()
+
+
+class SketchedFactor(RunningFactor):
+    """A running factor ``F`` held as its sketch ``Y = F Q`` on an orthonormal basis ``Q``
+    ``(blocks, size, rank)``, and its trace: ``size·rank`` numbers instead of ``size²``.
+
+    The hooks add ``rᵀ (r Q)`` and ``‖r‖²`` per row ``r`` (``2·size·rank`` flops a row
+    instead of ``size²``), and the window's statistic is scaled and averaged exactly as a
+    dense one, so ``Y`` stays ``F Q`` for the ``F`` the dense average would hold since the
+    last :meth:`restart`. A refresh turns ``(Q, Y)`` into ``F``'s Nyström approximation
+    (:func:`kfrob.structure.nystrom`) and restarts from its leading eigenvectors ``U`` and
+    eigenvalues ``e``: ``Q ← U``, ``Y ← U diag(e)``. The moving average runs over
+    ``[Y; tr F]`` packed as ``(blocks, size + 1, rank)`` (the trace in the last row's first
+    column).
+    """
+
+    def __init__(self, dense: RunningFactor, basis: Tensor, eigenvalues: Tensor) -> None:
+        blocks, size, rank = basis.shape
+        self.diagonal = False
+        self.per_sample_scale = dense.per_sample_scale
+        self.average = basis.new_zeros(blocks, size + 1, rank)
+        self.average[:, -1, :1] = dense.trace()
+        self.restart(basis, eigenvalues)
+        self.folds = dense.folds.clone()
+        self._sum = torch.zeros_like(self.average)
+        self.rows, self.samples, self.calls = dense.rows, dense.samples, dense.calls
+        self.rows_per_window = dense.rows_per_window
+        #: why the side is low-rank (shown by ``KroneckerPreconditioner.structures``)
+        self.reason = "held as a sketch"
+        if dense.pending:  # a window in flight: its rows are sketched from here on
+            self.discard()
+
+    @property
+    def basis(self) -> Tensor:
+        return self._basis
+
+    @property
+    def sketch(self) -> Tensor:
+        """``Y = F Q``, ``(blocks, size, rank)``."""
+        return self.average[:, :-1]
+
+    def trace(self) -> Tensor:
+        return self.average[:, -1, :1]
+
+    @property
+    def value(self) -> Tensor:
+        """``F``'s Nyström approximation with the rest of its trace spread evenly, as a
+        dense matrix (for inspection; the preconditioner never forms it)."""
+        side = nystrom(self.basis, self.sketch, self.trace(), self.basis.shape[-1])
+        if side is None:
+            return torch.full_like(
+                self.basis[..., :1].expand(-1, -1, self.basis.shape[-2]), torch.nan
+            )
+        return side.dense()
+
+    def restart(self, basis: Tensor, eigenvalues: Tensor) -> None:
+        """Sketch on ``basis`` from now on, with ``Y = basis · diag(eigenvalues)``."""
+        self._basis = basis
+        self.average[:, :-1] = basis * eigenvalues[..., None, :]
+
+    def add(self, rows: Tensor, samples: int) -> None:
+        projected = rows @ self._basis
+        self._sum[:, :-1].baddbmm_(rows.mT, projected)
+        self._sum[:, -1, 0] += rows.square().sum((1, 2))
+        self.rows += rows.shape[1]
+        self.samples += samples
+        self.calls += 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**super().state_dict(), "basis": self._basis}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._basis = state["basis"].to(self._basis)
+        super().load_state_dict(state)

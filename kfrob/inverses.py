@@ -28,19 +28,31 @@ from torch import Tensor
 
 from kfrob.capture import TrackedLayer
 from kfrob.correction import EigenbasisMoment
-from kfrob.factors import RunningFactor
+from kfrob.factors import RunningFactor, SketchedFactor
 from kfrob.kronecker import (
     EigenInverse,
     InverseFactors,
     Side,
     decompose,
     decompose_all,
+    dense_power,
     exact_scaling,
+    factored_damping,
     factored_inverses,
     factored_powers,
     factored_scaling,
 )
-from kfrob.options import InverseOptions
+from kfrob.options import InverseOptions, PreconditionerOptions
+from kfrob.structure import (
+    DiagonalPower,
+    LowRankPower,
+    SideOperator,
+    StructureChoice,
+    choose_structure,
+    leading_eigenpairs,
+    low_rank_power,
+    nystrom,
+)
 
 __all__ = [
     "EigenvalueCorrected",
@@ -137,6 +149,11 @@ class InverseMethod:
         inverse.scaling = self.scaling(inverse.codomain, inverse.domain, damping)
         return inverse
 
+    def structures(self, layer: TrackedLayer) -> dict[str, StructureChoice]:
+        """``{"domain"/"codomain": choice}`` for the layer's full sides (dense here)."""
+        why = "damping_method='exact' keeps dense eigenbases"
+        return {side: StructureChoice("dense", why) for side in _full_sides(layer)}
+
     # --- per-layer state (none by default) -------------------------------------------------
     def attach(self, layer: TrackedLayer) -> None:
         """Give a new layer the method's per-layer state."""
@@ -157,7 +174,26 @@ class InverseMethod:
 
 
 class FactoredDamping(InverseMethod):
-    """π-damping: ``((A + π√λ I) ⊗ (G + √λ/π I))^{-p}``, two products per step."""
+    """π-damping: ``((A + π√λ I) ⊗ (G + √λ/π I))^{-p}``, two products per step.
+
+    Each full side is dense or low-rank (:mod:`kfrob.structure`), as ``options`` ask or, for
+    ``"auto"``, as :func:`~kfrob.structure.choose_structure` decides from the layer's shapes
+    and the rows it saw in its last window. A low-rank side is refreshed from its previous
+    basis by subspace iteration; π comes from the traces, which the low-rank structure
+    keeps."""
+
+    def __init__(
+        self,
+        exponent: float = 1.0,
+        options: InverseOptions | None = None,
+        inverse_update_freq: int = 10,
+        dense_only: str | None = None,
+    ) -> None:
+        super().__init__(exponent)
+        self.options = options if options is not None else InverseOptions()
+        self.inverse_update_freq = inverse_update_freq
+        #: why every side must stay dense (``None``: structures may be chosen)
+        self.dense_only = dense_only
 
     def scaling(self, codomain: Side, domain: Side, damping: float) -> Tensor:
         return factored_scaling(codomain, domain, damping, self.exponent)
@@ -170,6 +206,96 @@ class FactoredDamping(InverseMethod):
         if all(s.basis is not None or not s.estimated for s in (codomain, domain)):
             return factored_powers(codomain, domain, damping, self.exponent)
         return super().from_sides(codomain, domain, damping)
+
+    # --- structures ----------------------------------------------------------------------
+    def structures(self, layer: TrackedLayer) -> dict[str, StructureChoice]:
+        """``{"domain"/"codomain": choice}`` for the layer's full (dense-capable) sides."""
+        math, sides, options = layer.math, _full_sides(layer), self.options
+        rows = max((f.rows_per_window for f in layer.factors), default=0)
+        widths = {"codomain": math.out_features, "domain": math.in_features}
+        choices = {}
+        for side, (factor, size) in sides.items():
+            other = widths["domain" if side == "codomain" else "codomain"]
+            if isinstance(factor, SketchedFactor):  # a sketch stays one
+                choices[side] = StructureChoice("low_rank", factor.reason)
+            elif self.dense_only is not None:
+                choices[side] = StructureChoice("dense", self.dense_only)
+            else:
+                choices[side] = choose_structure(
+                    getattr(options, f"{side}_structure"), size, other, rows, options.rank,
+                    options.dense_budget, self.inverse_update_freq,
+                )  # fmt: skip
+        return choices
+
+    def compute(
+        self, layers: Sequence[TrackedLayer], damping: Mapping[str, float],
+        held: Mapping[str, Any],
+    ) -> dict[str, Inverse | None]:  # fmt: skip
+        structured = {
+            layer.name
+            for layer in layers
+            if any(c.structure == "low_rank" for c in self.structures(layer).values())
+        }
+        plain = super().compute([la for la in layers if la.name not in structured], damping, held)
+        return {
+            layer.name: (
+                self._structured(layer, damping[layer.name], _local(held.get(layer.name)))
+                if layer.name in structured
+                else plain[layer.name]
+            )
+            for layer in layers
+        }
+
+    def _structured(
+        self, layer: TrackedLayer, damping: float, held: Inverse | None
+    ) -> Inverse | None:
+        """The layer's inverse with at least one low-rank side; ``None`` if a decomposition
+        fails."""
+        choices = self.structures(layer)
+        factors = {"codomain": layer.codomain, "domain": layer.domain}
+        math = layer.math
+        widths = (math.out_features, math.in_features)
+        traced = [_traced(f, n, layer) for f, n in zip(factors.values(), widths, strict=True)]
+        shifts = dict(zip(factors, factored_damping(*traced, damping), strict=True))
+        operators: dict[str, SideOperator] = {}
+        for side, factor in factors.items():
+            shift, p = shifts[side], self.exponent
+            if factor is None:
+                operators[side] = None
+            elif factor.diagonal:
+                operators[side] = DiagonalPower((factor.value.clamp(min=0) + shift).pow(-p))
+            elif choices[side].structure == "low_rank":
+                rank = self.options.rank
+                if isinstance(factor, SketchedFactor):
+                    approximation = nystrom(factor.basis, factor.sketch, factor.trace(), rank)
+                else:  # the first time: from the dense factor
+                    approximation = leading_eigenpairs(factor.value, rank)
+                if approximation is None:
+                    return None
+                operators[side] = low_rank_power(approximation, shift, p)
+            else:
+                operators[side] = dense_power(factor.value, shift, p)
+                if operators[side] is None:
+                    return None
+        return InverseFactors(operators["codomain"], operators["domain"])
+
+    def adopt(self, layer: TrackedLayer, inverse: Inverse, damping: float) -> None:
+        """A low-rank side's factor is held as a sketch on the new eigenbasis from now on
+        (on every rank: the inverse carries the basis)."""
+        if not isinstance(inverse, InverseFactors):
+            return
+        choices = None
+        for side in ("codomain", "domain"):
+            power, factor = getattr(inverse, side), getattr(layer, side)
+            if not isinstance(power, LowRankPower) or factor is None:
+                continue
+            if isinstance(factor, SketchedFactor):
+                factor.restart(power.basis, power.eigenvalues)
+                continue
+            choices = choices or self.structures(layer)
+            sketch = SketchedFactor(factor, power.basis, power.eigenvalues)
+            sketch.reason = choices[side].reason
+            setattr(layer, side, sketch)
 
 
 class ExactDamping(InverseMethod):
@@ -232,15 +358,22 @@ class EigenvalueCorrected(ExactDamping):
         correction.load_state_dict(entry["correction"], held)
 
 
-def method_for(options: InverseOptions) -> InverseMethod:
-    """The method the options name."""
-    match options.damping_method, options.eigenvalue_correction:
+def method_for(options: PreconditionerOptions) -> InverseMethod:
+    """The method the inverse options name (the schedule enters the structures' cost model;
+    owner placement keeps every side dense)."""
+    inverse = options.inverse
+    match inverse.damping_method, inverse.eigenvalue_correction:
         case "exact", True:
-            return EigenvalueCorrected(options.exponent, options.eigenbasis_refresh)
+            return EigenvalueCorrected(inverse.exponent, inverse.eigenbasis_refresh)
         case "exact", False:
-            return ExactDamping(options.exponent, options.eigenbasis_refresh)
+            return ExactDamping(inverse.exponent, inverse.eigenbasis_refresh)
         case _:
-            return FactoredDamping(options.exponent)
+            owner = options.parallel.inverse_placement == "owner"
+            why = "inverse_placement='owner' keeps no eigenbasis on the other ranks"
+            return FactoredDamping(
+                inverse.exponent, inverse, options.schedule.inverse_update_freq,
+                why if owner else None,
+            )  # fmt: skip
 
 
 def eigenvalues_of(layer: TrackedLayer, inverse: Any) -> dict[str, Tensor] | None:
@@ -288,3 +421,28 @@ def _side(
     if factor.diagonal:
         return decompose(factor.value, diagonal=True)
     return next(decomposed)
+
+
+def _full_sides(layer: TrackedLayer) -> dict[str, tuple[RunningFactor, int]]:
+    """The layer's full (neither diagonal nor identity) sides and their widths."""
+    math = layer.math
+    sides = {
+        "domain": (layer.domain, math.in_features),
+        "codomain": (layer.codomain, math.out_features),
+    }
+    return {
+        side: (factor, size)
+        for side, (factor, size) in sides.items()
+        if factor is not None and not factor.diagonal
+    }
+
+
+def _traced(factor: RunningFactor | None, width: int, layer: TrackedLayer) -> Side:
+    """A side carrying only what π needs, its mean eigenvalue ``tr F / width``, or an
+    identity."""
+    if factor is None:
+        ones = torch.ones(
+            layer.math.blocks, 1, device=layer.math.device, dtype=layer.math.factor_dtype
+        )
+        return Side(None, ones, estimated=False)
+    return Side(None, factor.trace() / width)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from kfrob.finite import all_finite
+from kfrob.structure import DiagonalPower, LowRankPower, SideOperator, apply_left, apply_right
 
 __all__ = [
     "EigenInverse",
@@ -36,11 +37,13 @@ __all__ = [
     "apply_inverses",
     "decompose",
     "decompose_all",
+    "dense_power",
     "exact_scaling",
     "factored_damping",
     "factored_inverses",
     "factored_powers",
     "factored_scaling",
+    "shifted_inverse",
     "subspace_step",
 ]
 
@@ -95,24 +98,41 @@ class EigenInverse:
 
 @dataclass
 class InverseFactors:
-    """Damped inverses of the two sides as matrices (``None`` for an identity side):
+    """Damped powers of the two sides, each a dense matrix, a structured operator
+    (:mod:`kfrob.structure`) or ``None`` for an identity side:
     ``vec(V) ↦ vec(G_d⁻¹ V A_d⁻¹)``."""
 
-    codomain: Tensor | None
-    domain: Tensor | None
+    codomain: SideOperator
+    domain: SideOperator
 
     def apply(self, matrix: Tensor) -> Tensor:
         return apply_inverses(matrix, self)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "factored", "codomain": self.codomain, "domain": self.domain}
+        state: dict[str, Any] = {"kind": "factored"}
+        for prefix, side in (("codomain", self.codomain), ("domain", self.domain)):
+            if side is None or isinstance(side, Tensor):
+                state[prefix] = side
+                continue
+            state[prefix] = None
+            state[f"{prefix}_structure"] = _STRUCTURES[type(side)]
+            state.update(side.state(prefix))
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> InverseFactors:
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
+        def side(prefix: str) -> SideOperator:
+            structure = state.get(f"{prefix}_structure")
+            if structure is not None:
+                kind = next(k for k, name in _STRUCTURES.items() if name == structure)
+                return kind.from_state(state, prefix, device)
+            value = state[prefix]
+            return None if value is None else value.to(device)
 
-        return cls(move(state["codomain"]), move(state["domain"]))
+        return cls(side("codomain"), side("domain"))
+
+
+_STRUCTURES: dict[type, str] = {LowRankPower: "low_rank", DiagonalPower: "diagonal"}
 
 
 def decompose(factor: Tensor, diagonal: bool = False) -> Side | None:
@@ -288,7 +308,7 @@ def factored_inverses(
     ]
     shifts = factored_damping(sides[0], sides[1], damping)
     try:
-        inverses = [_shifted_inverse(f, s) for f, s in zip(factors, shifts, strict=True)]
+        inverses = [shifted_inverse(f, s) for f, s in zip(factors, shifts, strict=True)]
     except torch.linalg.LinAlgError:
         return None
     return InverseFactors(*inverses)
@@ -312,7 +332,7 @@ def factored_powers(
     return InverseFactors(power(codomain, shifts[0]), power(domain, shifts[1]))
 
 
-def _shifted_inverse(factor: Tensor | None, shift: Tensor) -> Tensor | None:
+def shifted_inverse(factor: Tensor | None, shift: Tensor) -> Tensor | None:
     """``(factor + shift·I)⁻¹`` via Cholesky, retried in float64; ``None`` stays ``None``."""
     if factor is None:
         return None
@@ -326,9 +346,20 @@ def _shifted_inverse(factor: Tensor | None, shift: Tensor) -> Tensor | None:
 
 
 def apply_inverses(matrix: Tensor, inverses: InverseFactors) -> Tensor:
-    """``G_d⁻¹ V A_d⁻¹``; a ``None`` side is the identity."""
-    if inverses.codomain is not None:
-        matrix = inverses.codomain @ matrix
-    if inverses.domain is not None:
-        matrix = matrix @ inverses.domain
-    return matrix
+    """``G_d⁻¹ V A_d⁻¹``; a ``None`` side is the identity (either side may be structured)."""
+    return apply_right(apply_left(inverses.codomain, matrix), inverses.domain)
+
+
+def dense_power(factor: Tensor, shift: Tensor, exponent: float) -> Tensor | None:
+    """``(M + d I)^{-p}`` of a dense side: by Cholesky for ``p = 1``, else from ``eigh``
+    (``None`` if that fails)."""
+    if exponent == 1.0:
+        try:
+            return shifted_inverse(factor, shift)
+        except torch.linalg.LinAlgError:
+            return None
+    side = decompose(factor)
+    if side is None or side.basis is None:
+        return None
+    powers = (side.eigenvalues + shift).pow(-exponent)
+    return (side.basis * powers[..., None, :]) @ side.basis.mT

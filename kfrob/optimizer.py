@@ -357,6 +357,11 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         plain = sorted({*self.preconditioner.unsupported, *self.preconditioner.disabled})
         if plain:
             text += f"\nPlain SGD for: {', '.join(plain)}"
+        labels = {"domain": "A", "codomain": "G"}
+        for name, sides in self.preconditioner.structures().items():
+            parts = [f"{labels[s]} {c.structure} ({c.reason})" for s, c in sides.items()]
+            if parts:
+                text += f"\n{name}: {'; '.join(parts)}"
         return text
 
 

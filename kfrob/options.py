@@ -43,6 +43,7 @@ WeightSharing = Literal["expand", "reduce"]
 DampingMethod = Literal["factored", "exact"]
 EigenbasisRefresh = Literal["eigh", "subspace"]
 InversePlacement = Literal["replicated", "owner"]
+Structure = Literal["auto", "dense", "low_rank"]
 
 
 def require(name: str, value: Any, ok: bool, allowed: str) -> None:
@@ -102,14 +103,33 @@ class CurvatureOptions:
 @dataclass(frozen=True, kw_only=True)
 class InverseOptions:
     """How a layer's damped inverse ``(A ⊗ G + λI)^{-p}`` is computed (see
-    :mod:`kfrob.inverses`)."""
+    :mod:`kfrob.inverses`), and each side's structure (:mod:`kfrob.structure`): ``"dense"``,
+    ``"low_rank"`` (the ``rank`` leading eigenpairs and a trace-keeping identity for the rest;
+    factored damping only) or ``"auto"``: low-rank where a dense side would cost more than
+    ``dense_budget`` times the layer's forward and backward pass (with factored damping;
+    dense otherwise)."""
 
     damping_method: DampingMethod = "factored"
     exponent: float = 1.0
     eigenbasis_refresh: EigenbasisRefresh = "eigh"
     eigenvalue_correction: bool = False
+    domain_structure: Structure = "auto"
+    codomain_structure: Structure = "auto"
+    rank: int = 32
+    dense_budget: float = 0.25
 
     def __post_init__(self) -> None:
+        for name in ("domain_structure", "codomain_structure"):
+            value = getattr(self, name)
+            _choice(name, value, Structure)
+            require(
+                name, value, value != "low_rank" or self.damping_method == "factored",
+                "'auto' or 'dense' unless damping_method='factored' (exact damping and EKFAC "
+                "keep dense eigenbases)",
+            )  # fmt: skip
+        require("rank", self.rank, _positive_int(self.rank), "an integer >= 1")
+        budget = self.dense_budget
+        require("dense_budget", budget, _number(budget) and budget > 0, "a finite number > 0")
         p = self.exponent
         require("exponent", p, _number(p) and p > 0, "a finite number > 0")
         _choice("damping_method", self.damping_method, DampingMethod)
@@ -218,6 +238,14 @@ class PreconditionerOptions:
                 "eigenvalue_correction", True, False,
                 "False unless domain='covariance' and codomain='fisher' (both eigenbases)",
             )  # fmt: skip
+        inverse = self.inverse
+        if self.parallel.inverse_placement == "owner":
+            for name in ("domain_structure", "codomain_structure"):
+                require(
+                    name, getattr(inverse, name), getattr(inverse, name) != "low_rank",
+                    "'auto' or 'dense' with inverse_placement='owner' (a low-rank side's "
+                    "sketch needs its basis on every rank)",
+                )  # fmt: skip
         rule = self.adaptation
         if rule is not None:
             require(

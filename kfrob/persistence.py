@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kfrob.capture import CurvatureCapture, TrackedLayer
-from kfrob.factors import RunningFactor
+from kfrob.factors import RunningFactor, SketchedFactor
 from kfrob.inverses import InverseMethod
 from kfrob.placement import Placement
 from kfrob.schedule import RefreshSchedule
@@ -110,10 +110,18 @@ class EngineState:
                 entry = saved[name].get(side)
                 if (factor is None) != (entry is None):
                     raise ValueError(f"kfrob state for layer {name!r}: {side} factor mismatch")
-                if factor is not None and entry["value"].shape != factor.value.shape:
+                if factor is None:
+                    continue
+                width = layer.math.in_features if side == "domain" else layer.math.out_features
+                blocks = layer.math.blocks
+                want = (blocks, width) if factor.diagonal else (blocks, width, width)
+                got = tuple(entry["value"].shape)
+                if "basis" in entry:  # a sketched factor: (blocks, width + 1, rank)
+                    want, got = (blocks, width), tuple(entry["basis"].shape[:2])
+                if got != want:
                     raise ValueError(
-                        f"kfrob state for layer {name!r}: {side} factor of shape "
-                        f"{tuple(entry['value'].shape)}, expected {tuple(factor.value.shape)}"
+                        f"kfrob state for layer {name!r}: {side} factor of shape {got}, "
+                        f"expected {want}"
                     )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -127,9 +135,9 @@ class EngineState:
         self.capture.new_window()
         for name, layer in self.layers.items():
             entry = state["layers"][name]
-            saved = [entry[side] for side in ("domain", "codomain") if entry[side] is not None]
-            for factor, factor_state in zip(layer.factors, saved, strict=True):
-                factor.load_state_dict(factor_state)
+            for side in ("domain", "codomain"):
+                if entry[side] is not None:
+                    _load_factor(layer, side, entry[side])
             if entry["inverse"] is None:
                 self.inverses.pop(name, None)
             else:
@@ -147,3 +155,22 @@ class EngineState:
         self._inverses_after_load = any(
             entry["inverse"] is None for entry in state["layers"].values()
         )
+
+
+def _load_factor(layer: TrackedLayer, side: str, state: dict[str, Any]) -> None:
+    """Load one factor, held as a sketch if it was saved as one (and dense otherwise)."""
+    factor: RunningFactor = getattr(layer, side)
+    sketched = "basis" in state
+    if sketched != isinstance(factor, SketchedFactor):
+        math = layer.math
+        width = math.in_features if side == "domain" else math.out_features
+        factor = RunningFactor(
+            math.blocks, width, per_sample_scale=side == "codomain", device=math.device,
+            dtype=math.factor_dtype,
+        )  # fmt: skip
+        if sketched:
+            basis = state["basis"].to(math.device, math.factor_dtype)
+            factor = SketchedFactor(factor, basis, basis.new_zeros(basis.shape[::2]))
+            factor.reason = "loaded as a sketch"
+        setattr(layer, side, factor)
+    factor.load_state_dict(state)

@@ -309,10 +309,7 @@ def _local_statistics(
 ) -> tuple[list[Tensor], list[float]]:
     """This rank's statistics (zeros where it recorded nothing) and their weights: the rows
     behind an ``A``, the samples behind a ``G``."""
-    stats = [
-        statistic(f, codomain) if f.pending else torch.zeros_like(f.value)
-        for f, codomain in factors
-    ]
+    stats = [statistic(f, codomain) if f.pending else f.zero_statistic() for f, codomain in factors]
     weights = [
         float(f.samples if codomain else f.rows) if f.pending else 0.0 for f, codomain in factors
     ]

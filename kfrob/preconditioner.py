@@ -12,12 +12,11 @@ under any ``torch.optim`` optimizer, between ``backward()`` and ``opt.step()``:
         opt.step()
 
 :class:`kfrob.FrobPreconditionedSGD` is this engine with SGD's momentum and learning rate.
-The engine composes one object per concern, each chosen once from the options
-(:mod:`kfrob.options`): the layer registry (:mod:`kfrob.layers`), the hooks
-(:mod:`kfrob.capture`), the inverse method (:mod:`kfrob.inverses`), the placement
-(:mod:`kfrob.placement`) and the schedule (:mod:`kfrob.schedule`); its step plan
-(:meth:`KroneckerPreconditioner.plan`) is public, so diagnostics and damping adaptation use
-it as the optimizer does. Persistence is in :mod:`kfrob.persistence`.
+It composes one object per concern, chosen once from the options (:mod:`kfrob.options`):
+the layer registry (:mod:`kfrob.layers`), hooks (:mod:`kfrob.capture`), inverse method
+(:mod:`kfrob.inverses`), placement (:mod:`kfrob.placement`) and schedule
+(:mod:`kfrob.schedule`). Its step plan (:meth:`KroneckerPreconditioner.plan`) is public
+for diagnostics and damping adaptation; persistence is in :mod:`kfrob.persistence`.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from kfrob.options import PreconditionerOptions, require
 from kfrob.persistence import EngineState
 from kfrob.placement import Placement, RemoteInverse, make_placement
 from kfrob.schedule import RefreshSchedule
+from kfrob.structure import StructureChoice
 from kfrob.tracking import factor_matrices, track_layers
 
 __all__ = ["KroneckerPreconditioner", "LayerStep", "StepPlan"]
@@ -107,23 +107,19 @@ class KroneckerPreconditioner(EngineState):
         check_not_sharded(model)
         if communicator is _FROM_OPTIONS:
             communicator = default_communicator(options.parallel.process_group)
-        method = inverse_method if inverse_method is not None else method_for(options.inverse)
+        method = inverse_method or method_for(options)
         conflict = method.parallel_conflict
-        require(
-            "eigenvalue_correction", True, communicator is None or conflict is None, str(conflict)
-        )
+        ok = communicator is None or conflict is None
+        require("eigenvalue_correction", True, ok, str(conflict))
         self.options, self.method = options, method
         self.grad_scaler, self.generator = grad_scaler, generator
         self.layers, self.unsupported = track_layers(model, options.curvature, method)
-        curvature = options.curvature
-        sampled = (
-            SAMPLED_LOSSES[curvature.loss] if curvature.fisher == "mc" and curvature.loss else None
-        )
+        loss, mc = options.curvature.loss, options.curvature.fisher == "mc"
+        sampled = SAMPLED_LOSSES[loss] if mc and loss else None
         self.capture = CurvatureCapture(model, self.layers.values(), sampled, generator)
         costs = {name: layer.refresh_cost for name, layer in self.layers.items()}
-        self.placement: Placement = make_placement(
-            communicator, options.parallel.inverse_placement, costs
-        )
+        placement = options.parallel.inverse_placement
+        self.placement: Placement = make_placement(communicator, placement, costs)
         self.placement.check_same_layers(
             {name: layer.math.describe() for name, layer in self.layers.items()}
         )
@@ -161,14 +157,17 @@ class KroneckerPreconditioner(EngineState):
         """``{layer: {"A": eigenvalues, "G": eigenvalues}}`` behind each inverse this rank
         holds, ascending, ``(blocks, n)``; identity sides are left out (see
         :func:`kfrob.inverses.eigenvalues_of`)."""
-        pairs = (
-            (name, eigenvalues_of(self.layers[name], inv)) for name, inv in self.inverses.items()
-        )
-        return {name: values for name, values in pairs if values is not None}
+        values = {name: eigenvalues_of(self.layers[name], i) for name, i in self.inverses.items()}
+        return {name: v for name, v in values.items() if v is not None}
 
     def active_layers(self) -> Iterator[TrackedLayer]:
         """Layers that are preconditioned (not fallen back to plain SGD)."""
         return (layer for name, layer in self.layers.items() if name not in self.disabled)
+
+    def structures(self) -> dict[str, dict[str, StructureChoice]]:
+        """``{layer: {"domain"/"codomain": choice}}``: the structure a refresh gives each full
+        side (dense or low-rank, :mod:`kfrob.structure`) from the last window, and why."""
+        return {layer.name: self.method.structures(layer) for layer in self.active_layers()}
 
     def owners(self) -> dict[str, int]:
         """The rank that decomposes each layer (data parallelism only)."""
@@ -323,7 +322,7 @@ class KroneckerPreconditioner(EngineState):
         if self.options.parallel.verify_factors:
             self.placement.verify(
                 {
-                    name: sum(f.value.sum() for f in layer.factors)
+                    name: sum(f.average.sum() for f in layer.factors)
                     for name, layer in self.layers.items()
                 }  # type: ignore[misc]
             )

@@ -4,8 +4,10 @@ For each workload of the training job:
 
 * **state**: bytes of the parameters, of kfrob's running factors (``A``, ``G`` and the
   window sums the hooks add into), of its inverses (eigenbases and eigenvalues for exact
-  damping, the two damped inverse matrices for factored damping) and of SGD's momentum and
-  AdamW's two moments, each as a multiple of the parameter bytes;
+  damping, the two damped inverse matrices for factored damping, bases and weights for
+  low-rank sides) and of SGD's momentum and AdamW's two moments, each as a multiple of the
+  parameter bytes, for kfrob with its defaults (low-rank sides where the cost model puts
+  them, held as sketches), with every side dense, and with exact damping;
 * **peak**: the peak resident memory of a fresh process (Linux: ``VmHWM``, reset just
   before training) that builds the model and trains ``--steps`` steps at batch 128, for
   SGD (momentum 0.9), AdamW and kfrob; reported as each peak over SGD's, and as each
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 from kfrob import FrobPreconditionedSGD
 from kfrob.job.workloads import WORKLOADS
 from kfrob.kronecker import EigenInverse, InverseFactors
+from kfrob.structure import DiagonalPower, LowRankPower
 
 MiB = 2**20
 
@@ -57,10 +60,27 @@ def build(optimizer: str, model: nn.Module, workload: str) -> torch.optim.Optimi
             return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         if optimizer == "adamw":
             return torch.optim.AdamW(model.parameters(), lr=1e-4)
-        method = optimizer.split("-", 1)[1] if "-" in optimizer else "factored"
         return FrobPreconditionedSGD(
-            model, lr=1e-3, damping_method=method, loss=WORKLOADS[workload].kfrob_loss
+            model, lr=1e-3, loss=WORKLOADS[workload].kfrob_loss, **KFROB[optimizer]
         )
+
+
+#: the kfrob contenders: defaults, every side dense, exact damping
+KFROB: dict[str, dict[str, str]] = {
+    "kfrob": {},
+    "kfrob-dense": {"domain_structure": "dense", "codomain_structure": "dense"},
+    "kfrob-exact": {"damping_method": "exact"},
+}
+NAMES = ("sgd", "adamw", *KFROB)
+
+
+def side_tensors(side: object) -> list[Tensor | None]:
+    """The tensors one side of a factored inverse holds."""
+    if isinstance(side, LowRankPower):
+        return [side.basis, side.weights, side.scale, side.eigenvalues]
+    if isinstance(side, DiagonalPower):
+        return [side.values]
+    return [side]  # type: ignore[list-item]
 
 
 def train(
@@ -74,7 +94,7 @@ def state_bytes(workload: str, device: torch.device) -> dict[str, float]:
     """Each optimizer's state after a few steps, as a multiple of the parameter bytes."""
     out: dict[str, float] = {}
     params = 0
-    for optimizer in ("sgd", "adamw", "kfrob-factored", "kfrob-exact"):
+    for optimizer in NAMES:
         torch.manual_seed(0)
         model = WORKLOADS[workload].build().to(device)
         params = nbytes(list(model.parameters()))
@@ -82,7 +102,7 @@ def state_bytes(workload: str, device: torch.device) -> dict[str, float]:
         train(opt, model, workload, 2, device)
         if isinstance(opt, FrobPreconditionedSGD):
             pre = opt.preconditioner
-            factors = [f.value for layer in pre.layers.values() for f in layer.factors]
+            factors = [f.average for layer in pre.layers.values() for f in layer.factors]
             sums = [f._sum for layer in pre.layers.values() for f in layer.factors]
             inverses: list[Tensor | None] = []
             for inverse in pre.inverses.values():
@@ -91,7 +111,7 @@ def state_bytes(workload: str, device: torch.device) -> dict[str, float]:
                         inverses += [side.basis, side.eigenvalues]
                     inverses.append(inverse.scaling)
                 elif isinstance(inverse, InverseFactors):
-                    inverses += [inverse.codomain, inverse.domain]
+                    inverses += side_tensors(inverse.codomain) + side_tensors(inverse.domain)
             out[f"{optimizer} factors"] = nbytes(factors) / params
             out[f"{optimizer} window sums"] = nbytes(sums) / params
             out[f"{optimizer} inverses"] = nbytes(inverses) / params
@@ -164,22 +184,21 @@ def main() -> None:
         "## Optimizer state, as a multiple of the parameter bytes",
         "",
         "| workload | parameters (MiB) | SGD momentum | AdamW moments | kfrob factors "
-        "| kfrob window sums | kfrob inverses, factored | kfrob inverses, exact |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kfrob window sums | kfrob inverses | dense factors | dense window sums "
+        "| dense inverses | exact inverses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     peaks: dict[str, dict[str, dict[str, float]]] = {}
     for workload in args.workloads.split(","):
         s = state_bytes(workload, device)
-        lines.append(
-            f"| {workload} | {s['parameter MiB']:.2f} | {s['sgd state']:.2f} | "
-            f"{s['adamw state']:.2f} | {s['kfrob-factored factors']:.2f} | "
-            f"{s['kfrob-factored window sums']:.2f} | {s['kfrob-factored inverses']:.2f} | "
-            f"{s['kfrob-exact inverses']:.2f} |"
-        )
-        peaks[workload] = {
-            name: peak(name, workload, args.steps, device)
-            for name in ("sgd", "adamw", "kfrob-factored", "kfrob-exact")
-        }
+        keys = [
+            "sgd state", "adamw state", "kfrob factors", "kfrob window sums",
+            "kfrob inverses", "kfrob-dense factors", "kfrob-dense window sums",
+            "kfrob-dense inverses", "kfrob-exact inverses",
+        ]  # fmt: skip
+        cells = " | ".join(f"{s[key]:.2f}" for key in keys)
+        lines.append(f"| {workload} | {s['parameter MiB']:.2f} | {cells} |")
+        peaks[workload] = {name: peak(name, workload, args.steps, device) for name in NAMES}
         print(workload, peaks[workload], flush=True)
     lines += [
         "",
@@ -187,11 +206,12 @@ def main() -> None:
         if on_device
         else "## Peak resident memory of a training process",
         "",
-        "| workload | SGD peak (MiB) | AdamW / SGD | kfrob factored / SGD | kfrob exact / SGD "
-        "| growth in training (MiB): SGD | AdamW | kfrob factored | kfrob exact |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | SGD peak (MiB) | AdamW / SGD | kfrob / SGD | kfrob dense / SGD "
+        "| kfrob exact / SGD | growth in training (MiB): SGD | AdamW | kfrob | kfrob dense "
+        "| kfrob exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    names = ("sgd", "adamw", "kfrob-factored", "kfrob-exact")
+    names = NAMES
     for workload, p in peaks.items():
         ratios = [p[name]["peak_kib"] / p["sgd"]["peak_kib"] for name in names[1:]]
         growth = [(p[name]["peak_kib"] - p[name]["before_kib"]) / 1024 for name in names]

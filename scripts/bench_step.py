@@ -6,11 +6,14 @@ optimizers run round-robin on the same model and batch; each round times a whole
 cycle (``inverse_update_freq`` steps, at least ``--steps``) so kfrob's time is amortised over
 its refreshes. Reported, as medians over rounds:
 
-* ``kfrob / SGD`` and ``kfrob / AdamW``: step-time ratios (forward + backward + step);
-* ``kfrob / limit``: the limit is SGD's step + the bare ``torch.linalg.eigh`` time of all
-  factors / inverse_freq + the bare ``aᵀa``, ``gᵀg`` matmul time / factor_freq, measured in
-  the same run;
-* ``refresh / eigh``: one inverse refresh against the bare ``eigh`` calls on the same factors;
+* ``kfrob / SGD`` and ``kfrob / AdamW``: step-time ratios (forward + backward + step), for
+  kfrob with its defaults (each side dense or low-rank as its cost model chooses);
+* ``kfrob / dense``: against the dense reference, kfrob with every side dense;
+* ``kfrob / limit``: the limit of dense K-FAC, SGD's step + the bare ``torch.linalg.eigh``
+  time of all dense factors / inverse_freq + the bare ``aᵀa``, ``gᵀg`` matmul time /
+  factor_freq, measured in the same run;
+* ``refresh / eigh``: one refresh of kfrob against the bare ``eigh`` calls on the dense
+  factors (the dense reference's), and ``dense refresh / eigh`` of the dense reference;
 * a breakdown of kfrob's step: factor update, inverse refresh, preconditioning, the rest
   (forward, backward with hooks, momentum and update);
 * with ``--asdl``, ``kfrob / ASDL-emp`` and ``kfrob / ASDL-mc``: against ASDL's K-FAC (PyPI
@@ -346,25 +349,28 @@ def bench(
     x, y = random_batch(batch, device)
     factor_freq, inverse_freq = freqs
     cycle = max(args.steps, inverse_freq)
-    names = ["sgd", "adamw", "kfrob"] + (list(ASDL_FISHERS) if args.asdl else [])
+    names = ["sgd", "adamw", "kfrob", "kfrob-dense"] + (list(ASDL_FISHERS) if args.asdl else [])
     models = {name: make().to(device) for name in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        kfrob = {
+            "lr": 1e-3,
+            "factor_update_freq": factor_freq,
+            "inverse_update_freq": inverse_freq,
+            "damping_method": method,
+            "weight_sharing": args.weight_sharing,
+            "loss": WORKLOADS[workload].kfrob_loss,  # the Monte Carlo Fisher, as in training
+        }
+        dense = {"domain_structure": "dense", "codomain_structure": "dense"}
         opts: dict[str, Contender] = {
             "sgd": torch.optim.SGD(models["sgd"].parameters(), lr=1e-3),
             "adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=1e-4),
-            "kfrob": FrobPreconditionedSGD(
-                models["kfrob"],
-                lr=1e-3,
-                factor_update_freq=factor_freq,
-                inverse_update_freq=inverse_freq,
-                damping_method=method,
-                weight_sharing=args.weight_sharing,
-                loss=WORKLOADS[workload].kfrob_loss,  # the Monte Carlo Fisher, as in training
-            ),
+            "kfrob": FrobPreconditionedSGD(models["kfrob"], **kfrob),
+            "kfrob-dense": FrobPreconditionedSGD(models["kfrob-dense"], **kfrob, **dense),
         }
-    kfrob_opt = opts["kfrob"]
+    kfrob_opt, dense_opt = opts["kfrob"], opts["kfrob-dense"]
     assert isinstance(kfrob_opt, FrobPreconditionedSGD)
+    assert isinstance(dense_opt, FrobPreconditionedSGD)
     checks: dict[str, float] = {}
     if args.asdl:  # ASDL's K-FAC at kfrob's frequencies, damping and factor decay
         asdl = import_asdl()
@@ -387,17 +393,18 @@ def bench(
     # on an asynchronous device the phase timer's synchronisations would slow kfrob's timed
     # steps: there the phases are timed in a cycle of their own, after the timed one
     separate_phases = asynchronous(device)
-    for _ in range(args.rounds):
-        for name, opt in opts.items():
-            if name == "kfrob" and separate_phases:
+    for r in range(args.rounds):
+        order = list(opts.items())
+        for name, opt in order[r % len(order) :] + order[: r % len(order)]:  # rotated
+            if name in ("kfrob", "kfrob-dense") and separate_phases:
                 t = timed_steps(opt, models[name], kind, x, y, cycle)
-            if name == "kfrob":
+            if name in ("kfrob", "kfrob-dense"):
                 before = dict(timer.totals)
                 with timer.patched():
                     phased = timed_steps(opt, models[name], kind, x, y, cycle)
                 for phase, total in timer.totals.items():
-                    times[phase].append((total - before.get(phase, 0.0)) / cycle)
-                times["kfrob, phases timed"].append(phased)
+                    times[f"{name} {phase}"].append((total - before.get(phase, 0.0)) / cycle)
+                times[f"{name}, phases timed"].append(phased)
                 if not separate_phases:
                     t = phased
             else:
@@ -410,15 +417,17 @@ def bench(
             )
     eighs, matmuls = [], []
     for _ in range(args.rounds):
-        e, m = bare_linear_algebra(kfrob_opt, x, models["kfrob"], kind, y)
+        e, m = bare_linear_algebra(dense_opt, x, models["kfrob-dense"], kind, y)
         eighs.append(e)
         matmuls.append(m)
     med = {k: statistics.median(v) for k, v in times.items()}
     eigh_time, matmul_time = statistics.median(eighs), statistics.median(matmuls)
     limit = med["sgd"] + eigh_time / inverse_freq + matmul_time / factor_freq
-    refresh = med.get("inverse refresh", 0.0) * cycle / max(1, cycle // inverse_freq)
+    refreshes = max(1, cycle // inverse_freq)
+    refresh = med.get("kfrob inverse refresh", 0.0) * cycle / refreshes
+    dense_refresh = med.get("kfrob-dense inverse refresh", 0.0) * cycle / refreshes
     phased = med["kfrob, phases timed"]  # the kfrob step of the cycles the phases are from
-    rest = phased - sum(med.get(p, 0.0) for p in PHASES)
+    rest = phased - sum(med.get(f"kfrob {p}", 0.0) for p in PHASES)
     against_asdl = {f"{name}_ms": 1e3 * med[name] for name in checks} | {
         f"vs_{name}": med["kfrob"] / med[name] for name in checks
     }
@@ -430,11 +439,15 @@ def bench(
         "sgd_ms": 1e3 * med["sgd"],
         "adamw_ms": 1e3 * med["adamw"],
         "kfrob_ms": 1e3 * med["kfrob"],
+        "dense_ms": 1e3 * med["kfrob-dense"],
+        "vs_dense": med["kfrob"] / med["kfrob-dense"],
+        "dense_refresh_vs_eigh": dense_refresh / eigh_time,
         "vs_sgd": med["kfrob"] / med["sgd"],
         "vs_adamw": med["kfrob"] / med["adamw"],
         "vs_limit": med["kfrob"] / limit,
         "refresh_vs_eigh": refresh / eigh_time,
-        "breakdown": {p: med.get(p, 0.0) / phased for p in PHASES} | {"rest": rest / phased},
+        "breakdown": {p: med.get(f"kfrob {p}", 0.0) / phased for p in PHASES}
+        | {"rest": rest / phased},
         "asdl_checks": checks,
         **against_asdl,
     }
@@ -479,6 +492,7 @@ def main() -> None:
                     f"{workload:12s} B={batch:<4d} {row['freqs']:>6s} {method:8s} "
                     f"kfrob {row['kfrob_ms']:7.1f} ms"
                     f"  ×SGD {row['vs_sgd']:5.2f}  ×AdamW {row['vs_adamw']:5.2f}"
+                    f"  ×dense {row['vs_dense']:5.2f}"
                     f"  ×limit {row['vs_limit']:5.2f}  refresh/eigh {row['refresh_vs_eigh']:5.2f}"
                     + "".join(
                         f"  ×{name[5:]} {row[f'vs_{name}']:5.2f}"
@@ -507,22 +521,25 @@ def main() -> None:
     lines += [
         "",
         "| workload | batch | factor/inverse freq | damping | SGD ms | AdamW ms | kfrob ms | "
+        "dense ms | "
         + "".join(f"{asdl_label(n)} ms | " for n in asdl_columns)
-        + "kfrob/SGD | kfrob/AdamW | "
+        + "kfrob/SGD | kfrob/AdamW | kfrob/dense | "
         + "".join(f"kfrob/{asdl_label(n)} | " for n in asdl_columns)
-        + "kfrob/limit | refresh/eigh | capture | factors | refresh | precond | rest |",
-        "|---|---|---|---|---|---|---|" + "---|" * (2 * len(asdl_columns)) + "---|" * 9,
+        + "kfrob/limit | refresh/eigh | dense refresh/eigh | capture | factors | refresh "
+        "| precond | rest |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * (2 * len(asdl_columns)) + "---|" * 11,
     ]
     for r in rows:
         b = r["breakdown"]
         lines.append(
             f"| {r['workload']} | {r['batch']} | {r['freqs']} | {r['damping']} | "
             f"{r['sgd_ms']:.1f} | {r['adamw_ms']:.1f} | {r['kfrob_ms']:.1f} | "
+            f"{r['dense_ms']:.1f} | "
             + "".join(f"{r[f'{n}_ms']:.1f} | " for n in asdl_columns)
-            + f"{r['vs_sgd']:.2f} | {r['vs_adamw']:.2f} | "
+            + f"{r['vs_sgd']:.2f} | {r['vs_adamw']:.2f} | {r['vs_dense']:.2f} | "
             + "".join(f"{r[f'vs_{n}']:.2f} | " for n in asdl_columns)
-            + f"{r['vs_limit']:.2f} | "
-            f"{r['refresh_vs_eigh']:.2f} | {b['capture']:.0%} | {b['factor update']:.0%} | "
+            + f"{r['vs_limit']:.2f} | {r['refresh_vs_eigh']:.2f} | "
+            f"{r['dense_refresh_vs_eigh']:.2f} | {b['capture']:.0%} | {b['factor update']:.0%} | "
             f"{b['inverse refresh']:.0%} | {b['preconditioning']:.0%} | {b['rest']:.0%} |"
         )
     write_report(args.out, f"{args.name}.md", lines)

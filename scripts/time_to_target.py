@@ -73,6 +73,11 @@ KL_GRID = tuple({"lr": 0.3, "kl_clip": k} for k in (1e-3, 3e-3, 1e-2))
 # name: (factory, grid for classifiers, grid for the autoencoder); grids of one size
 OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
     "kfrob": (kfrob_factory(), KL_GRID, KL_GRID),
+    "kfrob-dense": (
+        kfrob_factory(domain_structure="dense", codomain_structure="dense"),
+        KL_GRID,
+        KL_GRID,
+    ),
     "kfrob-exact": (kfrob_factory(damping_method="exact"), KL_GRID, KL_GRID),
     "kfrob-ekfac": (
         kfrob_factory(damping_method="exact", eigenvalue_correction=True),
@@ -110,7 +115,8 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
 
 ABOUT = {  # what each variant is, for the report
     "kfrob": "`FrobPreconditionedSGD` with its defaults (factored damping, MC Fisher, factors "
-    "every step, inverses every 10)",
+    "every step, inverses every 10, each side dense or low-rank by the cost model)",
+    "kfrob-dense": "every side dense (`domain_structure='dense', codomain_structure='dense'`)",
     "kfrob-exact": "exact damping (eigenbases, `damping_method='exact'`)",
     "kfrob-ekfac": "exact damping with the eigenvalue correction (EKFAC, "
     "`eigenvalue_correction=True`)",
@@ -132,8 +138,8 @@ ABOUT = {  # what each variant is, for the report
 # what runs by default on each workload: kfrob with its defaults (factors every step) is
 # left out of the CNN, where capturing A from unfolded patches costs ~4 SGD steps per step
 PLAN = {
-    "mlp": ["kfrob", "kfrob-5/50", "kfrob-exact", "sgd", "adamw"],
-    "autoencoder": ["kfrob", "kfrob-5/50", "sgd", "adamw"],
+    "mlp": ["kfrob", "kfrob-dense", "kfrob-5/50", "sgd", "adamw"],
+    "autoencoder": ["kfrob", "kfrob-dense", "kfrob-5/50", "sgd", "adamw"],
     "cnn": ["kfrob-5/50", "sgd", "adamw"],
 }
 

@@ -22,6 +22,8 @@ from kfrob import FrobPreconditionedSGD
 
 PATH = Path(__file__).parent / "data" / "golden.pt"
 STEPS = 12  # on one intra-op thread, as the spawned ranks run
+#: kfrob 0.1 had dense factors only: every configuration replays with dense sides
+DENSE = {"domain_structure": "dense", "codomain_structure": "dense"}
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "defaults-mc": {"lr": 0.2, "loss": "cross_entropy"},
@@ -62,8 +64,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 # data-parallel configurations, run on 2 gloo ranks by tests/distributed_harness.py
 DISTRIBUTED: dict[str, dict[str, Any]] = {
-    "ranks2-replicated": {},
-    "ranks2-owner-exact": {"inverse_placement": "owner", "damping_method": "exact"},
+    "ranks2-replicated": DENSE,
+    "ranks2-owner-exact": {**DENSE, "inverse_placement": "owner", "damping_method": "exact"},
 }
 
 
@@ -107,7 +109,9 @@ def _run(
     net = model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = FrobPreconditionedSGD(net, generator=torch.Generator().manual_seed(5), **options)
+        opt = FrobPreconditionedSGD(
+            net, generator=torch.Generator().manual_seed(5), **{**DENSE, **options}
+        )
         first = 0
         if start is not None:
             net.load_state_dict(start["model"])

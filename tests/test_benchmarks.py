@@ -68,7 +68,9 @@ def test_bench_memory_reports_state_and_peaks(tmp_path: Path) -> None:
     assert cells[0] == pytest.approx(535818 * 4 / 2**20, abs=0.01)  # 784-512-256-10
     assert cells[1] == pytest.approx(1.0)  # SGD's momentum: one copy of the parameters
     assert cells[2] == pytest.approx(2.0)  # AdamW's two moments
-    assert cells[3] > 1.0  # A and G of the 784-wide input layer exceed its weights
+    assert cells[6] > 1.0  # dense A and G of the 784-wide input layer exceed its weights
+    assert cells[3] < cells[6] / 4  # the defaults hold the wide sides as rank-32 sketches
+    assert cells[5] < cells[8] / 4  # and their inverses as rank-32 bases
     assert all(float(c) > 0 for c in peak.strip("|").split("|")[1:])
 
 

@@ -81,6 +81,7 @@ def single() -> dict:
         (2, {}, {"subgroup": True}),
         (2, {"stagger_refreshes": True, "damping_method": "exact"}, {}),
         (3, {"stagger_refreshes": True, "inverse_placement": "owner"}, {}),
+        (2, {"rank": 4, "domain_structure": "low_rank"}, {}),
     ],
     ids=[
         "2-ranks",
@@ -91,6 +92,7 @@ def single() -> dict:
         "2-ranks-explicit-group",
         "2-ranks-staggered",
         "3-ranks-staggered-owner",
+        "2-ranks-low-rank-sketches",
     ],
 )
 def test_ranks_agree_and_equal_the_global_batch_run(

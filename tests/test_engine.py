@@ -103,8 +103,12 @@ def test_options_refuse_unknown_keywords_and_mixtures() -> None:
 
 
 def test_the_method_is_chosen_once_from_the_options() -> None:
-    assert type(method_for(InverseOptions())) is FactoredDamping
-    exact = method_for(InverseOptions(damping_method="exact", eigenbasis_refresh="subspace"))
+    assert type(method_for(PreconditionerOptions())) is FactoredDamping
+    exact = method_for(
+        PreconditionerOptions(
+            inverse=InverseOptions(damping_method="exact", eigenbasis_refresh="subspace")
+        )
+    )
     assert type(exact) is ExactDamping and exact.refresh == "subspace"
 
 

@@ -1,0 +1,251 @@
+"""Factor structures: what one side of a layer's curvature costs, and a cheaper one.
+
+A *dense* side ``M`` (``(k, n, n)``) costs ``2·n·n·m`` flops to apply to a ``(k, n, m)``
+gradient matrix on every step and a decomposition of ``O(n³)`` per refresh. The
+**low-rank-plus-identity** structure keeps the ``r`` leading eigenpairs ``(U, e)`` of ``M``
+and one scaled identity for the rest of the spectrum:
+
+    M̃ = U diag(e) Uᵀ + σ (I − U Uᵀ),        σ = (tr M − Σ e) / (n − r),
+
+so ``tr M̃ = tr M`` and ``M̃ = M`` whenever ``rank M ≤ r``. Its damped power is again of that
+form,
+
+    (M̃ + d I)^{-p} = s (I + U diag(w) Uᵀ),   s = (σ + d)^{-p},   w = (e + d)^{-p} / s − 1,
+
+and costs ``4·n·r·m`` flops to apply. After its first refresh a low-rank side is not held
+as a matrix at all, only as the sketch ``M U`` (:class:`kfrob.factors.SketchedFactor`), and
+each refresh is a Nyström approximation from that sketch (:func:`nystrom`, ``O(n·r²)``)
+instead of an eigendecomposition.
+
+:func:`choose_structure` is the per-side cost model that picks dense or low-rank, and says
+why. Everything here is pure math on tensors with a leading block dimension ``k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from kfrob.finite import all_finite
+
+__all__ = [
+    "DiagonalPower",
+    "LowRankPower",
+    "LowRankSide",
+    "SideOperator",
+    "StructureChoice",
+    "apply_left",
+    "apply_right",
+    "choose_structure",
+    "leading_eigenpairs",
+    "low_rank_power",
+    "nystrom",
+]
+
+Structure = Literal["auto", "dense", "low_rank"]
+
+
+@dataclass
+class LowRankSide:
+    """``U diag(e) Uᵀ + σ (I − U Uᵀ)``: ``basis`` ``(k, n, r)`` with orthonormal columns,
+    ``eigenvalues`` ``(k, r)`` ascending, ``rest`` ``σ`` ``(k, 1)``."""
+
+    basis: Tensor
+    eigenvalues: Tensor
+    rest: Tensor
+
+    def dense(self) -> Tensor:
+        """The approximation as a ``(k, n, n)`` matrix (for tests and inspection)."""
+        n = self.basis.shape[-2]
+        eye = torch.eye(n, dtype=self.basis.dtype, device=self.basis.device)
+        spread = self.basis * (self.eigenvalues - self.rest)[..., None, :]
+        return spread @ self.basis.mT + self.rest[..., None] * eye
+
+
+@dataclass
+class LowRankPower:
+    """``s (I + U diag(w) Uᵀ)``: a damped power of a :class:`LowRankSide`; ``basis``
+    ``(k, n, r)``, ``weights`` ``(k, r)``, ``scale`` ``(k, 1)``, and the side's
+    ``eigenvalues`` ``(k, r)`` (the sketched factor restarts from them)."""
+
+    basis: Tensor
+    weights: Tensor
+    scale: Tensor
+    eigenvalues: Tensor
+
+    def left(self, matrix: Tensor) -> Tensor:
+        """``P V`` for ``V`` ``(k, n, m)``."""
+        inner = self.basis.mT @ matrix
+        return self.scale[..., None] * (matrix + self.basis @ (self.weights[..., None] * inner))
+
+    def right(self, matrix: Tensor) -> Tensor:
+        """``V P`` for ``V`` ``(k, m, n)``."""
+        inner = (matrix @ self.basis) * self.weights[..., None, :]
+        return self.scale[..., None] * (matrix + inner @ self.basis.mT)
+
+    def dense(self) -> Tensor:
+        n = self.basis.shape[-2]
+        eye = torch.eye(n, dtype=self.basis.dtype, device=self.basis.device)
+        return self.scale[..., None] * (
+            eye + (self.basis * self.weights[..., None, :]) @ self.basis.mT
+        )
+
+    def state(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}_{key}": getattr(self, key) for key in _LOW_RANK_KEYS}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], prefix: str, device: torch.device) -> LowRankPower:
+        return cls(*(state[f"{prefix}_{key}"].to(device) for key in _LOW_RANK_KEYS))
+
+
+_LOW_RANK_KEYS = ("basis", "weights", "scale", "eigenvalues")
+
+
+@dataclass
+class DiagonalPower:
+    """``diag(values)``, ``values`` ``(k, n)``: a damped power of a diagonal side."""
+
+    values: Tensor
+
+    def left(self, matrix: Tensor) -> Tensor:
+        return self.values[..., :, None] * matrix
+
+    def right(self, matrix: Tensor) -> Tensor:
+        return matrix * self.values[..., None, :]
+
+    def dense(self) -> Tensor:
+        return torch.diag_embed(self.values)
+
+    def state(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}_diagonal": self.values}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], prefix: str, device: torch.device) -> DiagonalPower:
+        return cls(state[f"{prefix}_diagonal"].to(device))
+
+
+#: one side of a factored inverse: a dense matrix ``(k, n, n)``, a structured operator, or
+#: ``None`` for the identity
+SideOperator = Tensor | LowRankPower | DiagonalPower | None
+
+
+def apply_left(side: SideOperator, matrix: Tensor) -> Tensor:
+    """``P V`` for a side operator ``P`` (the co-domain side)."""
+    if side is None:
+        return matrix
+    if isinstance(side, Tensor):
+        return side @ matrix
+    return side.left(matrix)
+
+
+def apply_right(matrix: Tensor, side: SideOperator) -> Tensor:
+    """``V P`` for a side operator ``P`` (the domain side)."""
+    if side is None:
+        return matrix
+    if isinstance(side, Tensor):
+        return matrix @ side
+    return side.right(matrix)
+
+
+def leading_eigenpairs(factor: Tensor, rank: int) -> LowRankSide | None:
+    """The ``rank`` leading eigenpairs of a symmetric PSD ``factor`` ``(k, n, n)`` (by
+    ``torch.linalg.eigh``) and the trace-keeping ``σ`` of the rest (``rank < n``). Returns
+    ``None`` if that fails or anything is non-finite."""
+    try:
+        values, vectors = torch.linalg.eigh(factor)
+    except RuntimeError:  # torch.linalg.LinAlgError is one
+        return None
+    trace = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    return _side(vectors[..., -rank:], values[..., -rank:], trace, factor.shape[-1])
+
+
+def nystrom(basis: Tensor, sketch: Tensor, trace: Tensor, rank: int) -> LowRankSide | None:
+    """The Nyström approximation ``F̂ = Y (QᵀY)⁺ Yᵀ`` of a symmetric PSD ``F`` from its
+    sketch ``Y = F Q`` ``(k, n, r)`` on an orthonormal ``basis`` ``Q``, as a
+    :class:`LowRankSide` whose ``σ`` keeps ``trace`` ``(k, 1)``.
+
+    With ``QᵀY = V diag(m) Vᵀ`` and ``B = Y V diag(m)^{-1/2}`` (``m`` above a relative
+    round-off floor; the rest dropped), ``F̂ = B Bᵀ``, whose eigenpairs are the left singular
+    vectors and squared singular values of ``B``. ``F̂ = F`` whenever ``rank F ≤ r`` and
+    ``QᵀFQ`` has ``F``'s rank. Costs ``O(n·r²)``. Returns ``None`` if anything is
+    non-finite."""
+    try:
+        core = basis.mT @ sketch
+        m, v = torch.linalg.eigh((core + core.mT) / 2)
+        floor = m[..., -1:].clamp(min=0) * (m.shape[-1] * torch.finfo(m.dtype).eps) + 1e-30
+        inverse_root = torch.where(m > floor, m.clamp(min=floor.min()).rsqrt(), 0.0)
+        u, singular, _ = torch.linalg.svd(
+            (sketch @ v) * inverse_root[..., None, :], full_matrices=False
+        )
+    except RuntimeError:
+        return None
+    return _side(u.flip(-1), singular.square().flip(-1), trace, basis.shape[-2], rank)
+
+
+def _side(
+    basis: Tensor, eigenvalues: Tensor, trace: Tensor, n: int, rank: int | None = None
+) -> LowRankSide | None:
+    """The leading ``rank`` of ascending eigenpairs and ``σ`` keeping ``trace``, or ``None``
+    if non-finite."""
+    if rank is not None:
+        basis, eigenvalues = basis[..., -rank:], eigenvalues[..., -rank:]
+    if not bool(all_finite([basis, eigenvalues, trace])):
+        return None
+    eigenvalues = eigenvalues.clamp(min=0)
+    rest = ((trace - eigenvalues.sum(-1, keepdim=True)) / (n - basis.shape[-1])).clamp(min=0)
+    return LowRankSide(basis.contiguous(), eigenvalues, rest)
+
+
+def low_rank_power(side: LowRankSide, shift: Tensor, exponent: float) -> LowRankPower:
+    """``(M̃ + d I)^{-p}`` of a :class:`LowRankSide` with per-block shift ``d`` ``(k, 1)``."""
+    scale = (side.rest + shift).pow(-exponent)
+    weights = (side.eigenvalues + shift).pow(-exponent) / scale - 1.0
+    return LowRankPower(side.basis, weights, scale, side.eigenvalues)
+
+
+@dataclass(frozen=True)
+class StructureChoice:
+    """What one side of a layer got, and why."""
+
+    structure: Literal["dense", "low_rank"]
+    reason: str
+
+
+def choose_structure(
+    requested: Structure,
+    size: int,
+    other: int,
+    rows: int,
+    rank: int,
+    budget: float,
+    inverse_update_freq: int,
+) -> StructureChoice:
+    """The structure of a side of width ``size`` whose gradient matrix has ``other`` columns
+    (or rows) besides, for a layer that saw ``rows`` factor rows per step.
+
+    A ``rank`` not below the width makes the side dense (the exact limit of low-rank). An
+    explicit request is kept otherwise. ``"auto"`` weighs the per-step cost of a dense side (its
+    application, ``2·size²·other`` flops, and a decomposition of ``~size³`` amortised over
+    ``inverse_update_freq`` steps) against ``budget`` times the layer's own forward and
+    backward pass (``6·rows·size·other`` flops): dense within the budget, low-rank above it
+    — unless ``rank`` is at least half the width (then low-rank saves nothing) or no rows
+    were seen yet (then dense, until the next refresh knows the batch)."""
+    if rank >= size:
+        return StructureChoice("dense", f"rank {rank} ≥ width {size}: dense is exact")
+    if requested != "auto":
+        return StructureChoice(requested, "requested")
+    if 2 * rank >= size:
+        return StructureChoice("dense", f"rank {rank} is at least half of width {size}")
+    if rows <= 0:
+        return StructureChoice("dense", "no rows seen yet")
+    dense = 2 * size * size * other + size**3 / inverse_update_freq
+    layer = 6 * rows * size * other
+    ratio = dense / layer
+    if ratio <= budget:
+        return StructureChoice("dense", f"dense costs {ratio:.2f}× the layer's pass ≤ {budget:g}")
+    return StructureChoice(
+        "low_rank", f"dense would cost {ratio:.2f}× the layer's pass > {budget:g}"
+    )

@@ -1,0 +1,294 @@
+"""Factor structures: the low-rank-plus-identity side against dense references, the cost
+model, and the structured inverses in the engine and the optimizer."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kfrob import FrobPreconditionedSGD, KroneckerPreconditioner
+from kfrob.factors import RunningFactor, SketchedFactor
+from kfrob.structure import (
+    LowRankPower,
+    StructureChoice,
+    choose_structure,
+    leading_eigenpairs,
+    low_rank_power,
+    nystrom,
+)
+
+LOW_RANK = {"domain_structure": "low_rank", "codomain_structure": "low_rank"}
+DENSE = {"domain_structure": "dense", "codomain_structure": "dense"}
+
+
+def psd(n: int, rank: int, seed: int = 0) -> Tensor:
+    """A ``(1, n, n)`` float64 PSD matrix of the given rank with distinct eigenvalues."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, rank, generator=g, dtype=torch.float64)
+    return x @ x.mT
+
+
+def truncated(m: Tensor, rank: int) -> Tensor:
+    """Reference: top-``rank`` eigenpairs of ``m`` plus ``σ (I − QQᵀ)``, ``σ`` keeping the
+    trace, from a full ``eigh``."""
+    n = m.shape[-1]
+    e, q = torch.linalg.eigh(m[0])
+    top, basis = e[-rank:], q[:, -rank:]
+    sigma = (e.sum() - top.sum()) / (n - rank)
+    eye = torch.eye(n, dtype=m.dtype)
+    return (basis @ torch.diag(top) @ basis.T + sigma * (eye - basis @ basis.T))[None]
+
+
+def orthonormal(n: int, r: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(1, n, r, generator=g, dtype=torch.float64))[0]
+
+
+# --- the math --------------------------------------------------------------------------
+@pytest.mark.parametrize("sketched", [False, True])
+def test_low_rank_is_exact_when_the_factor_rank_is_at_most_k(sketched: bool) -> None:
+    m = psd(40, 5)
+    q = orthonormal(40, 8, seed=1)
+    trace = m.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    side = nystrom(q, m @ q, trace, 8) if sketched else leading_eigenpairs(m, 8)
+    assert side is not None
+    torch.testing.assert_close(side.dense(), m)
+    assert float(side.rest) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_low_rank_equals_the_truncated_eigendecomposition() -> None:
+    m = psd(30, 30) + torch.diag(torch.linspace(0, 1, 30, dtype=torch.float64))[None]
+    side = leading_eigenpairs(m, 6)
+    assert side is not None
+    torch.testing.assert_close(side.dense(), truncated(m, 6))
+    torch.testing.assert_close(side.dense()[0].trace(), m[0].trace())
+
+
+def test_sketch_refreshes_converge_to_the_leading_eigenpairs() -> None:
+    q = orthonormal(50, 50, seed=2)[0]
+    m = (q @ torch.diag(0.8 ** torch.arange(50, dtype=torch.float64)) @ q.T)[None]
+    trace = m.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    basis = orthonormal(50, 5, seed=3)
+    for _ in range(60):  # each refresh sketches on the basis the last one found
+        side = nystrom(basis, m @ basis, trace, 5)
+        assert side is not None
+        basis = side.basis
+    assert side is not None
+    torch.testing.assert_close(side.eigenvalues[0], torch.linalg.eigvalsh(m[0])[-5:])
+    torch.testing.assert_close(side.dense(), truncated(m, 5))
+
+
+@pytest.mark.parametrize("exponent", [1.0, 0.5])
+def test_low_rank_power_is_the_damped_power_of_the_approximation(exponent: float) -> None:
+    m = psd(20, 20, seed=4)
+    side = leading_eigenpairs(m, 4)
+    assert side is not None
+    shift = torch.tensor([[0.3]], dtype=torch.float64)
+    power = low_rank_power(side, shift, exponent)
+    e, q = torch.linalg.eigh((truncated(m, 4) + 0.3 * torch.eye(20, dtype=torch.float64))[0])
+    reference = q @ torch.diag(e.pow(-exponent)) @ q.T
+    torch.testing.assert_close(power.dense()[0], reference)
+    v = torch.randn(1, 7, 20, dtype=torch.float64)
+    torch.testing.assert_close(power.right(v)[0], v[0] @ reference)
+    torch.testing.assert_close(power.left(v.mT)[0], reference @ v[0].T)
+
+
+def test_a_non_finite_factor_gives_no_approximation() -> None:
+    m = psd(10, 10)
+    m[0, 0, 0] = float("nan")
+    q = orthonormal(10, 3, 0)
+    assert leading_eigenpairs(m, 3) is None
+    assert nystrom(q, m @ q, m.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True), 3) is None
+
+
+@pytest.mark.parametrize("codomain", [False, True])
+def test_a_sketched_factor_averages_exactly_the_dense_factor_times_its_basis(
+    codomain: bool,
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    dense = RunningFactor(1, 12, per_sample_scale=codomain, dtype=torch.float64)
+    one = torch.ones((), dtype=torch.bool)
+    dense.add(torch.randn(1, 30, 12, generator=g, dtype=torch.float64), 30)
+    dense.fold(dense.statistic(), 0.9, one)
+    e, q = torch.linalg.eigh(dense.value[0])
+    basis, top = q[None, :, -4:], e[None, -4:]  # eigenpairs: F Q = Q diag(e) exactly
+    sketch = SketchedFactor(dense, basis, top)
+    for step in range(3):
+        rows = torch.randn(1, 7 + step, 12, generator=g, dtype=torch.float64)
+        accept = torch.tensor(step != 1)  # a rejected window changes neither
+        for f in (dense, sketch):
+            f.add(rows, 5)
+            f.fold(f.statistic("mean", 1), 0.9, accept)
+    torch.testing.assert_close(sketch.sketch, dense.value @ basis)
+    torch.testing.assert_close(sketch.trace(), dense.trace())
+    assert int(sketch.folds) == int(dense.folds) == 3
+
+
+# --- the cost model --------------------------------------------------------------------
+def test_the_cost_model_keeps_dense_where_it_is_cheap() -> None:
+    wide = {"size": 785, "other": 512, "rank": 32, "budget": 0.25, "inverse_update_freq": 10}
+    assert choose_structure("auto", rows=128, **wide).structure == "low_rank"
+    assert choose_structure("auto", rows=8192, **wide).structure == "dense"  # many tokens
+    assert choose_structure("auto", rows=0, **wide).structure == "dense"  # batch not seen
+    assert choose_structure("dense", rows=128, **wide).reason == "requested"
+    narrow = {**wide, "size": 60}
+    assert choose_structure("auto", rows=1, **narrow).structure == "dense"  # 2·rank ≥ width
+    assert choose_structure("low_rank", rows=10**6, **narrow).structure == "low_rank"
+    # the threshold: dense within budget × (6 · rows · size · other)
+    cost = 2 * 785 * 785 * 512 + 785**3 / 10
+    rows = cost / (0.25 * 6 * 785 * 512)
+    assert choose_structure("auto", rows=int(rows) + 1, **wide).structure == "dense"
+    assert choose_structure("auto", rows=int(rows) - 1, **wide).structure == "low_rank"
+
+
+# --- in the engine ---------------------------------------------------------------------
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(90, 70), nn.Tanh(), nn.Linear(70, 5)).double()
+
+
+def batch(rows: int, seed: int = 1) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 90, generator=g, dtype=torch.float64), torch.randint(
+        0, 5, (rows,), generator=g
+    )
+
+
+def preconditioned(rows: int, **options: object) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """One engine step on a fresh model: ``{param name: direction}``, and the first layer's
+    gradient matrix and ``(A, G)``."""
+    model = mlp()
+    pre = KroneckerPreconditioner(model, kl_clip=None, **options)  # type: ignore[arg-type]
+    x, y = batch(rows)
+    F.cross_entropy(model(x), y).backward()
+    grad = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1)  # type: ignore[index]
+    pre.step()
+    a, g = pre.factors()["0"]
+    directions = {n: p.grad.clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
+    return directions, grad, a, g
+
+
+def test_low_rank_sides_equal_dense_ones_when_the_factors_have_low_rank() -> None:
+    # 6 rows: A and G have rank ≤ 6 < 8, so rank-8 sides are exact
+    low, *_ = preconditioned(6, rank=8, **LOW_RANK)
+    dense, *_ = preconditioned(6, **DENSE)
+    for name in dense:
+        torch.testing.assert_close(low[name], dense[name])
+
+
+def test_a_low_rank_step_equals_the_explicit_solve() -> None:
+    rank = 4  # below the factors' rank (24 rows): the approximation is active
+    out, grad, a, g = preconditioned(24, rank=rank, **LOW_RANK)
+    a_tilde, g_tilde = truncated(a[None], rank)[0], truncated(g[None], rank)[0]
+    # π-damping from the traces, which the approximation keeps
+    pi = torch.sqrt((a.trace() / a.shape[-1]) / (g.trace() / g.shape[-1]))
+    lam = 1e-3
+    d_a, d_g = pi * lam**0.5, lam**0.5 / pi
+    step = torch.linalg.solve(g_tilde + d_g * torch.eye(70, dtype=g.dtype), grad)
+    step = torch.linalg.solve(a_tilde + d_a * torch.eye(91, dtype=a.dtype), step.T).T
+    torch.testing.assert_close(out["0.weight"], step[:, :-1])
+    torch.testing.assert_close(out["0.bias"], step[:, -1])
+
+
+def test_auto_chooses_per_side_and_says_why() -> None:
+    model = mlp()
+    opt = FrobPreconditionedSGD(model, lr=0.1, rank=8)
+    x, y = batch(4)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    got = opt.preconditioner.structures()
+    assert got["0"]["domain"].structure == "low_rank"  # 91 wide, 4 rows a step
+    assert got["2"]["codomain"].structure == "dense"  # 5 wide
+    assert "dense would cost" in got["0"]["domain"].reason
+    text = repr(opt)
+    assert "0: A low_rank" in text and "G low_rank" in text and "2: A low_rank" in text
+    assert opt.diagnostics()["0/rank_A"] == 8.0
+
+
+def test_a_rank_not_below_the_width_is_a_dense_side() -> None:
+    opt = FrobPreconditionedSGD(mlp(), lr=0.1, rank=70, **LOW_RANK)
+    got = opt.preconditioner.structures()
+    assert got["0"]["domain"].structure == "low_rank"  # 91 wide
+    assert got["0"]["codomain"] == StructureChoice("dense", "rank 70 ≥ width 70: dense is exact")
+
+
+def test_exact_damping_keeps_dense_sides() -> None:
+    opt = FrobPreconditionedSGD(mlp(), lr=0.1, damping_method="exact")
+    assert all(
+        c.structure == "dense" for s in opt.preconditioner.structures().values() for c in s.values()
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rank": 0}, "invalid rank=0: expected an integer >= 1"),
+        ({"dense_budget": 0.0}, "invalid dense_budget=0.0"),
+        ({"domain_structure": "blocky"}, "invalid domain_structure='blocky'"),
+        (
+            {"domain_structure": "low_rank", "inverse_placement": "owner"},
+            "invalid domain_structure='low_rank': expected 'auto' or 'dense' with inverse_pl",
+        ),
+        (
+            {"codomain_structure": "low_rank", "damping_method": "exact"},
+            "invalid codomain_structure='low_rank': expected 'auto' or 'dense' unless",
+        ),
+    ],
+)
+def test_impossible_structures_are_refused(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        FrobPreconditionedSGD(mlp(), lr=0.1, **options)  # type: ignore[arg-type]
+
+
+def test_a_failed_low_rank_refresh_keeps_the_last_inverse(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlp()
+    opt = FrobPreconditionedSGD(model, lr=0.1, rank=8, inverse_update_freq=1, **LOW_RANK)
+    x, y = batch(16)
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    held = opt.preconditioner.inverses["0"]
+    assert isinstance(held.domain, LowRankPower)
+    monkeypatch.setattr("kfrob.inverses.nystrom", lambda *args: None)
+    with pytest.warns(UserWarning, match="decomposition failed for 0; keeping its last inverse"):
+        step()
+    assert opt.preconditioner.inverses["0"] is held
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_structured_inverses_survive_a_state_dict_round_trip() -> None:
+    x, y = batch(16)
+
+    def trained(steps: int, state: dict | None = None) -> tuple[nn.Module, FrobPreconditionedSGD]:
+        model = mlp()
+        opt = FrobPreconditionedSGD(model, lr=0.1, rank=8, inverse_update_freq=5, **LOW_RANK)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return model, opt
+
+    model, opt = trained(3)
+    state = {"model": model.state_dict(), "opt": opt.state_dict()}
+    assert (
+        state["opt"]["kfrob"]["engine"]["layers"]["0"]["inverse"]["domain_structure"] == "low_rank"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed, _ = trained(4, state)
+    straight, _ = trained(7)
+    for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
