@@ -77,14 +77,14 @@ class LowRankPower:
     eigenvalues: Tensor
 
     def left(self, matrix: Tensor) -> Tensor:
-        """``P V`` for ``V`` ``(k, n, m)``."""
-        inner = self.basis.mT @ matrix
-        return self.scale[..., None] * (matrix + self.basis @ (self.weights[..., None] * inner))
+        """``P V`` for ``V`` ``(k, n, m)`` (one fused ``V + U (w ⊙ UᵀV)``, then ``s``)."""
+        inner = self.weights[..., None] * (self.basis.mT @ matrix)
+        return torch.baddbmm(matrix, self.basis, inner).mul_(self.scale[..., None])
 
     def right(self, matrix: Tensor) -> Tensor:
         """``V P`` for ``V`` ``(k, m, n)``."""
         inner = (matrix @ self.basis) * self.weights[..., None, :]
-        return self.scale[..., None] * (matrix + inner @ self.basis.mT)
+        return torch.baddbmm(matrix, inner, self.basis.mT).mul_(self.scale[..., None])
 
     def dense(self) -> Tensor:
         n = self.basis.shape[-2]
