@@ -188,10 +188,12 @@ class FactoredDamping(InverseMethod):
         options: InverseOptions | None = None,
         inverse_update_freq: int = 10,
         dense_only: str | None = None,
+        factor_update_freq: int = 1,
     ) -> None:
         super().__init__(exponent)
         self.options = options if options is not None else InverseOptions()
         self.inverse_update_freq = inverse_update_freq
+        self.factor_update_freq = factor_update_freq
         #: why every side must stay dense (``None``: structures may be chosen)
         self.dense_only = dense_only
 
@@ -223,7 +225,7 @@ class FactoredDamping(InverseMethod):
             else:
                 choices[side] = choose_structure(
                     getattr(options, f"{side}_structure"), size, other, rows, options.rank,
-                    options.dense_budget, self.inverse_update_freq,
+                    options.dense_budget, self.inverse_update_freq, self.factor_update_freq,
                 )  # fmt: skip
         return choices
 
@@ -370,9 +372,10 @@ def method_for(options: PreconditionerOptions) -> InverseMethod:
         case _:
             owner = options.parallel.inverse_placement == "owner"
             why = "inverse_placement='owner' keeps no eigenbasis on the other ranks"
+            schedule = options.schedule
             return FactoredDamping(
-                inverse.exponent, inverse, options.schedule.inverse_update_freq,
-                why if owner else None,
+                inverse.exponent, inverse, schedule.inverse_update_freq, why if owner else None,
+                schedule.factor_update_freq,
             )  # fmt: skip
 
 

@@ -116,7 +116,7 @@ class InverseOptions:
     domain_structure: Structure = "auto"
     codomain_structure: Structure = "auto"
     rank: int = 32
-    dense_budget: float = 0.25
+    dense_budget: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("domain_structure", "codomain_structure"):

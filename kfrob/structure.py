@@ -222,13 +222,15 @@ def choose_structure(
     rank: int,
     budget: float,
     inverse_update_freq: int,
+    factor_update_freq: int = 1,
 ) -> StructureChoice:
     """The structure of a side of width ``size`` whose gradient matrix has ``other`` columns
     (or rows) besides, for a layer that saw ``rows`` factor rows per step.
 
     A ``rank`` not below the width makes the side dense (the exact limit of low-rank). An
-    explicit request is kept otherwise. ``"auto"`` weighs the per-step cost of a dense side (its
-    application, ``2·size²·other`` flops, and a decomposition of ``~size³`` amortised over
+    explicit request is kept otherwise. ``"auto"`` weighs the per-step cost of a dense side
+    (its statistics, ``2·rows·size²`` flops every ``factor_update_freq`` steps, its
+    application, ``2·size²·other``, and a decomposition of ``~size³`` every
     ``inverse_update_freq`` steps) against ``budget`` times the layer's own forward and
     backward pass (``6·rows·size·other`` flops): dense within the budget, low-rank above it
     — unless ``rank`` is at least half the width (then low-rank saves nothing) or no rows
@@ -241,7 +243,8 @@ def choose_structure(
         return StructureChoice("dense", f"rank {rank} is at least half of width {size}")
     if rows <= 0:
         return StructureChoice("dense", "no rows seen yet")
-    dense = 2 * size * size * other + size**3 / inverse_update_freq
+    statistics = 2 * rows * size * size / factor_update_freq
+    dense = statistics + 2 * size * size * other + size**3 / inverse_update_freq
     layer = 6 * rows * size * other
     ratio = dense / layer
     if ratio <= budget:

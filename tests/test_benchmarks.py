@@ -53,7 +53,7 @@ def test_bench_refresh_reports_refresh_ratios_and_step_spread(tmp_path: Path) ->
     )
     report = (tmp_path / "refresh.md").read_text()
     refresh, spread = (line for line in report.splitlines() if line.startswith("| mlp"))
-    assert len(refresh.strip("|").split("|")) == 5  # bare eigh ms and three refreshes
+    assert len(refresh.strip("|").split("|")) == 6  # bare eigh ms and four refreshes
     assert all(float(c) > 0 for c in refresh.strip("|").split("|")[1:])
     cells = [float(c) for c in spread.strip("|").split("|")[2:]]
     assert len(cells) == 6 and all(c > 0 for c in cells)

@@ -130,17 +130,21 @@ def test_a_sketched_factor_averages_exactly_the_dense_factor_times_its_basis(
 
 # --- the cost model --------------------------------------------------------------------
 def test_the_cost_model_keeps_dense_where_it_is_cheap() -> None:
-    wide = {"size": 785, "other": 512, "rank": 32, "budget": 0.25, "inverse_update_freq": 10}
+    wide = {"size": 785, "other": 512, "rank": 32, "budget": 1.0, "inverse_update_freq": 10}
     assert choose_structure("auto", rows=128, **wide).structure == "low_rank"
     assert choose_structure("auto", rows=8192, **wide).structure == "dense"  # many tokens
+    # the statistics 2·rows·size² alone are size / (3·other) of the layer's pass
+    assert choose_structure("auto", rows=8192, **{**wide, "budget": 0.5}).structure == "low_rank"
+    sparse = {**wide, "budget": 0.5, "factor_update_freq": 10}  # statistics every 10 steps
+    assert choose_structure("auto", rows=8192, **sparse).structure == "dense"
     assert choose_structure("auto", rows=0, **wide).structure == "dense"  # batch not seen
     assert choose_structure("dense", rows=128, **wide).reason == "requested"
     narrow = {**wide, "size": 60}
     assert choose_structure("auto", rows=1, **narrow).structure == "dense"  # 2·rank ≥ width
     assert choose_structure("low_rank", rows=10**6, **narrow).structure == "low_rank"
-    # the threshold: dense within budget × (6 · rows · size · other)
-    cost = 2 * 785 * 785 * 512 + 785**3 / 10
-    rows = cost / (0.25 * 6 * 785 * 512)
+    # the threshold: 2·rows·size² + 2·size²·other + size³/10 ≤ 1.0 × 6·rows·size·other
+    fixed = 2 * 785 * 785 * 512 + 785**3 / 10
+    rows = fixed / (6 * 785 * 512 - 2 * 785 * 785)
     assert choose_structure("auto", rows=int(rows) + 1, **wide).structure == "dense"
     assert choose_structure("auto", rows=int(rows) - 1, **wide).structure == "low_rank"
 
