@@ -152,14 +152,25 @@ def apply_right(matrix: Tensor, side: SideOperator) -> Tensor:
 
 def leading_eigenpairs(factor: Tensor, rank: int) -> LowRankSide | None:
     """The ``rank`` leading eigenpairs of a symmetric PSD ``factor`` ``(k, n, n)`` (by
-    ``torch.linalg.eigh``) and the trace-keeping ``σ`` of the rest (``rank < n``). Returns
-    ``None`` if that fails or anything is non-finite."""
-    try:
-        values, vectors = torch.linalg.eigh(factor)
-    except RuntimeError:  # torch.linalg.LinAlgError is one
-        return None
+    ``torch.linalg.eigh``, retried once in float64 with a jitter of ``1e-6·mean(diag)``, as
+    for dense sides) and the trace-keeping ``σ`` of the rest (``rank < n``). Returns
+    ``None`` if both attempts fail or give non-finite values."""
     trace = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1, keepdim=True)
-    return _side(vectors[..., -rank:], values[..., -rank:], trace, factor.shape[-1])
+    n = factor.shape[-1]
+    for matrix in (factor, None):
+        if matrix is None:  # the retry
+            eye = torch.eye(n, dtype=torch.float64, device=factor.device)
+            jitter = 1e-6 * trace.double() / n + 1e-12
+            matrix = factor.double() + jitter[..., None] * eye
+        try:
+            values, vectors = torch.linalg.eigh(matrix)
+        except RuntimeError:  # torch.linalg.LinAlgError is one
+            continue
+        values, vectors = values.to(factor.dtype), vectors.to(factor.dtype)
+        side = _side(vectors[..., -rank:], values[..., -rank:], trace, n)
+        if side is not None:
+            return side
+    return None
 
 
 def nystrom(basis: Tensor, sketch: Tensor, trace: Tensor, rank: int) -> LowRankSide | None:
