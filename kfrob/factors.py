@@ -200,10 +200,9 @@ class SketchedFactor(RunningFactor):
         """``F``'s Nyström approximation with the rest of its trace spread evenly, as a
         dense matrix (for inspection; the preconditioner never forms it)."""
         side = nystrom(self.basis, self.sketch, self.trace(), self.basis.shape[-1])
-        if side is None:
-            return torch.full_like(
-                self.basis[..., :1].expand(-1, -1, self.basis.shape[-2]), torch.nan
-            )
+        size = self.basis.shape[-2]
+        if side is None:  # a non-finite sketch: shown as such
+            return self.basis.new_full((self.basis.shape[0], size, size), torch.nan)
         return side.dense()
 
     def restart(self, basis: Tensor, eigenvalues: Tensor) -> None:

@@ -241,16 +241,14 @@ class FactoredDamping(InverseMethod):
         plain = super().compute([la for la in layers if la.name not in structured], damping, held)
         return {
             layer.name: (
-                self._structured(layer, damping[layer.name], _local(held.get(layer.name)))
+                self._structured(layer, damping[layer.name])
                 if layer.name in structured
                 else plain[layer.name]
             )
             for layer in layers
         }
 
-    def _structured(
-        self, layer: TrackedLayer, damping: float, held: Inverse | None
-    ) -> Inverse | None:
+    def _structured(self, layer: TrackedLayer, damping: float) -> Inverse | None:
         """The layer's inverse with at least one low-rank side; ``None`` if a decomposition
         fails."""
         choices = self.structures(layer)

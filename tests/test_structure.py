@@ -198,6 +198,17 @@ def test_a_low_rank_step_equals_the_explicit_solve() -> None:
     torch.testing.assert_close(out["0.bias"], step[:, -1])
 
 
+def test_a_low_rank_side_beside_a_diagonal_one_equals_the_explicit_solve() -> None:
+    out, grad, a, g = preconditioned(24, rank=4, domain_structure="low_rank", codomain="diagonal")
+    a_tilde = truncated(a[None], 4)[0]
+    pi = torch.sqrt((a.trace() / a.shape[-1]) / (g.diagonal().sum() / g.shape[-1]))
+    d_a, d_g = pi * 1e-3**0.5, 1e-3**0.5 / pi
+    step = grad / (g.diagonal() + d_g)[:, None]  # the diagonal side: elementwise
+    step = torch.linalg.solve(a_tilde + d_a * torch.eye(91, dtype=a.dtype), step.T).T
+    torch.testing.assert_close(out["0.weight"], step[:, :-1])
+    torch.testing.assert_close(out["0.bias"], step[:, -1])
+
+
 def test_auto_chooses_per_side_and_says_why() -> None:
     model = mlp()
     opt = FrobPreconditionedSGD(model, lr=0.1, rank=8)
