@@ -51,6 +51,8 @@ class TrackedLayer:
     correction: EigenbasisMoment | None = None
     forward_calls: int = 0
     outputs: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)
+    #: why the hooks could not record a call (the layer then falls back to plain SGD)
+    failure: str | None = None
 
     @property
     def factors(self) -> tuple[RunningFactor, ...]:
@@ -125,15 +127,24 @@ class CurvatureCapture:
         self, layer: TrackedLayer, module: nn.Module, args: Any, kwargs: Any, output: Any
     ) -> None:
         layer.forward_calls += 1
-        if not self._recording(module) or not layer.math.trainable:
+        if not self._recording(module) or not layer.math.trainable or layer.failure:
             return
+        x = (args[0] if args else next(iter(kwargs.values()))).detach()
+        if isinstance(output, Tensor):
+            layer.failure = layer.math.check_call(x, output)
+            if layer.failure:
+                return
         projected = None  # this call's input rows for the eigenvalue correction
         if layer.domain is not None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            rows = layer.math.input_rows(x.detach())
-            layer.domain.add(rows, layer.math.num_samples(x))
-            if layer.correction is not None and layer.correction.ready:
-                projected = layer.correction.project_inputs(rows)
+            samples = layer.math.num_samples(x)
+            correcting = layer.correction is not None and layer.correction.ready
+            if layer.domain.diagonal and not correcting:  # no rows needed: their squares
+                layer.domain.add_square_sums(*layer.math.input_square_sums(x), samples)
+            else:
+                rows = layer.math.input_rows(x)
+                layer.domain.add(rows, samples)
+                if correcting:
+                    projected = layer.correction.project_inputs(rows)  # type: ignore[union-attr]
         if layer.codomain is None or not isinstance(output, Tensor) or not output.requires_grad:
             return
         if self._sampled_loss is not None:

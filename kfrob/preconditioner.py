@@ -404,8 +404,9 @@ class KroneckerPreconditioner(EngineState):
                 continue
             if not math.trainable:  # frozen: nothing to precondition, nothing to refresh
                 continue
-            if math.bias_changed:
-                self._disable(name, "its bias was frozen or unfrozen after kfrob was created")
+            bias = math.bias_changed and "its bias was frozen or unfrozen after kfrob was created"
+            if layer.failure or bias:
+                self._disable(name, layer.failure or str(bias))
                 continue
             if not all(bool(f.initialized) for f in layer.factors):
                 if not fired[name] and math.weight.grad is not None:

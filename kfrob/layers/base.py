@@ -59,6 +59,16 @@ class LayerMath:
     ``G`` is ``(k, out, out)``; a gradient matrix is ``(k, out, in)``.
     """
 
+    #: whether the layer's data domain factor is diagonal whatever ``domain`` says (its
+    #: input rows are one-hot, so ``E[a aᵀ]`` is diagonal: an embedding's token frequencies)
+    diagonal_domain: bool = False
+
+    @classmethod
+    def refuses(cls, module: nn.Module) -> str | None:
+        """Why this kind cannot serve ``module`` after all (``None`` when it can): the module
+        then gets plain SGD with the reason."""
+        return None
+
     def __init__(self, module: nn.Module, blocks: int = 1, weight_sharing: str = "expand") -> None:
         self.module = module
         self.blocks = blocks
@@ -99,6 +109,18 @@ class LayerMath:
             rows = F.pad(rows, (0, 1), value=1.0)
         return rows
 
+    def check_call(self, x: Tensor, output: Tensor) -> str | None:
+        """Why the hooks cannot record this call of the layer on input ``x`` with ``output``
+        (``None`` when they can; the layer then falls back to plain SGD with the reason)."""
+        return None
+
+    def input_square_sums(self, x: Tensor) -> tuple[Tensor, int]:
+        """``(Σ_rows a², rows)``: the diagonal of ``Σ a aᵀ`` as ``(blocks, in)`` and the
+        number of rows, what a diagonal domain factor adds. Layers with sparse rows (one-hot
+        inputs) compute it without forming the rows."""
+        rows = self.input_rows(x)
+        return rows.square().sum(1), rows.shape[1]
+
     def output_rows(self, grad_output: Tensor) -> Tensor:
         """Co-domain rows ``g`` of shape ``(blocks, rows, out)`` from ``dL/dy``
         (``"reduce"``: one row per sample, the sum over locations)."""
@@ -125,7 +147,8 @@ class LayerMath:
         weight = self.weight
         if not self.has_bias:
             return mat.reshape(weight.shape), None
-        return mat[..., :-1].reshape(weight.shape), mat[..., -1].reshape(-1)
+        bias_shape = self.module.bias.shape  # type: ignore[union-attr]
+        return mat[..., :-1].reshape(weight.shape), mat[..., -1].reshape(bias_shape)
 
     # --- the layer's parameters ----------------------------------------------------------
     @property
