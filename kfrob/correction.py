@@ -82,7 +82,7 @@ class EigenbasisMoment(RunningFactor):
         assert self.codomain_basis is not None
         blocks, rows, size_in = projected_inputs.shape
         g = output_rows @ self.codomain_basis
-        locations = rows // samples
+        locations = max(rows // samples, 1)  # one row per sample or sequence (reduce)
         if locations == 1:  # rank-one U_n: Σ_n (g̃_n ã_nᵀ)² = (g̃²)ᵀ ã²
             self._sum.baddbmm_(g.square().mT, projected_inputs.square())
         else:

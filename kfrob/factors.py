@@ -93,10 +93,18 @@ class RunningFactor:
     def add(self, rows: Tensor, samples: int) -> None:
         """Add factor rows ``(blocks, n, size)`` from ``samples`` samples (no host sync)."""
         if self.diagonal:
-            self._sum.add_(rows.square().sum(1))
-        else:
-            self._sum.baddbmm_(rows.mT, rows)
+            self.add_square_sums(rows.square().sum(1), rows.shape[1], samples)
+            return
+        self._sum.baddbmm_(rows.mT, rows)
         self.rows += rows.shape[1]
+        self.samples += samples
+        self.calls += 1
+
+    def add_square_sums(self, sums: Tensor, rows: int, samples: int) -> None:
+        """Add ``Σ_rows r²`` ``(blocks, size)`` of ``rows`` rows from ``samples`` samples to a
+        diagonal factor (for layers whose rows are sparse, e.g. one-hot)."""
+        self._sum.add_(sums)
+        self.rows += rows
         self.samples += samples
         self.calls += 1
 

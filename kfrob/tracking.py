@@ -9,7 +9,7 @@ from kfrob.alerts import warn
 from kfrob.capture import TrackedLayer
 from kfrob.factors import RunningFactor
 from kfrob.inverses import InverseMethod
-from kfrob.layers import LayerMath, layer_math, unsupported_reason
+from kfrob.layers import LayerMath, functional_users, layer_math, unsupported_reason
 from kfrob.options import CurvatureOptions
 
 __all__ = ["factor_matrices", "track_layers"]
@@ -19,9 +19,20 @@ def track_layers(
     model: nn.Module, curvature: CurvatureOptions, method: InverseMethod
 ) -> tuple[dict[str, TrackedLayer], dict[str, str]]:
     """The model's registered layers, and why each other module with parameters is not one
-    (warned once, listing them)."""
+    (warned once, listing them).
+
+    Tied modules (several modules holding the very same parameters, e.g. a language model's
+    output head tied to its token embedding) are preconditioned once, with the curvature of
+    the *last* of them in the model's order that kfrob supports (the output head): its
+    hooks record the factors, and the step preconditions the parameters' whole gradient,
+    which sums the contributions of all uses. Modules that share only some of their
+    parameters get plain SGD."""
     owners: dict[int, list[str]] = {}
     modules = list(model.named_modules())
+    by_name = dict(modules)
+    maths = {name: layer_math(module, curvature.weight_sharing) for name, module in modules}
+    functional = functional_users(model)
+    order = {name: i for i, (name, _) in enumerate(modules)}
     for name, module in modules:
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(name)
@@ -31,14 +42,20 @@ def track_layers(
         own = list(module.parameters(recurse=False))
         if not own:
             continue
-        math = layer_math(module, curvature.weight_sharing)
+        math = maths[name]
         shared = sorted({other for p in own for other in owners[id(p)]} - {name})
+        tied_to = [other for other in shared if _same_parameters(module, by_name[other])]
         label = name or type(module).__name__
-        if math is None:
+        carrier = sorted((n for n in [name, *tied_to] if maths[n] is not None), key=order.get)
+        if len(tied_to) == len(shared) and carrier and carrier[-1] != name:
+            continue  # preconditioned through the last supported module it is tied to
+        if name in functional:
+            unsupported[label] = functional[name]
+        elif math is None:
             unsupported[label] = str(unsupported_reason(module))
-        elif shared:
+        elif len(tied_to) < len(shared):
             tied = ", ".join(other or type(model).__name__ for other in shared)
-            unsupported[label] = f"its parameters are tied to {tied}"
+            unsupported[label] = f"some of its parameters are tied to {tied}"
         else:
             layer = TrackedLayer(
                 name, module, math,
@@ -53,11 +70,17 @@ def track_layers(
     return layers, unsupported
 
 
+def _same_parameters(one: nn.Module, other: nn.Module) -> bool:
+    ids = [{id(p) for p in m.parameters(recurse=False)} for m in (one, other)]
+    return ids[0] == ids[1]
+
+
 def _factor(kind: str, math: LayerMath, size: int, codomain: bool) -> RunningFactor | None:
     if kind == "identity":
         return None
+    diagonal = kind == "diagonal" or (math.diagonal_domain and not codomain)
     return RunningFactor(
-        math.blocks, size, diagonal=kind == "diagonal", per_sample_scale=codomain,
+        math.blocks, size, diagonal=diagonal, per_sample_scale=codomain,
         device=math.device, dtype=math.factor_dtype,
     )  # fmt: skip
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
+from tests.reference import UnregisteredLayerNorm
 
 PATH = Path(__file__).parent / "data" / "golden.pt"
 STEPS = 12  # on one intra-op thread, as the spawned ranks run
@@ -76,7 +77,7 @@ def model() -> nn.Module:
         nn.Tanh(),
         nn.Flatten(),
         nn.Linear(3 * 5 * 5, 8),
-        nn.LayerNorm(8),  # plain SGD
+        UnregisteredLayerNorm(8),  # plain SGD
         nn.Tanh(),
         nn.Linear(8, 4),
     )

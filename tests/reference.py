@@ -132,3 +132,17 @@ class CountingMethod:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+class UnregisteredLayerNorm(nn.Module):
+    """``nn.LayerNorm``'s computation in a module type kfrob has no curvature for: the
+    tests' example of a layer that gets plain SGD (its parameters and their names are
+    ``nn.LayerNorm``'s)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(features))
+        self.bias = nn.Parameter(torch.zeros(features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias)

@@ -250,7 +250,7 @@ def test_parameters_instead_of_the_model_say_what_to_pass() -> None:
 def test_warnings_are_kfrob_warnings_at_the_users_line() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = FrobPreconditionedSGD(small_model(), lr=0.1)  # LayerNorm: plain SGD
+        opt = FrobPreconditionedSGD(small_model(), lr=0.1)  # UnregisteredLayerNorm: plain SGD
         model = small_model()
         opt = FrobPreconditionedSGD(model, lr=0.1, inverse_update_freq=1)
         x, y = batches(1)[0]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
 from kfrob.factors import RunningFactor
-from tests.reference import CountingMethod, domain_factor_linear
+from tests.reference import CountingMethod, UnregisteredLayerNorm, domain_factor_linear
 
 
 def small_model() -> nn.Module:
@@ -24,7 +24,7 @@ def small_model() -> nn.Module:
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(3 * 8, 6),
-        nn.LayerNorm(6),  # unsupported: plain SGD
+        UnregisteredLayerNorm(6),  # unsupported: plain SGD
         nn.Tanh(),
         nn.Linear(6, 3),
     )
@@ -91,7 +91,7 @@ def test_identity_factors_take_sgd_steps_scaled_by_damping(monkeypatch: pytest.M
     )
     data = batches(4)
     train(model, opt, data)
-    # Plain-SGD modules (LayerNorm) move with lr 0.1, Kronecker layers with lr 0.1 / (1 + λ).
+    # Plain-SGD modules move with lr 0.1, Kronecker layers with lr 0.1 / (1 + λ).
     layer_params = {
         id(p)
         for m in model.modules()
@@ -278,7 +278,7 @@ def test_model_without_parameters_is_rejected() -> None:
 def test_unsupported_layers_are_listed_once() -> None:
     with pytest.warns(UserWarning, match="plain SGD") as record:
         opt = FrobPreconditionedSGD(small_model(), lr=0.1)
-    assert len(record) == 1 and "4 (LayerNorm" in str(record[0].message)
+    assert len(record) == 1 and "4 (UnregisteredLayerNorm" in str(record[0].message)
     assert "Plain SGD for: 4" in repr(opt)
     assert set(opt.preconditioner.layers) == {"0", "3", "6"}
 
