@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--train-bytes", type=int, default=4_000_000)
     args = parser.parse_args()
-    corpus = load_corpus(train_bytes=args.train_bytes, val_bytes=200_000)
+    corpus = load_corpus(train_bytes=args.train_bytes, val_bytes=500_000)
     print(corpus.source)
     x_val, y_val = windows(corpus.val, evaluation_starts(len(corpus.val), CONTEXT, 128), CONTEXT)
 
