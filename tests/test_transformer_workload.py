@@ -227,6 +227,15 @@ def test_cli_compare_with_data_dir_writes_the_table(
         (["model.d_model=32"], "model: not used by workload 'mlp'"),
         (["data.train_bytes=1000"], "data.train_bytes: not used by workload 'mlp'"),
         (["model.d_model=30", "model.n_heads=4"], "must be a multiple of model.n_heads"),
+        (
+            [
+                "workload=transformer",
+                "data.source=stdlib",
+                "training.target=null",
+                "regularization.kind=geometric_complexity",
+            ],
+            "'geometric_complexity' is not available for workload 'transformer': it differentiates",
+        ),
     ],
 )
 def test_config_rejects_what_does_not_fit_the_workload(overrides: list[str], message: str) -> None:

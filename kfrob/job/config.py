@@ -205,6 +205,13 @@ class RegularizationConfig(Section):
     n_samples: int = Field(default=1, ge=1)
 
 
+_NOT_FOR_TEXT = {
+    "geometric_complexity": "it differentiates the output with respect to the input, which is "
+    "bytes (integers)",
+    "hessian_trace": "it needs a double backward, which scaled_dot_product_attention has not",
+}
+
+
 def _default_optimizers() -> dict[str, dict[str, Any]]:
     return {
         "kfrob": {"lr": 0.1},
@@ -274,6 +281,11 @@ class Config(Section):
                     f"regularization.layers: {unknown} are not layers of workload "
                     f"{self.workload!r}; choose from {known}"
                 )
+        if WORKLOADS[self.workload].data == "text" and reg.kind in _NOT_FOR_TEXT:
+            raise ValueError(
+                f"regularization.kind: {reg.kind!r} is not available for workload "
+                f"{self.workload!r}: {_NOT_FOR_TEXT[reg.kind]}"
+            )
         if reg.kind == "metric_frobenius":
             others = [n for n, a in self.optimizers.items() if optimizer_type(n, a) != "kfrob"]
             if others:
