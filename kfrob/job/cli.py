@@ -4,7 +4,8 @@
     kfrob compare [--config FILE] [--optimizers kfrob,sgd,adamw] [options] [dotted.key=value ...]
 
 With no config the embedded default runs (the MLP on the Fashion-MNIST subset shipped with
-kfrob). Each run gets a fresh directory ``<logdir>/<name>/version_<n>`` (its effective
+kfrob); configs/transformer.yaml trains a byte-level transformer on the Python standard
+library's sources. Each run gets a fresh directory ``<logdir>/<name>/version_<n>`` (its effective
 config, checkpoints, TensorBoard events, results); ``--resume`` continues the latest one, or
 the one named, with the config it saved. Exit status: 0 done, 2 bad config or data, 130
 interrupted (a checkpoint was written).
@@ -31,7 +32,8 @@ TRAIN_EXAMPLE = """example:
   kfrob train --resume runs/autoencoder-kfrob/version_0   # after Ctrl-C"""
 COMPARE_EXAMPLE = """example:
   kfrob compare                                    # the MLP on the embedded subset
-  kfrob compare --config configs/cnn.yaml --optimizers kfrob,adamw training.epochs=1"""
+  kfrob compare --config configs/cnn.yaml --optimizers kfrob,adamw training.epochs=1
+  kfrob compare --config configs/transformer.yaml training.max_seconds=30"""
 OVERRIDES = """overrides: any config key as dotted.key=value or --dotted.key value (the value is
 YAML), on top of the file and the defaults, e.g. training.epochs=3 or --training.epochs 3,
 optimizers.kfrob.damping=1e-2, training.target=null"""
@@ -50,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="kfrob",
-        description="Train with kfrob on Fashion-MNIST, alone or side by side with SGD and AdamW.",
+        description="Train with kfrob on Fashion-MNIST or a byte-level language model, alone or "
+        "side by side with SGD and AdamW.",
         epilog=f"{COMPARE_EXAMPLE}\n\n'kfrob COMMAND --help' lists each command's options.",
         formatter_class=raw,
     )
@@ -77,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="use the full Fashion-MNIST from DIR, which must hold its four IDX files "
-        "(default: the config's data.dir)",
+        help="use the full Fashion-MNIST from DIR, which must hold its four IDX files; for "
+        "the transformer, the text files under DIR (default: the config's data.dir)",
     )
     common.add_argument(
         "--download",
@@ -187,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"training.device={args.device}")
     try:
         if args.data_dir or args.download:
-            # --data-dir and --download ask for the full set: an embedded config turns full
+            # --data-dir and --download ask for the full set: an embedded config turns full,
+            # and a stdlib one reads the files under --data-dir
             source = load_config(args.config, overrides).data.source
-            overrides += ["data.source=full"] if source == "embedded" else []
+            switch = {"embedded": "full", "stdlib": "files"}
+            overrides += [f"data.source={switch[source]}"] if source in switch else []
             overrides += [f"data.dir={json.dumps(args.data_dir)}"] if args.data_dir else []
             overrides += ["data.download=true"] if args.download else []
         config = load_config(args.config, overrides)
@@ -283,7 +288,7 @@ def _preflight(config: Config, names: list[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in names:
-            model = workload.build()
+            model = config.build_model()
             optimizer = build_optimizer(name, config.optimizers[name], model, workload, 0)
             close = getattr(optimizer, "close", None)
             if close is not None:

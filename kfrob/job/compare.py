@@ -2,8 +2,9 @@
 
 Each optimizer trains with the same config, hence the same seed, initial model and batch
 order (:func:`kfrob.job.training.train`). The comparison is written to ``out_dir`` as
-``comparison.md`` (the table), ``comparison.png`` (loss and accuracy against steps and
-against training time, one line per optimizer) and ``comparison.json`` (every evaluation of
+``comparison.md`` (the table), ``comparison.png`` (training loss and the held-out metric —
+test accuracy, test loss or validation loss — against steps and against training time, one
+line per optimizer) and ``comparison.json`` (every evaluation of
 every run, machine-readable).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from kfrob.job.training import (
     record_run,
     train,
 )
+from kfrob.job.workloads import WORKLOADS
 
 __all__ = ["compare", "plot", "report", "table", "timing"]
 
@@ -43,7 +46,7 @@ def compare(
     ``out_dir/<name>`` and write the comparison; stops early if one run is interrupted
     (``resume=True`` picks every run up where it stopped; finished runs are not re-run)."""
     out_dir = Path(out_dir)
-    data = load_data(config.data)
+    data = load_data(config.data, config.model.context)
     if resume:  # refuse a changed config before anything is written
         for name in names:
             if (out_dir / name / CHECKPOINT).is_file():
@@ -89,6 +92,7 @@ def report(
 def timing(config: Config) -> str:
     """How the seconds in the table were taken, in a sentence."""
     warmup, every = config.training.warmup_steps, config.training.eval_every
+    budget = config.training.max_seconds
     evaluations = f"every {every} steps" if every else "after each epoch"
     start = (
         f"after {warmup} untimed warm-up steps of each optimizer on a throwaway model, "
@@ -100,28 +104,33 @@ def timing(config: Config) -> str:
         f"optimizer step), taken {start}in the order of the table; it excludes evaluation "
         f"({evaluations}), diagnostics, logging and checkpoints. Seconds to target are those "
         "at the first evaluation that reached it."
+        + (
+            f" Each run stopped after the step that took its training time past {budget:g} s."
+            if budget is not None
+            else ""
+        )
     )
 
 
 def table(config: Config, results: dict[str, RunResult]) -> str:
-    """A Markdown table: final training loss, test accuracy (or loss), training time, and
-    steps and seconds to the target, with the seconds-to-target ratio to the first run."""
+    """A Markdown table: final training loss, the held-out metric (test accuracy, test loss
+    or validation loss), training time, and steps and seconds to the target."""
     target = config.training.target
-    classify = any(r.final.get("test_accuracy") is not None for r in results.values())
-    quality = "test accuracy" if classify else "test loss"
-    header = ["optimizer", "steps", "final train loss", quality, "train time (s)"]
+    workload = WORKLOADS[config.workload]
+    quality = workload.quality
+    label = quality.replace("_", " ") + (" (nats/byte)" if workload.data == "text" else "")
+    header = ["optimizer", "steps", "final train loss", label, "train time (s)"]
     if target is not None:
         relation = "≥" if target.higher_is_better else "≤"
         header += [f"steps to {target.metric} {relation} {target.value:g}", "seconds to target"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in results.items():
         final = result.final
-        value = final["test_accuracy"] if classify else final["test_loss"]
         row = [
             name,
             str(result.steps),
             f"{final['train_loss']:.4f}",
-            f"{value:.4f}",
+            f"{final[quality]:.4f}",
             f"{result.seconds:.1f}",
         ]
         if target is not None:
@@ -137,15 +146,14 @@ def table(config: Config, results: dict[str, RunResult]) -> str:
 def plot(
     config: Config, results: dict[str, RunResult], path: str | Path, caption: str = ""
 ) -> None:
-    """A 2×2 figure: training loss and test accuracy (test loss for a reconstruction
-    workload) against steps and against training seconds, one line per optimizer."""
+    """A 2×2 figure: training loss and the held-out metric (test accuracy, test loss or
+    validation loss) against steps and against training seconds, one line per optimizer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classify = any(r.final.get("test_accuracy") is not None for r in results.values())
-    second = "test_accuracy" if classify else "test_loss"
+    second = WORKLOADS[config.workload].quality
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
     for name, result in results.items():
         steps = [e["step"] for e in result.history]
@@ -168,7 +176,8 @@ def plot(
             for ax in axes[row]:
                 ax.axhline(target.value, color="grey", linestyle=":", linewidth=1)
     axes[0, 0].legend()
-    fig.suptitle(f"{config.workload} on {next(iter(results.values())).data}", fontsize=10)
+    title = f"{config.workload} on {next(iter(results.values())).data}"
+    fig.suptitle(textwrap.fill(title, 150), fontsize=10)
     if caption:  # the command and the machine
         fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.02, 1, 1))

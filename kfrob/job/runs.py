@@ -1,5 +1,6 @@
 """A run directory and how a run resumes: the effective config, checkpoints written
-atomically, the data order, and the first ``Ctrl-C`` turned into a clean stop.
+atomically, the data order (:class:`BatchOrder` for images, :class:`WindowOrder` for
+text), and the first ``Ctrl-C`` turned into a clean stop.
 
 The run directory holds ``config.yaml`` (the effective config, overrides included, which
 ``kfrob train --resume`` continues with), ``run.json`` (the optimizers it trains) and
@@ -9,6 +10,7 @@ The run directory holds ``config.yaml`` (the effective config, overrides include
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,6 +32,7 @@ __all__ = [
     "RUN",
     "BatchOrder",
     "Interrupt",
+    "WindowOrder",
     "open_run_dir",
     "record_run",
     "save_atomically",
@@ -43,6 +46,7 @@ RUN = "run.json"  # which of its optimizers the run trains
 RESUMABLE_CHANGES = (
     "training.epochs",
     "training.max_steps",
+    "training.max_seconds",
     "training.device",
     "training.warmup_steps",
     "logging.",
@@ -138,6 +142,37 @@ class BatchOrder:
         self._epoch_start = state["epoch_start"]
         self.generator.set_state(state["next"])
         self._epoch = -1
+
+
+class WindowOrder:
+    """The windows of every step of a text: ``batch_size`` start offsets drawn uniformly
+    from ``range(n)`` (every offset at which a window fits). An epoch is ``steps_per_epoch``
+    steps; its offsets are drawn at once from a generator seeded with a hash of ``(seed,
+    epoch)``, so a step's windows depend on the seed and the step alone and a resumed run
+    draws exactly the windows an uninterrupted one would (there is no state to save)."""
+
+    def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = steps_per_epoch
+        self._epoch = -1
+        self._starts = torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> Tensor:
+        """The start offsets ``(batch_size,)`` of optimizer step ``step`` (from 0)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            digest = hashlib.sha256(f"{self.seed}/{epoch}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big"))
+            shape = (self.steps_per_epoch, self.batch_size)
+            self._starts = torch.randint(self.n, shape, generator=generator)
+            self._epoch = epoch
+        return self._starts[position]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Nothing to restore: the windows are a function of the seed and the step."""
 
 
 def open_run_dir(run_dir: Path, resume: bool, config: Config, name: str) -> dict | None:

@@ -1,10 +1,10 @@
 """One training run: a workload, its data, one optimizer, checkpoints and TensorBoard.
 
 :func:`train` is what ``kfrob train`` runs. It is deterministic given the config: the seed
-fixes the model's initialisation, the data order (one permutation per epoch from its own
-generator) and kfrob's Monte Carlo sampler, so every optimizer of a comparison sees the same
-initial model and the same batches, and a resumed run takes exactly the steps of an
-uninterrupted one.
+fixes the model's initialisation, the data order (one permutation of the images per epoch,
+or the random windows of a text, from their own generator) and kfrob's Monte Carlo sampler,
+so every optimizer of a comparison sees the same initial model and the same batches, and a
+resumed run takes exactly the steps of an uninterrupted one.
 
 The run directory holds ``config.yaml`` (the effective config, overrides included, which
 ``kfrob train --resume`` continues with), ``checkpoint.pt`` (written atomically at each
@@ -13,6 +13,8 @@ TensorBoard event files and ``result.json``. Training time (``seconds``) counts 
 training steps only: evaluation, diagnostics, logging and checkpoints are excluded, and the
 clock starts after ``training.warmup_steps`` untimed steps on a throwaway copy
 (:func:`warm_up`), so that the first optimizer of a process does not pay its start-up.
+A run ends when its epochs are done, at ``training.max_steps`` or after the step that takes
+its training time past ``training.max_seconds``, whichever comes first.
 """
 
 from __future__ import annotations
@@ -28,14 +30,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kfrob.data import (
-    download_fashion_mnist,
-    explicit_data_dir,
-    find_data_dir,
-    load_fashion_mnist,
-)
 from kfrob.job.board import Board
-from kfrob.job.config import Config, DataConfig
+from kfrob.job.config import Config
+from kfrob.job.datasets import Dataset, TextDataset, load_data
 from kfrob.job.optimizers import build_optimizer
 from kfrob.job.regularization import penalty
 from kfrob.job.runs import (
@@ -59,6 +56,7 @@ __all__ = [
     "BatchOrder",
     "Dataset",
     "RunResult",
+    "TextDataset",
     "load_data",
     "record_run",
     "saved_run",
@@ -68,56 +66,13 @@ __all__ = [
 
 
 @dataclass
-class Dataset:
-    """Train and test tensors and a description of where they came from."""
-
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    source: str
-
-    def to(self, device: torch.device) -> Dataset:
-        moved = (t.to(device) for t in (self.x_train, self.y_train, self.x_test, self.y_test))
-        return Dataset(*moved, self.source)
-
-
-def load_data(config: DataConfig) -> Dataset:
-    """The data a config asks for: the embedded subset, the full set, or ``auto``: full if
-    found, else embedded. A directory named explicitly (``data.dir``, else ``$KFROB_DATA``)
-    is the only place looked at, and never falls back: missing or incomplete, it is an error
-    (or, with ``download``, where the files are downloaded to); otherwise the standard places
-    are searched, and ``download`` fetches into the user cache. ``train_size``/``test_size``
-    keep the first images of each split."""
-    directory: Path | None = None
-    if config.source != "embedded":
-        explicit = explicit_data_dir(config.dir)
-        try:
-            directory = find_data_dir(config.dir, named_by="data.dir / --data-dir")
-        except FileNotFoundError:
-            if config.download:
-                directory = download_fashion_mnist(explicit[0] if explicit else None)
-            elif config.source == "full" or explicit is not None:
-                raise
-    if directory is None:
-        source = "the embedded Fashion-MNIST subset shipped with kfrob"
-        splits = [load_fashion_mnist(split, embedded=True) for split in ("train", "test")]
-    else:
-        source = f"Fashion-MNIST from {directory}"
-        splits = [load_fashion_mnist(split, directory) for split in ("train", "test")]
-    (x_train, y_train), (x_test, y_test) = splits
-    x_train, y_train = x_train[: config.train_size], y_train[: config.train_size]
-    x_test, y_test = x_test[: config.test_size], y_test[: config.test_size]
-    source += f" ({len(x_train)} training / {len(x_test)} test images)"
-    return Dataset(x_train, y_train, x_test, y_test, source)
-
-
-@dataclass
 class RunResult:
     """What a run measured. ``history`` has one entry per evaluation: ``step``, ``epoch``,
     ``seconds`` (training time so far), ``train_loss`` and ``train_accuracy`` (means over the
-    last ``eval_every`` training batches, or an epoch's), ``test_loss``, ``test_accuracy``
-    (``None`` for a reconstruction workload)."""
+    last ``eval_every`` training batches, or an epoch's; the accuracy ``None`` but for a
+    classifier), then the held-out split's: ``test_loss`` and ``test_accuracy`` (``None``
+    for the autoencoder) for images, ``val_loss`` (nats per byte) for text. ``final`` is
+    the last entry's losses, held-out metrics and ``seconds``."""
 
     optimizer: str
     workload: str
@@ -139,7 +94,10 @@ class RunResult:
 def evaluate(
     model: nn.Module, workload: Workload, x: Tensor, y: Tensor, batch_size: int = 1000
 ) -> dict[str, float | None]:
-    """Mean loss and (for classifiers) accuracy over ``(x, y)``, in eval mode."""
+    """Mean loss over the held-out ``(x, y)`` (samples along the first dimension), in eval
+    mode: ``{"test_loss", "test_accuracy"}`` for images (the accuracy ``None`` but for a
+    classifier), ``{"val_loss"}`` for text (every window has the same length, so the mean
+    over windows is the mean over bytes)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=x.device)
@@ -150,34 +108,38 @@ def evaluate(
         if workload.task == "classify":
             correct += (out.argmax(-1) == yb).sum()
     model.train(was_training)
-    accuracy = float(correct) / len(x) if workload.task == "classify" else None
-    return {"test_loss": float(loss_sum) / len(x), "test_accuracy": accuracy}
+    split = workload.held_out
+    values: dict[str, float | None] = {f"{split}_loss": float(loss_sum) / len(x)}
+    if workload.data == "images":
+        accuracy = float(correct) / len(x) if workload.task == "classify" else None
+        values[f"{split}_accuracy"] = accuracy
+    return values
 
 
-def warm_up(config: Config, optimizer_name: str, data: Dataset, steps: int) -> None:
+def warm_up(config: Config, optimizer_name: str, data: Dataset | TextDataset, steps: int) -> None:
     """``steps`` untimed training steps (forward, backward, kfrob's diagnostics, the
     optimizer's step) and one evaluation on a throwaway model and optimizer, so that the
     process's one-off costs (thread pools, kernel selection, allocator growth, the first
     decompositions) are paid before the clock starts. The run itself is untouched: it
     reseeds torch and builds its own model, optimizer and batch order afterwards."""
     workload = WORKLOADS[config.workload]
-    device = data.x_train.device
-    model = workload.build().to(device)
+    x_held, y_held = data.held_out
+    device = x_held.device
+    model = config.build_model().to(device)
     optimizer = build_optimizer(
         optimizer_name, config.optimizers[optimizer_name], model, workload, config.training.seed
     )
-    order = BatchOrder(len(data.x_train), config.training.batch_size, config.training.seed)
+    order = data.order(config.training.batch_size, config.training.seed)
     is_kfrob = isinstance(optimizer, FrobPreconditionedSGD)
     for step in range(steps):
-        batch = order.indices(step).to(device)
-        x, y = data.x_train[batch], data.y_train[batch]
+        x, y = data.batch(order.indices(step).to(device))
         optimizer.zero_grad(set_to_none=True)
         output = model(x)
         workload.loss(output, x, y).backward()
         if is_kfrob and (step + 1) % config.logging.log_every == 0:
             optimizer.diagnostics()
         optimizer.step()
-    evaluate(model, workload, data.x_test[:1000], data.y_test[:1000])
+    evaluate(model, workload, x_held[:1000], y_held[:1000])
     close = getattr(optimizer, "close", None)
     if close is not None:
         close()
@@ -190,7 +152,7 @@ def train(
     *,
     resume: bool = False,
     progress: bool | None = None,
-    data: Dataset | None = None,
+    data: Dataset | TextDataset | None = None,
 ) -> RunResult:
     """Train ``config.workload`` with ``config.optimizers[optimizer_name]``, logging into
     ``run_dir``; ``resume`` continues from ``run_dir/checkpoint.pt``. ``progress=None``
@@ -203,19 +165,21 @@ def train(
     settings = config.training
     device = torch.device(settings.device)
     workload = WORKLOADS[config.workload]
-    data = (data or load_data(config.data)).to(device)
+    data = (data or load_data(config.data, config.model.context)).to(device)
     if settings.warmup_steps:
         warm_up(config, optimizer_name, data, settings.warmup_steps)
     torch.manual_seed(settings.seed)
-    model = workload.build().to(device)
+    model = config.build_model().to(device)
     optimizer = build_optimizer(
         optimizer_name, config.optimizers[optimizer_name], model, workload, settings.seed
     )
-    order = BatchOrder(len(data.x_train), settings.batch_size, settings.seed)
+    order = data.order(settings.batch_size, settings.seed)
     steps_per_epoch = order.steps_per_epoch
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
+    budget = settings.max_seconds if settings.max_seconds is not None else float("inf")
+    split = workload.held_out
 
     step, seconds, history = 0, 0.0, []
     # per-step (loss, accuracy) of the last eval_every steps (an epoch if unset): the training
@@ -262,9 +226,8 @@ def train(
         if saved is not None:
             bar.write(f"{optimizer_name}: resumed at step {step} of {total_steps}")
         bar.write(f"{optimizer_name}: training on {data.source}, {device}")
-        while step < total_steps and not interrupt.requested:
-            batch = order.indices(step).to(device)
-            x, y = data.x_train[batch], data.y_train[batch]
+        while step < total_steps and seconds < budget and not interrupt.requested:
+            x, y = data.batch(order.indices(step).to(device))
 
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -291,8 +254,9 @@ def train(
             step += 1
             window.append(stats)
             recent.append(stats)
+            out_of_time = seconds + elapsed >= budget
 
-            if log_now or step == total_steps:
+            if log_now or step == total_steps or out_of_time:
                 synced = time.perf_counter()
                 means = torch.stack(window).mean(0).tolist()  # one host read per log window
                 elapsed += time.perf_counter() - synced
@@ -319,12 +283,13 @@ def train(
                 seconds += elapsed
                 window_seconds += elapsed
             bar.update(1)
+            last = step == total_steps or seconds >= budget  # the window was written above
             if config.logging.histograms and getattr(optimizer, "refreshes", 0) != refreshes:
                 board.eigenvalues(optimizer, step)  # type: ignore[arg-type]
 
             epoch_done = step % steps_per_epoch == 0
             eval_due = settings.eval_every is not None and step % settings.eval_every == 0
-            if eval_due or epoch_done or step == total_steps:
+            if eval_due or epoch_done or last:
                 train_means = torch.stack(list(recent)).mean(0).tolist()
                 entry = {
                     "step": step,
@@ -332,16 +297,15 @@ def train(
                     "seconds": seconds,
                     "train_loss": train_means[0],
                     "train_accuracy": train_means[1] if workload.task == "classify" else None,
-                    **evaluate(model, workload, data.x_test, data.y_test),
+                    **evaluate(model, workload, *data.held_out),
                 }
                 history.append(entry)
-                board.scalars(
-                    "test", {"loss": entry["test_loss"], "accuracy": entry["test_accuracy"]}, step
-                )
-                if epoch_done or step == total_steps:
+                held = {"loss": entry[f"{split}_loss"], "accuracy": entry.get(f"{split}_accuracy")}
+                board.scalars(split, held, step)
+                if epoch_done or last:
                     bar.write(_describe(optimizer_name, entry))
             every = config.logging.checkpoint_every
-            if epoch_done or step == total_steps or (every is not None and step % every == 0):
+            if epoch_done or last or (every is not None and step % every == 0):
                 checkpoint()
         if interrupt.requested:
             checkpoint()
@@ -362,16 +326,16 @@ def _hyperparameters(config: Config, name: str) -> dict[str, Any]:
         "workload": config.workload,
         "batch_size": config.training.batch_size,
         "seed": config.training.seed,
+        **(config.model.model_dump() if WORKLOADS[config.workload].sized else {}),
         **config.optimizers[name],
     }
 
 
 def _describe(name: str, entry: dict[str, float | None]) -> str:
     parts = [f"{name}: epoch {entry['epoch']:.2f}", f"step {entry['step']}"]
-    parts.append(f"train loss {entry['train_loss']:.4f}")
-    parts.append(f"test loss {entry['test_loss']:.4f}")
-    if entry["test_accuracy"] is not None:
-        parts.append(f"test accuracy {entry['test_accuracy']:.4f}")
+    for key in ("train_loss", "test_loss", "test_accuracy", "val_loss"):
+        if entry.get(key) is not None:
+            parts.append(f"{key.replace('_', ' ')} {entry[key]:.4f}")
     parts.append(f"{entry['seconds']:.1f} s")
     return ", ".join(parts)
 
@@ -386,6 +350,7 @@ def _result(
     run_dir: Path,
 ) -> RunResult:
     result = RunResult(name, config.workload, source, step, seconds, history, run_dir=str(run_dir))
+    workload = WORKLOADS[config.workload]
     target = config.training.target
     if target is not None:
         for entry in history:
@@ -396,7 +361,6 @@ def _result(
                 break
     if history:
         last = history[-1]
-        result.final = {
-            key: last[key] for key in ("train_loss", "test_loss", "test_accuracy", "seconds")
-        }
+        keys = ("train_loss", *(k for k in last if k.startswith(workload.held_out)), "seconds")
+        result.final = {key: last[key] for key in keys}
     return result

@@ -1,6 +1,8 @@
-"""The three Fashion-MNIST workloads (input ``(N, 1, 28, 28)``), defined once for the
-training job, the examples and the benchmark scripts. Their layers have names (``fc1``,
-``enc2``, ``conv1``, …), and so have kfrob's diagnostics and TensorBoard tags for them.
+"""The training job's workloads, defined once for the job, the examples and the benchmark
+scripts. Their layers have names (``fc1``, ``enc2``, ``conv1``, ``blocks.0.attn.qkv``, …),
+and so have kfrob's diagnostics and TensorBoard tags for them.
+
+Three take Fashion-MNIST images (input ``(N, 1, 28, 28)``):
 
 * ``mlp``: 784-512-256-10 with ReLU, a classifier (cross-entropy);
 * ``autoencoder``: the deep autoencoder of the K-FAC literature, 784-1000-500-250-30 and the
@@ -10,6 +12,13 @@ training job, the examples and the benchmark scripts. Their layers have names (`
   samples from);
 * ``cnn``: two 5×5 conv layers (32, 64 channels) with max-pooling, then 3136-128-10, a
   classifier (cross-entropy).
+
+One takes bytes of text (input ``(N, T)`` int64, see :mod:`kfrob.text`):
+
+* ``transformer``: a small decoder-only GPT (:mod:`kfrob.job.transformer`) predicting each
+  next byte, logits ``(N, T, 256)``, loss the mean cross-entropy over all ``N·T`` positions
+  (kfrob's ``cross_entropy`` Fisher treats every leading dimension as samples). Its size is
+  configurable (the job's ``model`` section); the image models are fixed.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from itertools import pairwise
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kfrob.job.transformer import transformer
+
 __all__ = [
     "WORKLOADS",
     "Workload",
@@ -31,6 +42,7 @@ __all__ = [
     "reconstruction_loss",
     "relu_stack",
     "training_loss",
+    "transformer",
 ]
 
 
@@ -86,32 +98,58 @@ class Workload:
     """A model factory and how it is trained.
 
     ``task`` is ``"classify"`` (loss = cross-entropy against the labels; accuracy is
-    reported) or ``"reconstruct"`` (loss = :func:`reconstruction_loss` against the input);
-    ``kfrob_loss`` names that loss for kfrob's Monte Carlo Fisher.
+    reported), ``"reconstruct"`` (loss = :func:`reconstruction_loss` against the input) or
+    ``"language_model"`` (loss = cross-entropy of every position's logits against the next
+    byte); ``kfrob_loss`` names that loss for kfrob's Monte Carlo Fisher. ``data`` is
+    ``"images"`` (Fashion-MNIST) or ``"text"`` (byte windows); ``sized`` says whether
+    ``build`` takes the model's size as keyword arguments.
     """
 
-    build: Callable[[], nn.Module]
+    build: Callable[..., nn.Module]
     task: str
+    data: str = "images"
+    sized: bool = False
 
     @property
     def kfrob_loss(self) -> str:
-        return "cross_entropy" if self.task == "classify" else "mse"
+        return "mse" if self.task == "reconstruct" else "cross_entropy"
 
-    def loss(self, output: Tensor, images: Tensor, labels: Tensor) -> Tensor:
+    @property
+    def held_out(self) -> str:
+        """The split evaluated during training: ``"test"`` (images) or ``"val"`` (text)."""
+        return "val" if self.data == "text" else "test"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """What each evaluation reports (and a target may name)."""
+        accuracy = ("test_accuracy",) if self.task == "classify" else ()
+        return ("train_loss", f"{self.held_out}_loss", *accuracy)
+
+    @property
+    def quality(self) -> str:
+        """The held-out metric a comparison shows: accuracy for a classifier, else loss."""
+        return self.metrics[-1]
+
+    def loss(self, output: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
         """The training loss of a batch (mean over its samples)."""
-        return training_loss(self.task, output, images, labels)
+        return training_loss(self.task, output, inputs, targets)
 
 
-def training_loss(task: str, output: Tensor, images: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy against ``labels`` for ``"classify"``, :func:`reconstruction_loss`
-    against ``images`` for ``"reconstruct"``."""
+def training_loss(task: str, output: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy against ``targets`` for ``"classify"`` (logits ``(N, C)``, labels
+    ``(N,)``) and ``"language_model"`` (logits ``(N, T, V)``, next bytes ``(N, T)``, the
+    mean over all ``N·T`` positions), :func:`reconstruction_loss` against ``inputs`` for
+    ``"reconstruct"``."""
     if task == "classify":
-        return F.cross_entropy(output, labels)
-    return reconstruction_loss(output, images)
+        return F.cross_entropy(output, targets)
+    if task == "language_model":
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), targets.reshape(-1))
+    return reconstruction_loss(output, inputs)
 
 
 WORKLOADS: dict[str, Workload] = {
     "mlp": Workload(mlp, "classify"),
     "autoencoder": Workload(autoencoder, "reconstruct"),
     "cnn": Workload(cnn, "classify"),
+    "transformer": Workload(transformer, "language_model", data="text", sized=True),
 }
