@@ -104,7 +104,11 @@ class FrobPreconditioner(pl.Callback):
         engine = self.engine
         if engine is None:
             return
-        lrs = {p: float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+        lrs = {  # the KL clip's rate: lr / (1 − momentum) for optimizers with momentum
+            p: float(group["lr"]) / (1.0 - group.get("momentum", 0.0))
+            for group in optimizer.param_groups
+            for p in group["params"]
+        }
         due = engine.steps % max(1, trainer.log_every_n_steps) == 0
         if self.log_diagnostics and due and engine.inverses:
             grads = {p: p.grad for p in engine.parameters if p.grad is not None}

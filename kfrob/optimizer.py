@@ -13,11 +13,43 @@ from torch.optim import Optimizer
 
 from kfrob.adaptation import LevenbergMarquardt
 from kfrob.distributed import unwrap
+from kfrob.eigenbasis_adam import adam_directions
 from kfrob.finite import select
+from kfrob.kronecker import EigenInverse
 from kfrob.options import PreconditionerOptions, check_group, require, with_flat_keywords
 from kfrob.preconditioner import KroneckerPreconditioner
 
-__all__ = ["FrobPreconditionedSGD"]
+__all__ = ["STEP_RULES", "FrobPreconditionedSGD"]
+
+#: what a step does with the curvature: the preconditioned gradient ``(A ⊗ G + λI)⁻¹ g``
+#: under SGD's momentum and the KL clip, or Adam in the Kronecker eigenbasis
+STEP_RULES = ("preconditioned_sgd", "eigenbasis_adam")
+
+
+def _check_eigenbasis_adam(options: PreconditionerOptions, momentum: float) -> None:
+    """The options ``step_rule='eigenbasis_adam'`` needs: eigenbases, no KL clip, no
+    damping rule, SGD's momentum left to Adam's first moment."""
+    rule = "with step_rule='eigenbasis_adam'"
+    require("momentum", momentum, momentum == 0, f"0 {rule} (its first moment is betas[0])")
+    inverse = options.inverse
+    require(
+        "damping_method", inverse.damping_method, inverse.damping_method == "exact",
+        f"'exact' {rule} (its eigenbases carry the rotation)",
+    )  # fmt: skip
+    require(
+        "eigenvalue_correction", inverse.eigenvalue_correction,
+        not inverse.eigenvalue_correction, f"False {rule} (Adam's second moment replaces it)",
+    )  # fmt: skip
+    require(
+        "kl_clip", options.kl_clip, options.kl_clip is None,
+        f"None {rule} (Adam's second moment scales the step)",
+    )  # fmt: skip
+    require("adaptive_damping", True, options.adaptation is None, f"False {rule} (no damping)")
+    placement = options.parallel.inverse_placement
+    require(
+        "inverse_placement", placement, placement == "replicated",
+        f"'replicated' {rule} (every rank rotates its own gradients)",
+    )  # fmt: skip
 
 
 class FrobPreconditionedSGD(Optimizer, Joinable):
@@ -91,6 +123,9 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        step_rule: str = "preconditioned_sgd",
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
         options: PreconditionerOptions | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         generator: torch.Generator | None = None,
@@ -115,6 +150,9 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
                 "model has parameters on the meta device: materialise it (e.g. "
                 "model.to_empty(device=...) and initialise) before creating the optimizer"
             )
+        require("step_rule", step_rule, step_rule in STEP_RULES, f"one of {', '.join(STEP_RULES)}")
+        if step_rule == "eigenbasis_adam" and options is None:
+            flat = {"damping_method": "exact", "kl_clip": None, **flat}
         if options is None:
             options = PreconditionerOptions.from_flat(**flat)
         elif flat:
@@ -125,8 +163,13 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
             "nesterov": nesterov,
             "weight_decay": weight_decay,
             "damping": options.damping,
+            "betas": tuple(betas),
+            "eps": eps,
         }
         check_group(defaults)
+        if step_rule == "eigenbasis_adam":
+            _check_eigenbasis_adam(options, momentum)
+        self.step_rule = step_rule
         self._model_parameters = {id(p) for p in everything}
         super().__init__(everything if params is None else params, defaults)
         require(
@@ -198,10 +241,16 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         pre = self.preconditioner
         measured = adaptation is not None and adaptation.due(pre.steps)
         before = adaptation.snapshot(self.param_groups) if measured else None  # type: ignore[union-attr]
-        directions = self.directions()
-        finite = pre.update(directions, self.layer_damping())
-        pre.precondition_(directions, self.learning_rates())
-        self._apply(directions, finite)
+        if self.step_rule == "eigenbasis_adam":
+            directions = self.directions(decay=False)
+            finite = pre.update(directions, self.layer_damping())
+            adam_directions(self.param_groups, self.state, directions, self._bases(), finite)
+            self._apply(directions, finite, decoupled=True)
+        else:
+            directions = self.directions()
+            finite = pre.update(directions, self.layer_damping())
+            pre.precondition_(directions, self.learning_rates())
+            self._apply(directions, finite)
         if before is not None:
             self.last_reduction_ratio = adaptation.adapt(  # type: ignore[union-attr]
                 pre,
@@ -224,22 +273,29 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         pre.damping.update(self.layer_damping())
         pre.step(self.learning_rates() if lrs is None else lrs)
 
-    def directions(self) -> dict[Tensor, Tensor]:
-        """``grad + weight_decay · param`` for every parameter with a gradient."""
+    def directions(self, decay: bool = True) -> dict[Tensor, Tensor]:
+        """``grad + weight_decay · param`` (``grad`` without ``decay``) for every parameter
+        with a gradient."""
         directions: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 d = p.grad
-                if group["weight_decay"] != 0:
+                if decay and group["weight_decay"] != 0:
                     d = d.add(p, alpha=group["weight_decay"])
                 directions[p] = d
         return directions
 
     def learning_rates(self) -> dict[Tensor, float]:
-        """Each parameter's learning rate (its group's)."""
-        return {p: float(group["lr"]) for group in self.param_groups for p in group["params"]}
+        """Each parameter's learning rate as the KL clip sees it: its group's
+        ``lr / (1 − momentum)``, the distance a steady direction moves per step once momentum
+        has built up (so that momentum cannot multiply the clipped step by ``1/(1 − μ)``)."""
+        return {
+            p: float(group["lr"]) / (1.0 - group["momentum"])
+            for group in self.param_groups
+            for p in group["params"]
+        }
 
     def layer_damping(self) -> dict[str, float]:
         """Each preconditioned layer's ``λ``: its weight's group's ``damping``."""
@@ -261,15 +317,30 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         plan = pre.plan(self.directions(), self.learning_rates())
         return step_diagnostics(pre, plan, {**pre.damping, **self.layer_damping()})
 
-    def _apply(self, directions: dict[Tensor, Tensor], finite: Tensor) -> None:
-        """Momentum and the parameter update, as in ``torch.optim.SGD``; nothing changes
-        (parameters or momentum) when ``finite`` is False."""
+    def _bases(self) -> dict[Tensor, tuple[Any, EigenInverse | None]]:
+        """Each active layer's weight, with its math and its eigenbases (if refreshed)."""
+        pre = self.preconditioner
+        bases = {}
+        for layer in pre.active_layers():
+            inverse = pre.inverses.get(layer.name)
+            eigen = inverse if isinstance(inverse, EigenInverse) else None
+            bases[layer.math.weight] = (layer.math, eigen)
+        return bases
+
+    def _apply(
+        self, directions: dict[Tensor, Tensor], finite: Tensor, decoupled: bool = False
+    ) -> None:
+        """Momentum and the parameter update, as in ``torch.optim.SGD`` (with ``decoupled``,
+        the weight decay ``−lr · wd · p`` of AdamW besides); nothing changes (parameters or
+        momentum) when ``finite`` is False."""
         for group in self.param_groups:
             momentum, lr = group["momentum"], group["lr"]
             for p in group["params"]:
                 d = directions.get(p)
                 if d is None:
                     continue
+                if decoupled and group["weight_decay"] != 0:
+                    p.mul_(select(finite, p.new_tensor(1 - lr * group["weight_decay"]), 1.0))
                 if momentum != 0:
                     state = self.state[p]
                     buf = state.get("momentum_buffer")

@@ -181,10 +181,10 @@ class KroneckerPreconditioner(EngineState):
     @torch.no_grad()
     def step(self, lr: float | Mapping[Tensor, float] = 1.0) -> Tensor:
         """Replace every gradient by its preconditioned, KL-clipped direction, in place, and
-        advance the schedules. ``lr`` is the learning rate the optimizer will apply (one
-        number, or one per parameter) for the KL clip. A window with non-finite gradients or
-        statistics leaves the gradients as they were. Returns whether the window was
-        accepted (a bool tensor)."""
+        advance the schedules. ``lr`` is the KL clip's learning rate (one number, or one per
+        parameter): the optimizer's, or ``lr / (1 − μ)`` under momentum ``μ``. A window with
+        non-finite gradients or statistics leaves the gradients as they were. Returns whether
+        the window was accepted (a bool tensor)."""
         directions = {p: p.grad for p in self.parameters if p.grad is not None}
         finite = self.update(directions)
         self.precondition_(directions, lr)

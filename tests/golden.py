@@ -3,9 +3,10 @@
 ``tests/data/golden.pt`` holds what kfrob 0.1 (before the core redesign) computed for each
 configuration below, together with a saved ``state_dict`` of that version, so that a
 restructured core can be checked to take the very same steps and to load old checkpoints.
-Record anew only when a change of the math is intended:
+Record anew only when a change of the math is intended, only the configurations it changes:
 
-    python -m tests.golden            # rewrites tests/data/golden.pt
+    python -m tests.golden NAME ...   # re-records these trajectories in tests/data/golden.pt
+    python -m tests.golden            # rewrites the whole file
 """
 
 from __future__ import annotations
@@ -156,6 +157,26 @@ def record() -> None:
     )
 
 
+def rerecord(names: list[str]) -> None:
+    """Replace the stored trajectories of ``names`` only (the rest, the saved states and the
+    distributed runs keep what they hold)."""
+    from tests.distributed_harness import run_ranks, train
+
+    golden = torch.load(PATH, weights_only=False)
+    for name in names:
+        if name in DISTRIBUTED:
+            out = run_ranks(2, train, Path("/tmp/kfrob-golden") / name, DISTRIBUTED[name])
+            golden["distributed"][name] = [r["params"] for r in out]
+        else:
+            golden["trajectories"][name], _ = run(CONFIGS[name])
+    torch.save(golden, PATH)
+
+
 if __name__ == "__main__":
-    record()
+    import sys
+
+    if sys.argv[1:]:
+        rerecord(sys.argv[1:])
+    else:
+        record()
     print(f"wrote {PATH}")

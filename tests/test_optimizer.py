@@ -178,10 +178,13 @@ def test_inverse_update_freq_reuses_inverses() -> None:
     assert [sorted(names) for names, _ in counting.calls] == [["0", "3", "6"]] * 3
 
 
-def test_kl_clip_scales_all_layers_by_one_factor() -> None:
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_kl_clip_scales_all_layers_by_one_factor(momentum: float) -> None:
+    """``ν = min(1, sqrt(κ / Σ r² ⟨g, Δ⟩))`` with ``r = lr / (1 − μ)``: the step a steady
+    direction takes once momentum has built up is what the clip bounds."""
     model = small_model()
     lr, kl_clip = 0.5, 1e-4
-    opt = quiet(model, lr=lr, kl_clip=kl_clip)
+    opt = quiet(model, lr=lr, kl_clip=kl_clip, momentum=momentum)
     data = batches(2)
     train(model, opt, data[:1])
     opt.zero_grad()
@@ -189,16 +192,22 @@ def test_kl_clip_scales_all_layers_by_one_factor() -> None:
     pre = opt.preconditioner
     before = [p.detach().clone() for p in model.parameters()]
     expected, total = {}, torch.zeros(())
+    rate = lr / (1 - momentum)
     for name, layer in pre.layers.items():
         matrix = layer.math.to_matrix(layer.module.weight.grad, layer.module.bias.grad)
         direction = pre.precondition(name, matrix)
-        total = total + lr**2 * (matrix * direction).sum()
+        total = total + rate**2 * (matrix * direction).sum()
         expected[name] = direction
     nu = min(1.0, (kl_clip / total).sqrt().item())
     assert nu < 1.0  # the clip is active in this test
+    buffers = {
+        name: opt.state[layer.module.weight].get("momentum_buffer", torch.zeros(()))
+        for name, layer in pre.layers.items()
+    }
     opt.step()
     for name, layer in pre.layers.items():
         weight_step, _ = layer.math.from_matrix(-lr * nu * expected[name])
+        weight_step = weight_step - lr * momentum * buffers[name]
         idx = next(i for i, p in enumerate(model.parameters()) if p is layer.module.weight)
         torch.testing.assert_close(
             layer.module.weight - before[idx], weight_step, rtol=1e-4, atol=1e-7
