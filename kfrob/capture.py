@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from kfrob.alerts import warn
 from kfrob.correction import EigenbasisMoment
 from kfrob.factors import RunningFactor
+from kfrob.fisher import sampled_cross_entropy
 from kfrob.layers import LayerMath
 
 __all__ = ["CurvatureCapture", "TrackedLayer"]
@@ -174,6 +175,8 @@ class CurvatureCapture:
                     f"got {type(output).__name__}, so G is not updated (warned once)"
                 )
             return
+        if output.dim() > 2 and self._sampled_loss is sampled_cross_entropy:
+            _check_classes_last(output, recorded)
         loss = self._sampled_loss(output, self._generator)
         grads = torch.autograd.grad(
             loss, [out for _, (out, _) in recorded], retain_graph=True, allow_unused=True
@@ -193,6 +196,21 @@ class CurvatureCapture:
         self._handles.clear()
         for layer in self.layers:
             layer.outputs = []
+
+
+def _check_classes_last(output: Tensor, recorded: list[tuple[TrackedLayer, Any]]) -> None:
+    """Refuse a model output whose classes are not its last dimension: the MC Fisher draws
+    each sample's label from ``softmax`` over the last dimension."""
+    for layer, (kept, _) in recorded:
+        if kept is output and layer.math.output_feature_dim != -1:
+            raise ValueError(
+                f"loss='cross_entropy' with fisher='mc': the model returns the "
+                f"{tuple(output.shape)} output of {layer.name or 'the model'}, whose classes "
+                f"are dimension {layer.math.output_feature_dim}, but the MC Fisher samples "
+                "classes from the last dimension; return the logits with the classes last "
+                "(e.g. logits.movedim(1, -1), and move them back for F.cross_entropy) or use "
+                "fisher='empirical'"
+            )
 
 
 def weak_callable(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -350,3 +350,35 @@ def test_multihead_attention_falls_back_to_sgd_with_the_reason() -> None:
         block(x).square().mean().backward()
         opt.step()
     assert not opt.preconditioner.disabled
+
+
+class ClassesLast(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).movedim(1, -1)
+
+
+def test_mc_fisher_refuses_logits_with_classes_first() -> None:
+    """A convolution's ``(B, C, H, W)`` logits have their classes at dimension 1; the MC
+    Fisher samples over the last one, so it refuses them and names the fix."""
+    torch.manual_seed(0)
+    segmenter = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 1))
+    x, y = torch.randn(2, 2, 5, 5), torch.randint(0, 3, (2, 5, 5))
+    opt = FrobPreconditionedSGD(segmenter, lr=0.1, loss="cross_entropy")
+    with pytest.raises(ValueError, match=r"classes are dimension 1.*movedim\(1, -1\)"):
+        segmenter(x)
+    opt.close()
+    model = ClassesLast(segmenter)
+    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    opt.zero_grad()
+    F.cross_entropy(model(x).movedim(-1, 1), y).backward()
+    opt.step()
+    assert set(opt.preconditioner.inverses) == {"net.0", "net.2"}
+    opt.close()
+    # the empirical Fisher takes the training loss's own gradients: any layout is fine
+    with FrobPreconditionedSGD(segmenter, lr=0.1, fisher="empirical") as opt:
+        F.cross_entropy(segmenter(x), y).backward()
+        opt.step()

@@ -62,6 +62,9 @@ class LayerMath:
     #: whether the layer's data domain factor is diagonal whatever ``domain`` says (its
     #: input rows are one-hot, so ``E[a aᵀ]`` is diagonal: an embedding's token frequencies)
     diagonal_domain: bool = False
+    #: the dimension of the layer's output that holds its features (``1`` for channels-first
+    #: layers such as convolutions: their ``(B, C, ...)`` outputs have classes at dimension 1)
+    output_feature_dim: int = -1
 
     @classmethod
     def refuses(cls, module: nn.Module) -> str | None:

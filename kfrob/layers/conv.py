@@ -27,6 +27,8 @@ class ConvMath(LayerMath):
     """``nn.Conv1d``/``nn.Conv2d`` with any stride, padding (``'same'``, ``'valid'``, padding
     modes), dilation and groups; one block per group, one row per output location."""
 
+    output_feature_dim = 1
+
     def __init__(self, module: nn.Conv1d | nn.Conv2d, weight_sharing: str = "expand") -> None:
         super().__init__(module, blocks=module.groups, weight_sharing=weight_sharing)
         self.spatial_dims = len(module.kernel_size)

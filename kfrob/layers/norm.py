@@ -78,6 +78,8 @@ class ChannelNormMath(_AffineNormMath):
     """Batch, group and instance norm on ``(B, C, *spatial)`` (or unbatched ``(C, *spatial)``
     for instance norm): one block per channel, spatial positions are locations."""
 
+    output_feature_dim = 1
+
     def normalized(self, x: Tensor) -> Tensor:
         module = self.module
         x = x.to(self.factor_dtype)
