@@ -318,7 +318,7 @@ FLAT: dict[str, tuple[str, str]] = {
 
 def check_group(group: dict[str, Any]) -> None:
     """Validate a parameter group's step hyperparameters (``lr``, ``momentum``,
-    ``nesterov``, ``weight_decay``, ``damping``) where present."""
+    ``nesterov``, ``weight_decay``, ``damping``, ``betas``, ``eps``) where present."""
     if "lr" in group:
         lr = group["lr"]
         require("lr", lr, _number(lr) and lr >= 0, "a finite number >= 0")
@@ -335,6 +335,17 @@ def check_group(group: dict[str, Any]) -> None:
     if "damping" in group:
         lam = group["damping"]
         require("damping", lam, _number(lam) and lam > 0, "a finite number > 0")
+    if "betas" in group:
+        betas = group["betas"]
+        require(
+            "betas", betas,
+            isinstance(betas, tuple | list) and len(betas) == 2
+            and all(_number(b) and 0 <= b < 1 for b in betas),
+            "two numbers in [0, 1)",
+        )  # fmt: skip
+    if "eps" in group:
+        eps = group["eps"]
+        require("eps", eps, _number(eps) and eps > 0, "a finite number > 0")
 
 
 def with_flat_keywords(function: Any, required: tuple[str, ...] = ()) -> None:

@@ -100,6 +100,12 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
         KL_GRID,
     ),
     "kfrob-lm": (kfrob_factory(adaptive_damping=True), KL_GRID, KL_GRID),
+    "kfrob-momentum": (kfrob_factory(momentum=0.9), KL_GRID, KL_GRID),
+    "kfrob-adam": (
+        kfrob_factory(step_rule="eigenbasis_adam"),
+        lrs(3e-4, 1e-3, 3e-3),
+        lrs(1e-4, 3e-4, 1e-3),
+    ),
     "sgd": (
         lambda m, hp, w, s: torch.optim.SGD(m.parameters(), momentum=0.9, **hp),
         lrs(0.01, 0.03, 0.1),
@@ -130,6 +136,8 @@ ABOUT = {  # what each variant is, for the report
     "(`eigenbasis_refresh='subspace'`)",
     "kfrob-lm": "Levenberg–Marquardt adaptive damping (`adaptive_damping=True`; its step "
     "takes a closure)",
+    "kfrob-momentum": "SGD momentum 0.9 (`momentum=0.9`)",
+    "kfrob-adam": "Adam in the Kronecker eigenbasis (`step_rule='eigenbasis_adam'`)",
     "sgd": "momentum 0.9",
     "adamw": "`torch.optim.AdamW` defaults besides the learning rate",
 }

@@ -1,0 +1,119 @@
+"""Adam in each layer's Kronecker eigenbasis: the ``step_rule="eigenbasis_adam"`` of
+:class:`kfrob.FrobPreconditionedSGD`.
+
+A layer's gradient matrix ``V`` ``(k, out, in)`` is rotated into the eigenbases of its
+factors, ``A = Q_A diag(e_A) Q_Aᵀ`` and ``G = Q_G diag(e_G) Q_Gᵀ`` (from the layer's last
+exact-damping refresh; a diagonal or identity side's basis is the coordinate basis), and
+Adam runs on the rotated entries:
+
+    m ← β₁ m + (1 − β₁) V                          (in the parameters' own coordinates)
+    v ← β₂ v + (1 − β₂) (Q_Gᵀ V Q_A)²              (elementwise, in the eigenbasis)
+    Δ = Q_G [ (Q_Gᵀ m Q_A / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε) ] Q_Aᵀ
+
+and the parameters move by ``−lr · Δ`` (with decoupled weight decay ``−lr · wd · W``, as
+in AdamW). This is SOAP's rule (Vyas et al., 2025) with K-FAC's factors in place of
+Shampoo's: K-FAC supplies the directions, Adam's second moment the scale along each, so the
+step needs neither damping nor a KL clip to be well scaled. The first moment lives in the
+parameters' coordinates and is rotated each step, so a refresh of the bases never stales
+it; the second moment is kept across refreshes. Parameters without Kronecker factors get
+plain Adam (their basis is the coordinate basis).
+
+State per parameter, in ``optimizer.state[p]``: ``"step"``, ``"exp_avg"`` and
+``"exp_avg_sq"``, parameter-shaped, except that a layer's weight holds its layer's
+``(k, out, in)`` matrices (``m`` in the parameters' coordinates, ``v`` rotated) and its bias
+none of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kfrob.finite import select
+from kfrob.kronecker import EigenInverse
+
+__all__ = ["adam_directions", "rotate"]
+
+
+def rotate(matrix: Tensor, inverse: EigenInverse | None, back: bool = False) -> Tensor:
+    """``Q_Gᵀ V Q_A`` (or, with ``back``, ``Q_G V Q_Aᵀ``) for ``V = matrix`` ``(k, out, in)``;
+    a side without a basis (``None`` inverse, diagonal or identity side) is not rotated."""
+    if inverse is None:
+        return matrix
+    q_g, q_a = inverse.codomain.basis, inverse.domain.basis
+    if q_g is not None:
+        matrix = (q_g if back else q_g.mT) @ matrix
+    if q_a is not None:
+        matrix = matrix @ (q_a.mT if back else q_a)
+    return matrix
+
+
+def _moments(
+    state: dict[str, Any], gradient: Tensor, rotated: Tensor, finite: Tensor, beta1: float,
+    beta2: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Advance ``state``'s step and moments by one gradient (nothing changes when ``finite``
+    is False); returns ``(exp_avg, exp_avg_sq, step)``."""
+    if "exp_avg" not in state:
+        state["step"] = torch.zeros((), device=gradient.device, dtype=gradient.dtype)
+        state["exp_avg"] = torch.zeros_like(gradient)
+        state["exp_avg_sq"] = torch.zeros_like(rotated)
+    step = select(finite, state["step"] + 1, state["step"])
+    m = select(finite, torch.lerp(state["exp_avg"], gradient, 1 - beta1), state["exp_avg"])
+    v_new = state["exp_avg_sq"] * beta2 + (1 - beta2) * rotated.square()
+    v = select(finite, v_new, state["exp_avg_sq"])
+    state["step"], state["exp_avg"], state["exp_avg_sq"] = step, m, v
+    return m, v, step
+
+
+def _normalised(
+    m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
+) -> Tensor:
+    """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` (``step >= 1``; at step 0 a zero direction)."""
+    safe = step.clamp(min=1)
+    m_hat = m / (1 - beta1**safe)
+    v_hat = v / (1 - beta2**safe)
+    return m_hat / (v_hat.sqrt() + eps)
+
+
+@torch.no_grad()
+def adam_directions(
+    groups: list[dict[str, Any]],
+    state: Mapping[Tensor, dict[str, Any]],
+    directions: dict[Tensor, Tensor],
+    layers: Mapping[Tensor, tuple[Any, EigenInverse | None]],
+    finite: Tensor,
+) -> None:
+    """Replace each entry of ``directions`` (raw gradients) by its Adam direction ``Δ``.
+
+    ``layers`` maps each preconditioned layer's weight to ``(its LayerMath, its
+    EigenInverse or None)``; a layer's weight and bias share one rotated second moment, so
+    the layer's whole matrix moves together. ``groups`` are the optimizer's parameter
+    groups (``betas``, ``eps``); ``state`` its per-parameter state."""
+    settings = {p: g for g in groups for p in g["params"]}
+    done: set[Tensor] = set()
+    for weight, (math, inverse) in layers.items():
+        if weight not in directions or not math.covers(directions):
+            continue
+        group = settings[weight]
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        gradient = math.gradient_matrix(directions).to(math.factor_dtype)  # type: ignore[union-attr]
+        rotated = rotate(gradient, inverse)
+        m, v, step = _moments(state[weight], gradient, rotated, finite, beta1, beta2)
+        direction = rotate(
+            _normalised(rotate(m, inverse), v, step, beta1, beta2, eps), inverse, back=True
+        )
+        for p, value in math.split(direction).items():
+            directions[p] = value.to(p.dtype)
+            done.add(p)
+    for p, gradient in directions.items():
+        if p in done:
+            continue
+        group = settings[p]
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        dense = gradient.to_dense() if gradient.is_sparse else gradient
+        m, v, step = _moments(state[p], dense, dense, finite, beta1, beta2)
+        directions[p] = _normalised(m, v, step, beta1, beta2, eps)

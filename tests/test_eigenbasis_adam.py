@@ -1,0 +1,177 @@
+"""``step_rule="eigenbasis_adam"``: Adam in the Kronecker eigenbasis, against AdamW (identity
+factors) and against an independent float64 reimplementation from the running factors
+(explicit ``eigh``, rotation, Adam's moments); its validation, non-finite steps and
+checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kfrob import FrobPreconditionedSGD
+from tests.reference import UnregisteredLayerNorm
+
+BETAS, EPS, LR, WD = (0.9, 0.95), 1e-8, 1e-2, 1e-2
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), UnregisteredLayerNorm(6), nn.Linear(6, 3)
+    ).double()
+
+
+def batches(n: int) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(8, 4, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (8,), generator=gen),
+        )
+        for _ in range(n)
+    ]
+
+
+def adam(**options: object) -> FrobPreconditionedSGD:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LayerNorm's plain-update warning
+        return FrobPreconditionedSGD(
+            options.pop("net"),  # type: ignore[arg-type]
+            lr=LR, weight_decay=WD, step_rule="eigenbasis_adam", betas=BETAS, eps=EPS,
+            **options,
+        )  # fmt: skip
+
+
+def backward(net: nn.Module, x: Tensor, y: Tensor) -> None:
+    net.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+
+
+def test_identity_factors_give_adamw() -> None:
+    net, reference = model(), model()
+    opt = adam(net=net, domain="identity", codomain="identity")
+    adamw = torch.optim.AdamW(reference.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    for x, y in batches(6):
+        for m, o in ((net, opt), (reference, adamw)):
+            backward(m, x, y)
+            o.step()
+    for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+class ReferenceAdam:
+    """Adam in the eigenbases of given factors, float64, written from the formulas."""
+
+    def __init__(self) -> None:
+        self.m: dict[str, Tensor] = {}
+        self.v: dict[str, Tensor] = {}
+        self.t = 0
+
+    def direction(self, key: str, grad: Tensor, bases: tuple[Tensor, Tensor] | None) -> Tensor:
+        rotate = (lambda z: z) if bases is None else (lambda z: bases[0].T @ z @ bases[1])
+        back = (lambda z: z) if bases is None else (lambda z: bases[0] @ z @ bases[1].T)
+        b1, b2 = BETAS
+        self.m[key] = b1 * self.m.get(key, torch.zeros_like(grad)) + (1 - b1) * grad
+        r = rotate(grad)
+        self.v[key] = b2 * self.v.get(key, torch.zeros_like(r)) + (1 - b2) * r.square()
+        m_hat = rotate(self.m[key]) / (1 - b1**self.t)
+        v_hat = self.v[key] / (1 - b2**self.t)
+        return back(m_hat / (v_hat.sqrt() + EPS))
+
+
+def test_layers_take_adam_steps_in_the_eigenbases_of_their_factors() -> None:
+    net = model()
+    reference = copy.deepcopy(net)
+    opt = adam(net=net, inverse_update_freq=1, fisher="empirical")
+    ref = ReferenceAdam()
+    for x, y in batches(6):
+        backward(net, x, y)
+        backward(reference, x, y)
+        opt.step()
+        ref.t += 1
+        factors = opt.preconditioner.factors()  # what this step's refresh decomposed
+        with torch.no_grad():
+            for name in ("0", "3"):
+                layer = reference.get_submodule(name)
+                a, g = (f.double() for f in factors[name])
+                bases = (torch.linalg.eigh(g)[1], torch.linalg.eigh(a)[1])
+                grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1)
+                step = ref.direction(name, grad, bases)
+                layer.weight.mul_(1 - LR * WD).sub_(LR * step[:, :-1])
+                layer.bias.mul_(1 - LR * WD).sub_(LR * step[:, -1])
+            norm = reference.get_submodule("2")
+            for key, p in (("2.w", norm.weight), ("2.b", norm.bias)):
+                p.mul_(1 - LR * WD).sub_(LR * ref.direction(key, p.grad, None))
+        for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    assert set(opt.preconditioner.layers) == {"0", "3"}
+
+
+def test_a_non_finite_gradient_changes_nothing() -> None:
+    net = model()
+    opt = adam(net=net)
+    data = batches(3)
+    for x, y in data[:2]:
+        backward(net, x, y)
+        opt.step()
+    params = [p.detach().clone() for p in net.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    backward(net, *data[2])
+    net[0].weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    for p, q in zip(net.parameters(), params, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for key, entry in opt.state_dict()["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, Tensor):
+                torch.testing.assert_close(value, state[key][name], rtol=0, atol=0)
+
+
+def test_a_checkpoint_resumes_the_same_trajectory() -> None:
+    data = batches(8)
+    straight = model()
+    opt = adam(net=straight, inverse_update_freq=3)
+    for x, y in data[:4]:
+        backward(straight, x, y)
+        opt.step()
+    saved = copy.deepcopy({"model": straight.state_dict(), "opt": opt.state_dict()})
+    for x, y in data[4:]:
+        backward(straight, x, y)
+        opt.step()
+    resumed = model()
+    resumed.load_state_dict(saved["model"])
+    again = adam(net=resumed, inverse_update_freq=3)
+    again.load_state_dict(saved["opt"])
+    for x, y in data[4:]:
+        backward(resumed, x, y)
+        again.step()
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"step_rule": "adam"}, "step_rule"),
+        ({"momentum": 0.9}, "momentum"),
+        ({"damping_method": "factored"}, "damping_method"),
+        ({"kl_clip": 1e-3}, "kl_clip"),
+        ({"eigenvalue_correction": True}, "eigenvalue_correction"),
+        ({"adaptive_damping": True}, "adaptive_damping"),
+        ({"inverse_placement": "owner"}, "inverse_placement"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"betas": (0.9,)}, "betas"),
+        ({"eps": 0.0}, "eps"),
+    ],
+)
+def test_invalid_settings_name_the_parameter(options: dict[str, object], name: str) -> None:
+    settings: dict[str, object] = {"step_rule": "eigenbasis_adam", **options}
+    with pytest.raises(ValueError, match=name):
+        FrobPreconditionedSGD(nn.Linear(3, 2), lr=0.1, **settings)  # type: ignore[arg-type]
