@@ -25,36 +25,57 @@ def track_layers(
     output head tied to its token embedding) are preconditioned once, with the curvature of
     the *last* of them in the model's order that kfrob supports (the output head): its
     hooks record the factors, and the step preconditions the parameters' whole gradient,
-    which sums the contributions of all uses. Modules that share only some of their
-    parameters get plain SGD."""
+    which sums the contributions of all uses. The same holds for a supported module that
+    holds all the parameters of every module it shares one with (BERT's decoder: its
+    weight is the token embedding's, its bias its parent's). Modules that share only some
+    of their parameters otherwise get plain SGD."""
     owners: dict[int, list[str]] = {}
     modules = list(model.named_modules())
-    by_name = dict(modules)
     maths = {name: layer_math(module, curvature.weight_sharing) for name, module in modules}
     functional = functional_users(model)
     order = {name: i for i, (name, _) in enumerate(modules)}
+    own: dict[str, set[int]] = {}
     for name, module in modules:
+        own[name] = {id(p) for p in module.parameters(recurse=False)}
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(name)
+    shared = {
+        name: sorted({other for p in ids for other in owners[p]} - {name})
+        for name, ids in own.items()
+        if ids
+    }
+    # a carrier holds every parameter of each module it shares one with (a head whose weight
+    # is a token embedding's and whose bias is its parent's); of several with the very same
+    # parameters, the last in the model's order carries them
+    carriers = [
+        name
+        for name, others in shared.items()
+        if maths[name] is not None
+        and name not in functional
+        and all(own[other] <= own[name] for other in others)
+    ]
+    carriers = [
+        name
+        for name in carriers
+        if not any(own[o] == own[name] and order[o] > order[name] for o in carriers)
+    ]
     layers: dict[str, TrackedLayer] = {}
     unsupported: dict[str, str] = {}
     for name, module in modules:
-        own = list(module.parameters(recurse=False))
-        if not own:
+        if name not in shared:
             continue
         math = maths[name]
-        shared = sorted({other for p in own for other in owners[id(p)]} - {name})
-        tied_to = [other for other in shared if _same_parameters(module, by_name[other])]
         label = name or type(module).__name__
-        carrier = sorted((n for n in [name, *tied_to] if maths[n] is not None), key=order.get)
-        if len(tied_to) == len(shared) and carrier and carrier[-1] != name:
-            continue  # preconditioned through the last supported module it is tied to
+        if name not in carriers and any(
+            own[name] <= own[carrier] for carrier in carriers if carrier in shared[name]
+        ):
+            continue  # preconditioned through the carrier that holds all its parameters
         if name in functional:
             unsupported[label] = functional[name]
         elif math is None:
             unsupported[label] = str(unsupported_reason(module))
-        elif len(tied_to) < len(shared):
-            tied = ", ".join(other or type(model).__name__ for other in shared)
+        elif name not in carriers:
+            tied = ", ".join(other or type(model).__name__ for other in shared[name])
             unsupported[label] = f"some of its parameters are tied to {tied}"
         else:
             layer = TrackedLayer(
@@ -68,11 +89,6 @@ def track_layers(
         listing = "; ".join(f"{n} ({why})" for n, why in unsupported.items())
         warn(f"kfrob: these modules' parameters get plain SGD updates: {listing}")
     return layers, unsupported
-
-
-def _same_parameters(one: nn.Module, other: nn.Module) -> bool:
-    ids = [{id(p) for p in m.parameters(recurse=False)} for m in (one, other)]
-    return ids[0] == ids[1]
 
 
 def _factor(kind: str, math: LayerMath, size: int, codomain: bool) -> RunningFactor | None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
-from kfrob.layers import layer_math
+from kfrob.layers import RowNormMath, layer_math
 from tests.reference import codomain_factor, per_sample_output_grads
 from tests.test_factors import captured_factors, ce_term
 
@@ -42,6 +42,38 @@ class Conv1D(nn.Module):
 Conv1D.__module__ = "transformers.pytorch_utils"
 Conv1D.__qualname__ = "Conv1D"
 
+
+class LlamaRMSNorm(nn.Module):
+    """transformers' ``LlamaRMSNorm`` (its ``forward`` verbatim), under its qualified name."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+LlamaRMSNorm.__module__ = "transformers.models.llama.modeling_llama"
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's ``LayerNorm2d``: a layer norm over the channels of ``(B, C, H, W)``, under its
+    qualified name."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+LayerNorm2d.__module__ = "timm.layers.norm"
+
 # name: (module, input); the input's dim 1 is the channel dim for (B, C, *) norms
 CASES: dict[str, Callable[[], tuple[nn.Module, Tensor]]] = {
     "linear-sequence": lambda: (nn.Linear(5, 4), torch.randn(3, 4, 5)),
@@ -51,6 +83,8 @@ CASES: dict[str, Callable[[], tuple[nn.Module, Tensor]]] = {
     "layernorm-no-bias": lambda: (nn.LayerNorm(4, bias=False), torch.randn(3, 5, 4)),
     "layernorm-2d-shape": lambda: (nn.LayerNorm((2, 3)), torch.randn(4, 2, 3)),
     "rmsnorm": lambda: (nn.RMSNorm(4), torch.randn(3, 5, 4) + 0.5),
+    "rmsnorm-llama": lambda: (LlamaRMSNorm(4, eps=1e-3), torch.randn(3, 5, 4) + 0.5),
+    "layernorm2d-timm": lambda: (LayerNorm2d(4, eps=1e-3), torch.randn(3, 4, 2, 3) * 2 + 1),
     "batchnorm1d": lambda: (nn.BatchNorm1d(4), torch.randn(6, 4) * 3),
     "batchnorm1d-sequence": lambda: (nn.BatchNorm1d(3), torch.randn(4, 3, 5)),
     "batchnorm2d": lambda: (nn.BatchNorm2d(3), torch.randn(4, 3, 2, 3) + 1),
@@ -91,6 +125,11 @@ def test_rows_reproduce_the_gradient(name: str) -> None:
 def normalized_reference(module: nn.Module, x: Tensor) -> Tensor:
     """``x̂`` from the textbook formulas (biased variances), in float64."""
     x = x.double()
+    if isinstance(module, LayerNorm2d):
+        mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+        return (x - mean) / torch.sqrt(var + module.eps)
+    if isinstance(module, LlamaRMSNorm):
+        return x / torch.sqrt(x.square().mean(-1, keepdim=True) + module.variance_epsilon)
     if isinstance(module, nn.LayerNorm):
         dims = tuple(range(-len(module.normalized_shape), 0))
         mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
@@ -122,7 +161,7 @@ def test_norm_factors_match_brute_force(name: str, reduction: str) -> None:
     torch.manual_seed(1)
     module, x = CASES[name]()
     _init(module)
-    rowwise = isinstance(module, nn.LayerNorm | nn.RMSNorm)
+    rowwise = isinstance(layer_math(module), RowNormMath)
     per_token = rowwise and name != "layernorm-2d-shape"  # (B, T, d): a head per token
     if per_token:
         head = nn.Sequential(nn.Tanh(), nn.Linear(x.shape[-1], 3))
@@ -270,6 +309,78 @@ def test_partly_tied_modules_get_sgd_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="some of its parameters are tied"):
         opt = FrobPreconditionedSGD(nn.Sequential(first, second), lr=0.1)
     assert not opt.preconditioner.layers
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's prediction head: the decoder's weight is the token embedding's and its bias is
+    the head's own parameter (``decoder.bias = self.bias``)."""
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        self.decoder = nn.Linear(emb.embedding_dim, emb.num_embeddings)
+        self.decoder.weight = emb.weight
+        self.bias = self.decoder.bias
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.decoder(h)
+
+
+def test_head_holding_all_tied_parameters_carries_them() -> None:
+    """A decoder that holds the embedding's weight and its parent's bias is preconditioned
+    (once, for all three modules); nothing falls back to SGD."""
+    torch.manual_seed(3)
+    emb = nn.Embedding(7, 4)
+    model = nn.Sequential(emb, nn.LayerNorm(4), MaskedLMHead(emb))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = FrobPreconditionedSGD(model, lr=1.0, loss="cross_entropy", kl_clip=None)
+    assert set(opt.preconditioner.layers) == {"1", "2.decoder"}
+    assert not opt.preconditioner.unsupported
+    tokens = torch.randint(0, 7, (3, 5))
+    F.cross_entropy(model(tokens).reshape(-1, 7), tokens.roll(1, 1).reshape(-1)).backward()
+    grads = {p: p.grad.clone() for p in (emb.weight, model[2].bias)}
+    before = {p: p.detach().clone() for p in grads}
+    opt.step()
+    math = opt.preconditioner.layers["2.decoder"].math
+    want = math.split(opt.preconditioner.precondition("2.decoder", math.gradient_matrix(grads)))
+    for p in grads:
+        torch.testing.assert_close(before[p] - p.detach(), want[p], rtol=1e-5, atol=1e-7)
+
+
+class ActNorm(nn.BatchNorm2d):
+    """A batch norm followed by an activation inside ``forward`` (timm's ``BatchNormAct2d``):
+    its output is not ``γ x̂ + β``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.silu(super().forward(x))
+
+
+class LastAxisLayerNorm(nn.LayerNorm):
+    """A layer norm over dim 1 of ``(B, C, T)`` (permuting inside ``forward``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.mT).mT
+
+
+@pytest.mark.parametrize(
+    ("module", "x"),
+    [(ActNorm(3), torch.randn(4, 3, 2, 2)), (LastAxisLayerNorm(3), torch.randn(2, 3, 3))],
+    ids=["norm-then-activation", "layernorm-over-dim-1"],
+)
+def test_norm_whose_output_kfrob_cannot_reproduce_falls_back_to_sgd(
+    module: nn.Module, x: Tensor
+) -> None:
+    """A subclass of a supported norm whose output is not the scale and shift of the
+    normalisation kfrob computes gets plain SGD with the reason, never wrong factors or a
+    crash (even where the shapes happen to fit, as for the (2, 3, 3) input)."""
+    model = nn.Sequential(module, nn.Flatten(1), nn.Linear(x[0].numel(), 2))
+    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    with pytest.warns(UserWarning, match="0 falls back to plain SGD: its output"):
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), torch.randint(0, 2, (x.shape[0],))).backward()
+            opt.step()
+    assert "0" in opt.preconditioner.disabled and "2" not in opt.preconditioner.disabled
 
 
 class Conv2dSame(nn.Conv2d):
