@@ -417,8 +417,10 @@ def test_close_removes_every_hook() -> None:
     assert [len(m._forward_hooks) for m in model.modules()] == hooks_before
 
 
-def test_kfac_beats_tuned_sgd_on_small_classification() -> None:
-    """Ill-conditioned inputs: K-FAC reaches a lower training loss in the same 60 steps."""
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_kfac_beats_tuned_sgd_on_small_classification(momentum: float) -> None:
+    """Ill-conditioned inputs: K-FAC with the library's defaults, with or without momentum,
+    reaches a lower training loss than the best-tuned SGD in the same 200 steps."""
     gen = torch.Generator().manual_seed(0)
     scales = torch.logspace(-1.5, 0.5, 20)
     x = torch.randn(512, 20, generator=gen) * scales
@@ -429,7 +431,7 @@ def test_kfac_beats_tuned_sgd_on_small_classification() -> None:
         model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 4))
         opt = make_opt(model)
         order = torch.Generator().manual_seed(1)
-        for _ in range(60):
+        for _ in range(200):
             idx = torch.randint(0, 512, (64,), generator=order)
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
@@ -441,8 +443,9 @@ def test_kfac_beats_tuned_sgd_on_small_classification() -> None:
         final_loss(lambda m, lr=lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9))
         for lr in (0.03, 0.1, 0.3, 1.0)
     )
-    # library defaults for damping and the KL clip (measured: 0.37 against SGD's best 0.78)
-    kfac = final_loss(lambda m: FrobPreconditionedSGD(m, lr=0.3, momentum=0.9))
+    # library defaults for damping and the KL clip (measured: 0.23 without momentum and 0.26
+    # with 0.9, against SGD's best 0.44)
+    kfac = final_loss(lambda m: FrobPreconditionedSGD(m, lr=0.3, momentum=momentum))
     assert kfac < 0.8 * sgd, (kfac, sgd)
 
 
