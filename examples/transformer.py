@@ -5,8 +5,8 @@ context) learns to predict the next byte of the Python standard library's own so
 download, the interpreter's ``*.py`` files split by file into training and validation text.
 kfrob preconditions every layer (the ``nn.Linear`` projections and head, the embeddings,
 the LayerNorms) and here runs Adam in their Kronecker eigenbasis
-(``step_rule="eigenbasis_adam"``), its best recipe on this workload. The script prints the validation loss in nats per byte (ln 256 ≈
-5.55 at the start). About a minute on 2 CPU cores:
+(``step_rule="eigenbasis_adam"``), its best recipe on this workload. The script prints
+the validation loss in nats per byte (ln 256 ≈ 5.55 at the start). About a minute on 2 CPU cores:
 
     python examples/transformer.py [--steps 500]
 """
