@@ -33,22 +33,16 @@ import torch
 from torch import Tensor
 
 from kfrob.finite import select
-from kfrob.kronecker import EigenInverse
+from kfrob.kronecker import EigenInverse, rotate
 
-__all__ = ["adam_directions", "rotate"]
+__all__ = ["adam_directions"]
 
 
-def rotate(matrix: Tensor, inverse: EigenInverse | None, back: bool = False) -> Tensor:
-    """``Q_Gᵀ V Q_A`` (or, with ``back``, ``Q_G V Q_Aᵀ``) for ``V = matrix`` ``(k, out, in)``;
-    a side without a basis (``None`` inverse, diagonal or identity side) is not rotated."""
+def _rotate(matrix: Tensor, inverse: EigenInverse | None, back: bool = False) -> Tensor:
+    """Into (or, with ``back``, out of) the eigenbases of ``inverse``; none: unrotated."""
     if inverse is None:
         return matrix
-    q_g, q_a = inverse.codomain.basis, inverse.domain.basis
-    if q_g is not None:
-        matrix = (q_g if back else q_g.mT) @ matrix
-    if q_a is not None:
-        matrix = matrix @ (q_a.mT if back else q_a)
-    return matrix
+    return rotate(matrix, inverse.codomain, inverse.domain, back)
 
 
 def _moments(
@@ -101,10 +95,10 @@ def adam_directions(
         group = settings[weight]
         (beta1, beta2), eps = group["betas"], group["eps"]
         gradient = math.gradient_matrix(directions).to(math.factor_dtype)  # type: ignore[union-attr]
-        rotated = rotate(gradient, inverse)
+        rotated = _rotate(gradient, inverse)
         m, v, step = _moments(state[weight], gradient, rotated, finite, beta1, beta2)
-        direction = rotate(
-            _normalised(rotate(m, inverse), v, step, beta1, beta2, eps), inverse, back=True
+        direction = _rotate(
+            _normalised(_rotate(m, inverse), v, step, beta1, beta2, eps), inverse, back=True
         )
         for p, value in math.split(direction).items():
             directions[p] = value.to(p.dtype)

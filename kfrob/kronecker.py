@@ -43,6 +43,7 @@ __all__ = [
     "factored_inverses",
     "factored_powers",
     "factored_scaling",
+    "rotate",
     "shifted_inverse",
     "subspace_step",
 ]
@@ -272,19 +273,22 @@ def factored_scaling(
     return ((e_g + d_g)[..., :, None] * (e_a + d_a)[..., None, :]).pow(-exponent)
 
 
-def apply_eigen(matrix: Tensor, codomain: Side, domain: Side, scaling: Tensor) -> Tensor:
-    """``Q_G ((Q_Gᵀ V Q_A) ⊙ scaling) Q_Aᵀ`` for ``V = matrix`` ``(k, out, in)``."""
+def rotate(matrix: Tensor, codomain: Side, domain: Side, back: bool = False) -> Tensor:
+    """``Q_Gᵀ V Q_A`` (with ``back``, ``Q_G V Q_Aᵀ``) for ``V = matrix`` ``(k, out, in)``; a
+    side without a basis (``Q = I``) is not rotated."""
     q_g, q_a = codomain.basis, domain.basis
+    if back:  # the reverse order of the way in
+        if q_a is not None:
+            matrix = matrix @ q_a.mT
+        return matrix if q_g is None else q_g @ matrix
     if q_g is not None:
         matrix = q_g.mT @ matrix
-    if q_a is not None:
-        matrix = matrix @ q_a
-    matrix = matrix * scaling
-    if q_a is not None:
-        matrix = matrix @ q_a.mT
-    if q_g is not None:
-        matrix = q_g @ matrix
-    return matrix
+    return matrix if q_a is None else matrix @ q_a
+
+
+def apply_eigen(matrix: Tensor, codomain: Side, domain: Side, scaling: Tensor) -> Tensor:
+    """``Q_G ((Q_Gᵀ V Q_A) ⊙ scaling) Q_Aᵀ`` for ``V = matrix`` ``(k, out, in)``."""
+    return rotate(rotate(matrix, codomain, domain) * scaling, codomain, domain, back=True)
 
 
 def factored_inverses(

@@ -16,7 +16,13 @@ from kfrob.distributed import unwrap
 from kfrob.eigenbasis_adam import adam_directions
 from kfrob.finite import select
 from kfrob.kronecker import EigenInverse
-from kfrob.options import PreconditionerOptions, check_group, require, with_flat_keywords
+from kfrob.options import (
+    PreconditionerOptions,
+    check_eigenbasis_adam,
+    check_group,
+    require,
+    with_flat_keywords,
+)
 from kfrob.preconditioner import KroneckerPreconditioner
 
 __all__ = ["STEP_RULES", "FrobPreconditionedSGD"]
@@ -26,38 +32,13 @@ __all__ = ["STEP_RULES", "FrobPreconditionedSGD"]
 STEP_RULES = ("preconditioned_sgd", "eigenbasis_adam")
 
 
-def _check_eigenbasis_adam(options: PreconditionerOptions, momentum: float) -> None:
-    """The options ``step_rule='eigenbasis_adam'`` needs: eigenbases, no KL clip, no
-    damping rule, SGD's momentum left to Adam's first moment."""
-    rule = "with step_rule='eigenbasis_adam'"
-    require("momentum", momentum, momentum == 0, f"0 {rule} (its first moment is betas[0])")
-    inverse = options.inverse
-    require(
-        "damping_method", inverse.damping_method, inverse.damping_method == "exact",
-        f"'exact' {rule} (its eigenbases carry the rotation)",
-    )  # fmt: skip
-    require(
-        "eigenvalue_correction", inverse.eigenvalue_correction,
-        not inverse.eigenvalue_correction, f"False {rule} (Adam's second moment replaces it)",
-    )  # fmt: skip
-    require(
-        "kl_clip", options.kl_clip, options.kl_clip is None,
-        f"None {rule} (Adam's second moment scales the step)",
-    )  # fmt: skip
-    require("adaptive_damping", True, options.adaptation is None, f"False {rule} (no damping)")
-    placement = options.parallel.inverse_placement
-    require(
-        "inverse_placement", placement, placement == "replicated",
-        f"'replicated' {rule} (every rank rotates its own gradients)",
-    )  # fmt: skip
-
-
 class FrobPreconditionedSGD(Optimizer, Joinable):
     r"""Stochastic gradient descent preconditioned by Kronecker-factored curvature.
 
-    For every registered layer (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``; weight ``W``
-    and bias ``b`` together as ``V = [W, b]`` of shape ``(out, in + 1)``) the update
-    direction is the Riesz representative of the gradient in a Frobenius-type norm,
+    For every layer of a registered kind (``nn.Linear``, convolutions, embeddings, norms:
+    ``docs/api.md#layer-kinds``; weight ``W`` and bias ``b`` together as ``V = [W, b]`` of
+    shape ``(out, in + 1)``) the update direction is the Riesz representative of the
+    gradient in a Frobenius-type norm,
 
     .. math::
         \mathrm{vec}(\Delta) = (A \otimes G + \lambda I)^{-p}\,\mathrm{vec}(\nabla_V L
@@ -68,11 +49,14 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
     ``A ⊗ G`` is also the norm that measures a step: ``‖Δ‖² = tr(A Δᵀ G Δ)``. All
     preconditioned directions are then scaled by one factor
 
-    .. math:: \nu = \min\Bigl(1, \sqrt{\kappa / \textstyle\sum_\ell \mathrm{lr}_\ell^2
-        \langle g_\ell, \Delta_\ell\rangle}\Bigr)
+    .. math:: \nu = \min\Bigl(1, \sqrt{\kappa / \textstyle\sum_\ell r_\ell^2
+        \langle g_\ell, \Delta_\ell\rangle}\Bigr), \quad r_\ell = \mathrm{lr}_\ell / (1 - \mu_\ell)
 
-    (the KL clip ``κ``), after which momentum, Nesterov and the learning rate act exactly as
-    in :class:`torch.optim.SGD`. Parameters of other modules get plain SGD updates.
+    (the KL clip ``κ``; ``r`` is the step a steady direction takes under momentum ``μ``),
+    after which momentum, Nesterov and the learning rate act exactly as in
+    :class:`torch.optim.SGD`. Parameters of other modules get plain SGD updates.
+    ``step_rule="eigenbasis_adam"`` runs Adam in the layers' Kronecker eigenbases instead
+    (:mod:`kfrob.eigenbasis_adam`; ``betas``, ``eps``; AdamW for the other modules).
 
     The curvature work is done by a :class:`kfrob.KroneckerPreconditioner`
     (:attr:`preconditioner`); this class adds SGD's bookkeeping and the damping rule.
@@ -88,7 +72,11 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
             works).
         momentum: momentum factor in ``[0, 1)``.
         nesterov: Nesterov momentum (needs ``momentum > 0``).
-        weight_decay: L2 penalty added to the gradient before preconditioning (``>= 0``).
+        weight_decay: L2 penalty added to the gradient before preconditioning (``>= 0``;
+            decoupled, as in AdamW, under ``eigenbasis_adam``).
+        step_rule: ``"preconditioned_sgd"`` (default) or ``"eigenbasis_adam"``.
+        betas, eps: Adam's moment decays (each in ``[0, 1)``) and ``ε > 0``, per group
+            (``eigenbasis_adam`` only).
         options: a :class:`~kfrob.options.PreconditionerOptions`; or leave it out and pass
             its flat keywords (listed in this signature, documented in ``docs/api.md`` and
             :mod:`kfrob.options`): ``damping=1e-3`` (``λ > 0``, the groups' default),
@@ -168,7 +156,7 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         }
         check_group(defaults)
         if step_rule == "eigenbasis_adam":
-            _check_eigenbasis_adam(options, momentum)
+            check_eigenbasis_adam(options, momentum)
         self.step_rule = step_rule
         self._model_parameters = {id(p) for p in everything}
         super().__init__(everything if params is None else params, defaults)

@@ -29,6 +29,7 @@ __all__ = [
     "ParallelOptions",
     "PreconditionerOptions",
     "ScheduleOptions",
+    "check_eigenbasis_adam",
     "check_group",
     "flat_parameters",
     "with_flat_keywords",
@@ -378,3 +379,29 @@ def flat_parameters() -> list[inspect.Parameter]:
                           annotation=hints[name])
         for name in FLAT
     ]  # fmt: skip
+
+
+def check_eigenbasis_adam(options: PreconditionerOptions, momentum: float) -> None:
+    """The options ``step_rule='eigenbasis_adam'`` needs: eigenbases, no KL clip, no
+    damping rule, SGD's momentum left to Adam's first moment."""
+    rule = "with step_rule='eigenbasis_adam'"
+    require("momentum", momentum, momentum == 0, f"0 {rule} (its first moment is betas[0])")
+    inverse = options.inverse
+    require(
+        "damping_method", inverse.damping_method, inverse.damping_method == "exact",
+        f"'exact' {rule} (its eigenbases carry the rotation)",
+    )  # fmt: skip
+    require(
+        "eigenvalue_correction", inverse.eigenvalue_correction,
+        not inverse.eigenvalue_correction, f"False {rule} (Adam's second moment replaces it)",
+    )  # fmt: skip
+    require(
+        "kl_clip", options.kl_clip, options.kl_clip is None,
+        f"None {rule} (Adam's second moment scales the step)",
+    )  # fmt: skip
+    require("adaptive_damping", True, options.adaptation is None, f"False {rule} (no damping)")
+    placement = options.parallel.inverse_placement
+    require(
+        "inverse_placement", placement, placement == "replicated",
+        f"'replicated' {rule} (every rank rotates its own gradients)",
+    )  # fmt: skip
