@@ -261,6 +261,14 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         pre.damping.update(self.layer_damping())
         pre.step(self.learning_rates() if lrs is None else lrs)
 
+    def set_loss_mask(self, mask: Tensor | None) -> None:
+        """Count only the samples where ``mask`` is True in the curvature of the next forward
+        pass: a bool tensor over the leading dimensions of the model's output, e.g.
+        ``targets != ignore_index`` ``(batch, sequence)`` for a language model whose loss
+        ignores padding. Masked-out samples add no factor rows, count as no samples of a
+        mean-reduced loss and draw no MC Fisher labels; the mask serves one forward pass."""
+        self.preconditioner.set_loss_mask(mask)
+
     def directions(self, decay: bool = True) -> dict[Tensor, Tensor]:
         """``grad + weight_decay · param`` (``grad`` without ``decay``) for every parameter
         with a gradient."""

@@ -276,6 +276,10 @@ class KroneckerPreconditioner(EngineState):
             return matrix.to(self.layers[name].math.factor_dtype)
         return preconditioned
 
+    def set_loss_mask(self, mask: Tensor | None) -> None:
+        """Which samples the loss counts in the next forward pass (see :mod:`kfrob.capture`)."""
+        self.capture.set_loss_mask(mask)
+
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Record no curvature inside (an extra forward pass: a penalty, a re-evaluation)."""

@@ -136,6 +136,12 @@ class LayerMath:
         """Number of samples in an input or output tensor (what the loss averages over)."""
         return self.flatten_output(t).shape[0]
 
+    def sample_dims(self, t: Tensor) -> int:
+        """How many leading dimensions of an input or output tensor ``t`` index its samples
+        (a loss mask over these dimensions selects samples; one for a batch of images, two
+        for the tokens of ``(batch, sequence, features)`` under ``"expand"``)."""
+        return 1
+
     def to_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Weight-shaped (and bias-shaped) tensors as one ``(blocks, out, in)`` matrix."""
         mat = weight.reshape(self.blocks, self.out_features, -1)

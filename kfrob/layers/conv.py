@@ -55,6 +55,9 @@ class ConvMath(LayerMath):
             stride=self._as_2d(conv.stride, 1),
         )
 
+    def sample_dims(self, t: Tensor) -> int:
+        return 0 if t.dim() == self.spatial_dims + 1 else 1
+
     def flatten_output(self, y: Tensor) -> Tensor:
         if y.dim() == self.spatial_dims + 1:  # unbatched output
             y = y.unsqueeze(0)

@@ -62,6 +62,9 @@ class EmbeddingMath(LayerMath):
         # an index tensor (...) or an output (..., dim): every index is a sample
         return t.numel() if not t.is_floating_point() else t.numel() // self.out_features
 
+    def sample_dims(self, t: Tensor) -> int:
+        return t.dim() if not t.is_floating_point() else t.dim() - 1
+
     def to_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         return weight.mT.unsqueeze(0)
 

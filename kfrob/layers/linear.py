@@ -44,6 +44,10 @@ class LinearMath(LayerMath):
     def num_samples(self, t: Tensor) -> int:
         return math.prod(t.shape[:-1])
 
+    def sample_dims(self, t: Tensor) -> int:
+        # under "reduce" a row is a whole sequence: a mask of tokens cannot select rows
+        return 1 if self._sequences(t) else t.dim() - 1
+
 
 class TransposedLinearMath(LinearMath):
     """A linear layer ``y = x W + b`` whose weight is stored as ``(in, out)``: transformers'

@@ -111,6 +111,9 @@ class RowNormMath(_AffineNormMath):
     def flatten_output(self, y: Tensor) -> Tensor:
         return y.reshape(-1, self.blocks, 1)
 
+    def sample_dims(self, t: Tensor) -> int:
+        return t.dim() - len(self.module.normalized_shape)  # type: ignore[arg-type]
+
 
 class LastDimRMSNormMath(RowNormMath):
     """transformers' ``LlamaRMSNorm``: ``y = γ ⊙ x / sqrt(mean(x², -1) + variance_epsilon)``
@@ -121,6 +124,9 @@ class LastDimRMSNormMath(RowNormMath):
         x = x.to(self.factor_dtype)
         eps = self.module.variance_epsilon
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+    def sample_dims(self, t: Tensor) -> int:
+        return t.dim() - 1
 
 
 class ChannelNormMath(_AffineNormMath):
@@ -148,6 +154,9 @@ class ChannelNormMath(_AffineNormMath):
 
     def unfold_input(self, x: Tensor) -> Tensor:
         return self.flatten_output(self.normalized(self._batched(x)))
+
+    def sample_dims(self, t: Tensor) -> int:
+        return 0 if self._batched(t) is not t else 1
 
     def flatten_output(self, y: Tensor) -> Tensor:
         y = self._batched(y)
