@@ -15,7 +15,10 @@ in AdamW). This is SOAP's rule (Vyas et al., 2025) with K-FAC's factors in place
 Shampoo's: K-FAC supplies the directions, Adam's second moment the scale along each, so the
 step needs neither damping nor a KL clip to be well scaled. The first moment lives in the
 parameters' coordinates and is rotated each step, so a refresh of the bases never stales
-it; the second moment is kept across refreshes. Parameters without Kronecker factors get
+it; the second moment is kept across refreshes. Between refreshes the rotated first moment
+``Q_Gᵀ m Q_A`` is advanced by the same recursion with the rotated gradient (the rotation is
+linear), so a step rotates twice (the gradient in, the direction out), not three times; it
+is rotated afresh from ``m`` after each refresh. Parameters without Kronecker factors get
 plain Adam (their basis is the coordinate basis).
 
 State per parameter, in ``optimizer.state[p]``: ``"step"``, ``"exp_avg"`` and
@@ -63,6 +66,25 @@ def _moments(
     return m, v, step
 
 
+def _rotated_mean(
+    kept: dict[Tensor, Any], weight: Tensor, inverse: EigenInverse | None, m: Tensor,
+    rotated: Tensor, finite: Tensor, beta1: float,
+) -> Tensor:  # fmt: skip
+    """``Q_Gᵀ m Q_A`` for the layer of ``weight``: advanced from ``kept``'s rotation of the
+    previous ``m`` by ``β₁`` and the rotated gradient while the bases are those it was
+    rotated with, else rotated afresh (after a refresh, or with nothing kept)."""
+    if inverse is None:
+        return m
+    bases = (inverse.codomain.basis, inverse.domain.basis)
+    previous = kept.get(weight)
+    if previous is None or any(a is not b for a, b in zip(previous[0], bases, strict=True)):
+        mean = _rotate(m, inverse)
+    else:
+        mean = select(finite, torch.lerp(previous[1], rotated, 1 - beta1), previous[1])
+    kept[weight] = (bases, mean)
+    return mean
+
+
 def _normalised(
     m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
 ) -> Tensor:
@@ -80,13 +102,16 @@ def adam_directions(
     directions: dict[Tensor, Tensor],
     layers: Mapping[Tensor, tuple[Any, EigenInverse | None]],
     finite: Tensor,
+    rotated_means: dict[Tensor, Any],
 ) -> None:
     """Replace each entry of ``directions`` (raw gradients) by its Adam direction ``Δ``.
 
     ``layers`` maps each preconditioned layer's weight to ``(its LayerMath, its
     EigenInverse or None)``; a layer's weight and bias share one rotated second moment, so
     the layer's whole matrix moves together. ``groups`` are the optimizer's parameter
-    groups (``betas``, ``eps``); ``state`` its per-parameter state."""
+    groups (``betas``, ``eps``); ``state`` its per-parameter state; ``rotated_means`` keeps
+    each layer's rotated first moment with the bases it was rotated into (the optimizer's,
+    emptied when its state is loaded)."""
     settings = {p: g for g in groups for p in g["params"]}
     done: set[Tensor] = set()
     for weight, (math, inverse) in layers.items():
@@ -96,10 +121,11 @@ def adam_directions(
         (beta1, beta2), eps = group["betas"], group["eps"]
         gradient = math.gradient_matrix(directions).to(math.factor_dtype)  # type: ignore[union-attr]
         rotated = _rotate(gradient, inverse)
+        if "exp_avg" not in state[weight]:  # a fresh state: nothing kept applies
+            rotated_means.pop(weight, None)
         m, v, step = _moments(state[weight], gradient, rotated, finite, beta1, beta2)
-        direction = _rotate(
-            _normalised(_rotate(m, inverse), v, step, beta1, beta2, eps), inverse, back=True
-        )
+        mean = _rotated_mean(rotated_means, weight, inverse, m, rotated, finite, beta1)
+        direction = _rotate(_normalised(mean, v, step, beta1, beta2, eps), inverse, back=True)
         for p, value in math.split(direction).items():
             directions[p] = value.to(p.dtype)
             done.add(p)

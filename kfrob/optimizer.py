@@ -170,6 +170,8 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         )
         rule = options.adaptation
         self._adaptation = None if rule is None else LevenbergMarquardt(rule)
+        #: eigenbasis_adam's first moments in the eigenbases (derived, not saved)
+        self._rotated_means: dict[Tensor, Any] = {}
         self.last_reduction_ratio: float | None = None  # ρ of the last adaptation
         Joinable.__init__(self)
 
@@ -232,7 +234,10 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         if self.step_rule == "eigenbasis_adam":
             directions = self.directions(decay=False)
             finite = pre.update(directions, self.layer_damping())
-            adam_directions(self.param_groups, self.state, directions, self._bases(), finite)
+            adam_directions(
+                self.param_groups, self.state, directions, self._bases(), finite,
+                self._rotated_means,
+            )  # fmt: skip
             self._apply(directions, finite, decoupled=True)
         else:
             directions = self.directions()
@@ -407,6 +412,7 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         self.preconditioner.check_state_dict(engine)
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(engine)
+        self._rotated_means.clear()
         self.last_reduction_ratio = extra.get("last_reduction_ratio")
 
     def close(self) -> None:

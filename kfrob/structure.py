@@ -12,10 +12,12 @@ form,
 
     (M̃ + d I)^{-p} = s (I + U diag(w) Uᵀ),   s = (σ + d)^{-p},   w = (e + d)^{-p} / s − 1,
 
-and costs ``4·n·r·m`` flops to apply. After its first refresh a low-rank side is not held
-as a matrix at all, only as the sketch ``M U`` (:class:`kfrob.factors.SketchedFactor`), and
-each refresh is a Nyström approximation from that sketch (:func:`nystrom`, ``O(n·r²)``)
-instead of an eigendecomposition.
+and costs ``4·n·r·m`` flops to apply. The first refresh finds the leading eigenpairs of the
+dense factor (:func:`leading_eigenpairs`: by randomized subspace iteration for a wide side,
+``O(n²·r)``, else by ``eigh``). After it a low-rank side is not held as a matrix at all,
+only as the sketch ``M U`` (:class:`kfrob.factors.SketchedFactor`), and each refresh is a
+Nyström approximation from that sketch (:func:`nystrom`, ``O(n·r²)``) instead of an
+eigendecomposition.
 
 :func:`choose_structure` is the per-side cost model that picks dense or low-rank, and says
 why. Everything here is pure math on tensors with a leading block dimension ``k``.
@@ -43,6 +45,7 @@ __all__ = [
     "leading_eigenpairs",
     "low_rank_power",
     "nystrom",
+    "randomized_eigenpairs",
 ]
 
 Structure = Literal["auto", "dense", "low_rank"]
@@ -150,13 +153,28 @@ def apply_right(matrix: Tensor, side: SideOperator) -> Tensor:
     return side.right(matrix)
 
 
+#: the randomized range finder's extra columns and power iterations (Halko, Martinsson and
+#: Tropp 2011), and the narrowest side it serves (rank 32 on a 2-core CPU: as fast as a
+#: full ``eigh`` at width 256, 4× faster at 512, 25× at 2048)
+OVERSAMPLING = 16
+POWER_ITERATIONS = 4
+RANDOMIZED_MIN_WIDTH = 512
+
+
 def leading_eigenpairs(factor: Tensor, rank: int) -> LowRankSide | None:
-    """The ``rank`` leading eigenpairs of a symmetric PSD ``factor`` ``(k, n, n)`` (by
-    ``torch.linalg.eigh``, retried once in float64 with a jitter of ``1e-6·mean(diag)``, as
-    for dense sides) and the trace-keeping ``σ`` of the rest (``rank < n``). Returns
-    ``None`` if both attempts fail or give non-finite values."""
+    """The ``rank`` leading eigenpairs of a symmetric PSD ``factor`` ``(k, n, n)`` and the
+    trace-keeping ``σ`` of the rest (``rank < n``).
+
+    A side at least :data:`RANDOMIZED_MIN_WIDTH` wide and four times the sketch width gets
+    :func:`randomized_eigenpairs`; otherwise (or if that fails) ``torch.linalg.eigh``,
+    retried once in float64 with a jitter of ``1e-6·mean(diag)``, as for dense sides.
+    Returns ``None`` if every attempt fails or gives non-finite values."""
     trace = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1, keepdim=True)
     n = factor.shape[-1]
+    if n >= RANDOMIZED_MIN_WIDTH and 4 * (rank + OVERSAMPLING) <= n:
+        side = randomized_eigenpairs(factor, rank, trace)
+        if side is not None:
+            return side
     for matrix in (factor, None):
         if matrix is None:  # the retry
             eye = torch.eye(n, dtype=torch.float64, device=factor.device)
@@ -171,6 +189,30 @@ def leading_eigenpairs(factor: Tensor, rank: int) -> LowRankSide | None:
         if side is not None:
             return side
     return None
+
+
+def randomized_eigenpairs(factor: Tensor, rank: int, trace: Tensor) -> LowRankSide | None:
+    """The ``rank`` leading eigenpairs of a symmetric PSD ``factor`` ``(k, n, n)`` by
+    randomized subspace iteration: ``Q`` an orthonormal basis of ``F^{q+1} Ω`` for a
+    Gaussian ``Ω`` ``(k, n, rank + OVERSAMPLING)`` (re-orthonormalised after each product),
+    then the Nyström approximation from the sketch ``F Q`` (:func:`nystrom`). Exact when
+    ``rank F ≤ rank + OVERSAMPLING``; otherwise each iteration sharpens the leading
+    subspace by the eigenvalue ratios. ``Ω`` comes from a fixed seed, so every rank of a
+    data-parallel job finds the same pairs for the same factor. Costs ``O(q·n²·r)``;
+    ``None`` on failure or non-finite values."""
+    n, width = factor.shape[-1], min(rank + OVERSAMPLING, factor.shape[-1])
+    generator = torch.Generator(device=factor.device).manual_seed(0)
+    omega = torch.randn(
+        factor.shape[0], n, width, generator=generator, device=factor.device,
+        dtype=factor.dtype,
+    )  # fmt: skip
+    try:
+        basis = torch.linalg.qr(factor @ omega).Q
+        for _ in range(POWER_ITERATIONS):
+            basis = torch.linalg.qr(factor @ basis).Q
+    except RuntimeError:
+        return None
+    return nystrom(basis, factor @ basis, trace, rank)
 
 
 def nystrom(basis: Tensor, sketch: Tensor, trace: Tensor, rank: int) -> LowRankSide | None:

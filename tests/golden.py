@@ -159,7 +159,9 @@ def record() -> None:
 
 def rerecord(names: list[str]) -> None:
     """Replace the stored trajectories of ``names`` only (the rest, the saved states and the
-    distributed runs keep what they hold)."""
+    distributed runs keep what they hold). A configuration with a saved state also records
+    where resuming from that old state now leads (``"resumed"``): the old checkpoint must
+    still load, while the steps after it follow the changed math."""
     from tests.distributed_harness import run_ranks, train
 
     golden = torch.load(PATH, weights_only=False)
@@ -167,8 +169,11 @@ def rerecord(names: list[str]) -> None:
         if name in DISTRIBUTED:
             out = run_ranks(2, train, Path("/tmp/kfrob-golden") / name, DISTRIBUTED[name])
             golden["distributed"][name] = [r["params"] for r in out]
-        else:
-            golden["trajectories"][name], _ = run(CONFIGS[name])
+            continue
+        golden["trajectories"][name], _ = run(CONFIGS[name])
+        if name in golden["states"]:  # the old checkpoint stays; what it resumes to changes
+            resumed, _ = run(CONFIGS[name], start=golden["states"][name])
+            golden.setdefault("resumed", {})[name] = resumed
     torch.save(golden, PATH)
 
 

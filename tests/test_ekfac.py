@@ -20,6 +20,7 @@ from torch.func import functional_call, grad, vmap
 
 from kfrob import FrobPreconditionedSGD
 from kfrob.correction import EigenbasisMoment
+from kfrob.fisher import draw_categorical
 from kfrob.preconditioner import KroneckerPreconditioner
 from tests.reference import (
     codomain_factor,
@@ -76,7 +77,7 @@ def train_step(
         return y
     assert state is not None
     redraw = torch.Generator().set_state(state)
-    return torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=redraw)[:, 0]
+    return draw_categorical(torch.softmax(logits.detach(), -1), redraw)
 
 
 def per_sample_matrices(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 
 from kfrob import FrobPreconditionedSGD
 from kfrob.diagnostics import fisher_trace
+from kfrob.fisher import draw_categorical
 from tests.reference import vec
 
 
@@ -64,6 +65,20 @@ def test_mc_fisher_converges_to_closed_form_for_softmax() -> None:
         torch.testing.assert_close(grad_before_step, layer.weight.grad)
         layer.zero_grad()
     assert errors[1] < 0.01 < errors[0], errors
+
+
+def test_categorical_draws_follow_their_probabilities() -> None:
+    """Frequencies of 200,000 draws per row are within 5 standard errors of each row's
+    probabilities (unnormalised rows included); classes of probability 0 are never drawn."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 2.0, 0.0], [0.1, 0.2, 0.3, 0.0]])
+    draws = 200_000
+    labels = draw_categorical(probs.repeat_interleave(draws, 0), gen).reshape(3, draws)
+    counts = F.one_hot(labels, 4).sum(1).double()
+    p = probs.double() / probs.double().sum(-1, keepdim=True)
+    standard_error = (p * (1 - p) / draws).sqrt()
+    assert ((counts / draws - p).abs() <= 5 * standard_error + 1e-12).all(), counts / draws
+    assert (counts[p == 0] == 0).all()
 
 
 def test_mc_fisher_for_mse_is_identity_on_last_layer() -> None:

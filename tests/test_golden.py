@@ -46,7 +46,9 @@ def test_same_trajectory(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(RECORDED["states"]))
 def test_old_state_dict_resumes_the_same_trajectory(name: str) -> None:
     params, _ = golden.run(golden.CONFIGS[name], start=RECORDED["states"][name])
-    assert_params_equal(params, RECORDED["trajectories"][name])
+    # where the math changed after the state was saved, the resumed run has its own record
+    want = RECORDED.get("resumed", {}).get(name, RECORDED["trajectories"][name])
+    assert_params_equal(params, want)
 
 
 @pytest.mark.skipif(

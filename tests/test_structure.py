@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from kfrob import FrobPreconditionedSGD, KroneckerPreconditioner
 from kfrob.factors import RunningFactor, SketchedFactor
 from kfrob.structure import (
+    OVERSAMPLING,
     LowRankPower,
     StructureChoice,
     choose_structure,
@@ -65,6 +66,47 @@ def test_low_rank_equals_the_truncated_eigendecomposition() -> None:
     side = leading_eigenpairs(m, 6)
     assert side is not None
     torch.testing.assert_close(side.dense(), truncated(m, 6))
+    torch.testing.assert_close(side.dense()[0].trace(), m[0].trace())
+
+
+def small_eigh_only(monkeypatch: pytest.MonkeyPatch, widest: int) -> None:
+    """Make any ``eigh`` of a matrix wider than ``widest`` fail the test."""
+    eigh = torch.linalg.eigh
+
+    def checked(matrix: Tensor, *args: object, **kwargs: object) -> object:
+        assert matrix.shape[-1] <= widest, f"a full eigh of width {matrix.shape[-1]}"
+        return eigh(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", checked)
+
+
+def test_wide_side_is_exact_without_a_full_eigh_when_its_rank_is_at_most_k(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    m = psd(600, 20, seed=5)
+    small_eigh_only(monkeypatch, widest=20 + OVERSAMPLING)
+    side = leading_eigenpairs(m, 20)
+    assert side is not None
+    torch.testing.assert_close(side.dense(), m)
+
+
+def test_wide_side_finds_the_leading_eigenpairs_of_a_decaying_spectrum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Full rank, eigenvalues ``0.97^i`` (a slow decay): the randomized pairs are the
+    truncated eigendecomposition's to a small error, and the approximation is nearly as
+    good as the best rank-k one."""
+    n, k = 600, 24
+    q = orthonormal(n, n, seed=6)[0]
+    m = (q @ torch.diag(0.97 ** torch.arange(n, dtype=torch.float64)) @ q.T)[None]
+    best = truncated(m, k)
+    small_eigh_only(monkeypatch, widest=k + OVERSAMPLING)
+    side = leading_eigenpairs(m, k)
+    assert side is not None
+    exact = 0.97 ** torch.arange(k - 1, -1, -1, dtype=torch.float64)
+    torch.testing.assert_close(side.eigenvalues[0], exact, rtol=2e-3, atol=0)
+    error, best_error = (torch.linalg.matrix_norm(a - m) for a in (side.dense(), best))
+    assert float(error) <= 1.02 * float(best_error), (error, best_error)
     torch.testing.assert_close(side.dense()[0].trace(), m[0].trace())
 
 
