@@ -24,11 +24,12 @@ sets ``F``. With the decay warm-up, the ``k``-th accepted statistic enters with 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kfrob.structure import nystrom
 
-__all__ = ["RunningFactor", "SketchedFactor"]
+__all__ = ["BlockDiagonalFactor", "RunningFactor", "SketchedFactor"]
 
 
 class RunningFactor:
@@ -159,6 +160,64 @@ class RunningFactor:
         self.folds = folds.to(self.folds)
         self.rows_per_window = int(state["rows"]) if "rows" in state else 0
         self.discard()
+
+
+class BlockDiagonalFactor(RunningFactor):
+    """A running factor ``F`` ``(blocks, size, size)`` of which only the diagonal blocks are
+    kept: ``parts = ⌈size / max_block⌉`` blocks of width ``part = ⌈size / parts⌉`` (the last
+    one padded with zero coordinates, which no gradient entry meets), held as
+    ``(blocks · parts, part, part)``: ``size·part`` numbers instead of ``size²``.
+
+    The hooks add each part's ``rᵀ r`` (``size·part`` flops a row instead of ``size²``); the
+    window's statistic is scaled and averaged exactly as a dense one, so the parts stay the
+    diagonal blocks of the dense factor. Its trace is the dense factor's.
+    """
+
+    def __init__(
+        self,
+        blocks: int,
+        size: int,
+        max_block: int,
+        *,
+        per_sample_scale: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.part = -(-size // -(-size // max_block))  # balanced parts of at most max_block
+        self.parts = -(-size // self.part)
+        self.size, self.layer_blocks = size, blocks
+        super().__init__(
+            blocks * self.parts, self.part, per_sample_scale=per_sample_scale, device=device,
+            dtype=dtype,
+        )  # fmt: skip
+        #: why the side is block-diagonal (shown by ``KroneckerPreconditioner.structures``)
+        self.reason = f"requested: {self.parts} blocks of width {self.part}"
+
+    def split(self, rows: Tensor) -> Tensor:
+        """Rows ``(blocks, n, size)`` as ``(blocks · parts, n, part)`` (zero-padded)."""
+        blocks, n, size = rows.shape
+        padded = F.pad(rows, (0, self.parts * self.part - size))
+        parted = padded.reshape(blocks, n, self.parts, self.part).transpose(1, 2)
+        return parted.reshape(blocks * self.parts, n, self.part)
+
+    def add(self, rows: Tensor, samples: int) -> None:
+        parted = self.split(rows)
+        self._sum.baddbmm_(parted.mT, parted)
+        self.rows += rows.shape[1]
+        self.samples += samples
+        self.calls += 1
+
+    def trace(self) -> Tensor:
+        """``tr F`` per layer block, ``(blocks, 1)``."""
+        return super().trace().reshape(self.layer_blocks, self.parts).sum(-1, keepdim=True)
+
+    @property
+    def value(self) -> Tensor:
+        """The block-diagonal matrix ``(blocks, size, size)`` (for inspection; the
+        preconditioner works on the parts)."""
+        parts = self.average.reshape(self.layer_blocks, self.parts, self.part, self.part)
+        dense = torch.stack([torch.block_diag(*layer_parts) for layer_parts in parts])
+        return dense[:, : self.size, : self.size]
 
 
 class SketchedFactor(RunningFactor):

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kfrob.capture import TrackedLayer
 from kfrob.correction import EigenbasisMoment
-from kfrob.factors import RunningFactor, SketchedFactor
+from kfrob.factors import BlockDiagonalFactor, RunningFactor, SketchedFactor
 from kfrob.kronecker import (
     EigenInverse,
     InverseFactors,
@@ -44,6 +44,7 @@ from kfrob.kronecker import (
 )
 from kfrob.options import InverseOptions, PreconditionerOptions
 from kfrob.structure import (
+    BlockDiagonalPower,
     DiagonalPower,
     LowRankPower,
     SideOperator,
@@ -218,13 +219,19 @@ class FactoredDamping(InverseMethod):
         choices = {}
         for side, (factor, size) in sides.items():
             other = widths["domain" if side == "codomain" else "codomain"]
+            requested = getattr(options, f"{side}_structure")
             if isinstance(factor, SketchedFactor):  # a sketch stays one
                 choices[side] = StructureChoice("low_rank", factor.reason)
+            elif isinstance(factor, BlockDiagonalFactor):
+                choices[side] = StructureChoice("block_diagonal", factor.reason)
+            elif requested == "block_diagonal":  # narrow enough for one block
+                why = f"width {size} ≤ max_block_size {options.max_block_size}: one block"
+                choices[side] = StructureChoice("dense", why)
             elif self.dense_only is not None:
                 choices[side] = StructureChoice("dense", self.dense_only)
             else:
                 choices[side] = choose_structure(
-                    getattr(options, f"{side}_structure"), size, other, rows, options.rank,
+                    requested, size, other, rows, options.rank,
                     options.dense_budget, self.inverse_update_freq, self.factor_update_freq,
                 )  # fmt: skip
         return choices
@@ -236,7 +243,7 @@ class FactoredDamping(InverseMethod):
         structured = {
             layer.name
             for layer in layers
-            if any(c.structure == "low_rank" for c in self.structures(layer).values())
+            if any(c.structure != "dense" for c in self.structures(layer).values())
         }
         plain = super().compute([la for la in layers if la.name not in structured], damping, held)
         return {
@@ -249,8 +256,8 @@ class FactoredDamping(InverseMethod):
         }
 
     def _structured(self, layer: TrackedLayer, damping: float) -> Inverse | None:
-        """The layer's inverse with at least one low-rank side; ``None`` if a decomposition
-        fails."""
+        """The layer's inverse with at least one structured side; ``None`` if a
+        decomposition fails."""
         choices = self.structures(layer)
         factors = {"codomain": layer.codomain, "domain": layer.domain}
         math = layer.math
@@ -264,6 +271,11 @@ class FactoredDamping(InverseMethod):
                 operators[side] = None
             elif factor.diagonal:
                 operators[side] = DiagonalPower((factor.value.clamp(min=0) + shift).pow(-p))
+            elif isinstance(factor, BlockDiagonalFactor):
+                parts = dense_power(factor.average, shift.repeat_interleave(factor.parts, 0), p)
+                if parts is None:
+                    return None
+                operators[side] = BlockDiagonalPower(parts, factor.size)
             elif choices[side].structure == "low_rank":
                 rank = self.options.rank
                 if isinstance(factor, SketchedFactor):

@@ -27,7 +27,14 @@ import torch
 from torch import Tensor
 
 from kfrob.finite import all_finite
-from kfrob.structure import DiagonalPower, LowRankPower, SideOperator, apply_left, apply_right
+from kfrob.structure import (
+    BlockDiagonalPower,
+    DiagonalPower,
+    LowRankPower,
+    SideOperator,
+    apply_left,
+    apply_right,
+)
 
 __all__ = [
     "EigenInverse",
@@ -133,7 +140,11 @@ class InverseFactors:
         return cls(side("codomain"), side("domain"))
 
 
-_STRUCTURES: dict[type, str] = {LowRankPower: "low_rank", DiagonalPower: "diagonal"}
+_STRUCTURES: dict[type, str] = {
+    LowRankPower: "low_rank",
+    DiagonalPower: "diagonal",
+    BlockDiagonalPower: "block_diagonal",
+}
 
 
 def decompose(factor: Tensor, diagonal: bool = False) -> Side | None:

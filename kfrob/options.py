@@ -44,7 +44,7 @@ WeightSharing = Literal["expand", "reduce"]
 DampingMethod = Literal["factored", "exact"]
 EigenbasisRefresh = Literal["eigh", "subspace"]
 InversePlacement = Literal["replicated", "owner"]
-Structure = Literal["auto", "dense", "low_rank"]
+Structure = Literal["auto", "dense", "low_rank", "block_diagonal"]
 
 
 def require(name: str, value: Any, ok: bool, allowed: str) -> None:
@@ -106,9 +106,10 @@ class InverseOptions:
     """How a layer's damped inverse ``(A ⊗ G + λI)^{-p}`` is computed (see
     :mod:`kfrob.inverses`), and each side's structure (:mod:`kfrob.structure`): ``"dense"``,
     ``"low_rank"`` (the ``rank`` leading eigenpairs and a trace-keeping identity for the rest;
-    factored damping only) or ``"auto"``: low-rank where a dense side would cost more than
-    ``dense_budget`` times the layer's forward and backward pass (with factored damping;
-    dense otherwise)."""
+    factored damping only), ``"block_diagonal"`` (the factor's diagonal blocks of at most
+    ``max_block_size``, as equal as the width allows; factored damping only) or ``"auto"``:
+    low-rank where a dense side would cost more than ``dense_budget`` times the layer's
+    forward and backward pass (with factored damping; dense otherwise)."""
 
     damping_method: DampingMethod = "factored"
     exponent: float = 1.0
@@ -117,6 +118,7 @@ class InverseOptions:
     domain_structure: Structure = "auto"
     codomain_structure: Structure = "auto"
     rank: int = 32
+    max_block_size: int = 512
     dense_budget: float = 0.5
 
     def __post_init__(self) -> None:
@@ -124,11 +126,14 @@ class InverseOptions:
             value = getattr(self, name)
             _choice(name, value, Structure)
             require(
-                name, value, value != "low_rank" or self.damping_method == "factored",
+                name, value,
+                value not in ("low_rank", "block_diagonal") or self.damping_method == "factored",
                 "'auto' or 'dense' unless damping_method='factored' (exact damping and EKFAC "
                 "keep dense eigenbases)",
             )  # fmt: skip
         require("rank", self.rank, _positive_int(self.rank), "an integer >= 1")
+        block = self.max_block_size
+        require("max_block_size", block, _positive_int(block), "an integer >= 1")
         budget = self.dense_budget
         require("dense_budget", budget, _number(budget) and budget > 0, "a finite number > 0")
         p = self.exponent

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kfrob.capture import CurvatureCapture, TrackedLayer
-from kfrob.factors import RunningFactor, SketchedFactor
+from kfrob.factors import BlockDiagonalFactor, RunningFactor, SketchedFactor
 from kfrob.inverses import InverseMethod
 from kfrob.placement import Placement
 from kfrob.schedule import RefreshSchedule
@@ -115,6 +115,8 @@ class EngineState:
                 width = layer.math.in_features if side == "domain" else layer.math.out_features
                 blocks = layer.math.blocks
                 want = (blocks, width) if factor.diagonal else (blocks, width, width)
+                if isinstance(factor, BlockDiagonalFactor):  # (blocks · parts, part, part)
+                    want = tuple(factor.average.shape)
                 got = tuple(entry["value"].shape)
                 if "basis" in entry:  # a sketched factor: (blocks, width + 1, rank)
                     want, got = (blocks, width), tuple(entry["basis"].shape[:2])

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from kfrob.alerts import warn
 from kfrob.capture import TrackedLayer
-from kfrob.factors import RunningFactor
+from kfrob.factors import BlockDiagonalFactor, RunningFactor
 from kfrob.inverses import InverseMethod
 from kfrob.layers import LayerMath, functional_users, layer_math, unsupported_reason
 from kfrob.options import CurvatureOptions
@@ -80,8 +80,8 @@ def track_layers(
         else:
             layer = TrackedLayer(
                 name, module, math,
-                _factor(curvature.domain, math, math.in_features, False),
-                _factor(curvature.codomain, math, math.out_features, True),
+                _factor(curvature.domain, math, math.in_features, False, method),
+                _factor(curvature.codomain, math, math.out_features, True, method),
             )  # fmt: skip
             method.attach(layer)
             layers[name] = layer
@@ -91,10 +91,19 @@ def track_layers(
     return layers, unsupported
 
 
-def _factor(kind: str, math: LayerMath, size: int, codomain: bool) -> RunningFactor | None:
+def _factor(
+    kind: str, math: LayerMath, size: int, codomain: bool, method: InverseMethod
+) -> RunningFactor | None:
     if kind == "identity":
         return None
     diagonal = kind == "diagonal" or (math.diagonal_domain and not codomain)
+    options = getattr(method, "options", None)  # a factored method's structures
+    structure = getattr(options, "codomain_structure" if codomain else "domain_structure", None)
+    if not diagonal and structure == "block_diagonal" and size > options.max_block_size:  # type: ignore[union-attr]
+        return BlockDiagonalFactor(
+            math.blocks, size, options.max_block_size, per_sample_scale=codomain,  # type: ignore[union-attr]
+            device=math.device, dtype=math.factor_dtype,
+        )  # fmt: skip
     return RunningFactor(
         math.blocks, size, diagonal=diagonal, per_sample_scale=codomain,
         device=math.device, dtype=math.factor_dtype,

@@ -106,6 +106,11 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
         lrs(3e-4, 1e-3, 3e-3),
         lrs(1e-4, 3e-4, 1e-3),
     ),
+    "kfrob-adam-5/20": (
+        kfrob_factory(step_rule="eigenbasis_adam", factor_update_freq=5, inverse_update_freq=20),
+        lrs(3e-4, 1e-3, 3e-3),
+        lrs(1e-4, 3e-4, 1e-3),
+    ),
     "sgd": (
         lambda m, hp, w, s: torch.optim.SGD(m.parameters(), momentum=0.9, **hp),
         lrs(0.01, 0.03, 0.1),
@@ -138,6 +143,7 @@ ABOUT = {  # what each variant is, for the report
     "takes a closure)",
     "kfrob-momentum": "SGD momentum 0.9 (`momentum=0.9`)",
     "kfrob-adam": "Adam in the Kronecker eigenbasis (`step_rule='eigenbasis_adam'`)",
+    "kfrob-adam-5/20": "the same, factors every 5 steps and eigenbases every 20",
     "sgd": "momentum 0.9",
     "adamw": "`torch.optim.AdamW` defaults besides the learning rate",
 }

@@ -70,6 +70,9 @@ def single() -> dict:
         torch.set_num_threads(threads)
 
 
+BLOCKS = {"domain_structure": "block_diagonal", "codomain_structure": "block_diagonal"}
+
+
 @pytest.mark.parametrize(
     ("world_size", "options", "extra"),
     [
@@ -82,6 +85,8 @@ def single() -> dict:
         (2, {"stagger_refreshes": True, "damping_method": "exact"}, {}),
         (3, {"stagger_refreshes": True, "inverse_placement": "owner"}, {}),
         (2, {"rank": 4, "domain_structure": "low_rank"}, {}),
+        (2, {"max_block_size": 3, **BLOCKS}, {}),
+        (3, {"max_block_size": 3, "inverse_placement": "owner", **BLOCKS}, {}),
     ],
     ids=[
         "2-ranks",
@@ -93,6 +98,8 @@ def single() -> dict:
         "2-ranks-staggered",
         "3-ranks-staggered-owner",
         "2-ranks-low-rank-sketches",
+        "2-ranks-block-diagonal",
+        "3-ranks-block-diagonal-owner",
     ],
 )
 def test_ranks_agree_and_equal_the_global_batch_run(

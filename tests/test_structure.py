@@ -14,6 +14,7 @@ from kfrob import FrobPreconditionedSGD, KroneckerPreconditioner
 from kfrob.factors import RunningFactor, SketchedFactor
 from kfrob.structure import (
     OVERSAMPLING,
+    BlockDiagonalPower,
     LowRankPower,
     StructureChoice,
     choose_structure,
@@ -349,3 +350,116 @@ def test_structured_inverses_survive_a_state_dict_round_trip() -> None:
     straight, _ = trained(7)
     for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+
+
+# --- block-diagonal sides ----------------------------------------------------------------
+BLOCKS = {"domain_structure": "block_diagonal", "codomain_structure": "block_diagonal"}
+
+
+def block_mask(width: int, part: int) -> Tensor:
+    """Ones on the diagonal blocks of width ``part`` (the last one narrower)."""
+    index = torch.arange(width) // part
+    return (index[:, None] == index[None, :]).double()
+
+
+def test_block_diagonal_factors_are_the_dense_factors_diagonal_blocks() -> None:
+    """91 wide with blocks of at most 40: three parts of 31 (the last padded); 70 wide: two
+    of 35. Several windows, so the running average is checked too."""
+    models = mlp(), mlp()
+    dense = FrobPreconditionedSGD(models[0], lr=0.0, fisher="empirical", **DENSE)
+    blocks = FrobPreconditionedSGD(
+        models[1], lr=0.0, fisher="empirical", max_block_size=40, **BLOCKS
+    )
+    for seed in range(3):
+        x, y = batch(16, seed)
+        for model, opt in zip(models, (dense, blocks), strict=True):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    a, g = dense.preconditioner.factors()["0"]
+    a_blocks, g_blocks = blocks.preconditioner.factors()["0"]
+    torch.testing.assert_close(a_blocks, a * block_mask(91, 31))
+    torch.testing.assert_close(g_blocks, g * block_mask(70, 35))
+    factor = blocks.preconditioner.layers["0"].domain
+    assert factor.average.shape == (3, 31, 31)  # 2883 numbers instead of 8281
+    structures = blocks.preconditioner.structures()
+    assert structures["0"]["domain"] == StructureChoice(
+        "block_diagonal", "requested: 3 blocks of width 31"
+    )
+    assert structures["2"]["codomain"].structure == "dense"  # 5 wide: one block
+    assert "one block" in structures["2"]["codomain"].reason
+
+
+def test_a_block_diagonal_step_equals_the_explicit_solve() -> None:
+    """``(G_b + d_G I)⁻¹ ∇V (A_b + d_A I)⁻¹`` with the block-diagonal factors and π from
+    their traces (the dense factors' traces)."""
+    out, grad, a, g = preconditioned(24, max_block_size=40, **BLOCKS)
+    assert torch.equal(a, a * block_mask(91, 31)) and torch.equal(g, g * block_mask(70, 35))
+    pi = torch.sqrt((a.trace() / a.shape[-1]) / (g.trace() / g.shape[-1]))
+    d_a, d_g = pi * 1e-3**0.5, 1e-3**0.5 / pi
+    step = torch.linalg.solve(g + d_g * torch.eye(70, dtype=g.dtype), grad)
+    step = torch.linalg.solve(a + d_a * torch.eye(91, dtype=a.dtype), step.T).T
+    torch.testing.assert_close(out["0.weight"], step[:, :-1])
+    torch.testing.assert_close(out["0.bias"], step[:, -1])
+
+
+def test_block_diagonal_power_equals_dense_on_block_diagonal_matrices() -> None:
+    """On a block-diagonal SPD matrix (two layer blocks, parts of 4 on a width of 10) the
+    structured power applies exactly the dense inverse, from the left and the right."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * 3, 4, 6, generator=gen, dtype=torch.float64)
+    parts = x @ x.mT + torch.eye(4, dtype=torch.float64)
+    parts[2::3, 2:, :] = 0  # the last part of each block holds 2 real coordinates
+    parts[2::3, :, 2:] = 0
+    parts[2::3, 2:, 2:] = torch.eye(2, dtype=torch.float64)  # padding: any SPD value
+    power = BlockDiagonalPower(torch.linalg.inv(parts), size=10)
+    dense = torch.stack([torch.block_diag(*p)[:10, :10] for p in parts.reshape(2, 3, 4, 4)])
+    v = torch.randn(2, 10, 5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(power.left(v), torch.linalg.solve(dense, v))
+    torch.testing.assert_close(power.right(v.mT), torch.linalg.solve(dense, v).mT)
+    torch.testing.assert_close(power.dense(), torch.linalg.inv(dense))
+
+
+def test_block_diagonal_sides_survive_a_state_dict_round_trip() -> None:
+    x, y = batch(16)
+
+    def trained(steps: int, state: dict | None = None) -> tuple[nn.Module, FrobPreconditionedSGD]:
+        model = mlp()
+        opt = FrobPreconditionedSGD(
+            model, lr=0.1, max_block_size=40, inverse_update_freq=5, **BLOCKS
+        )
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return model, opt
+
+    model, opt = trained(3)
+    state = {"model": model.state_dict(), "opt": opt.state_dict()}
+    inverse = state["opt"]["kfrob"]["engine"]["layers"]["0"]["inverse"]
+    assert inverse["domain_structure"] == "block_diagonal"
+    resumed, _ = trained(4, state)
+    straight, _ = trained(7)
+    for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    dense = FrobPreconditionedSGD(mlp(), lr=0.1, **DENSE)
+    with pytest.raises(ValueError, match=r"domain factor of shape \(3, 31, 31\), expected"):
+        dense.load_state_dict(state["opt"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_block_size": 0}, "invalid max_block_size=0: expected an integer >= 1"),
+        (
+            {"domain_structure": "block_diagonal", "damping_method": "exact"},
+            "invalid domain_structure='block_diagonal': expected 'auto' or 'dense' unless",
+        ),
+    ],
+)
+def test_impossible_block_structures_are_refused(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FrobPreconditionedSGD(mlp(), lr=0.1, **options)  # type: ignore[arg-type]
