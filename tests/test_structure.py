@@ -25,6 +25,7 @@ from kfrob.structure import (
 
 LOW_RANK = {"domain_structure": "low_rank", "codomain_structure": "low_rank"}
 DENSE = {"domain_structure": "dense", "codomain_structure": "dense"}
+BLOCKS = {"domain_structure": "block_diagonal", "codomain_structure": "block_diagonal"}
 
 
 def psd(n: int, rank: int, seed: int = 0) -> Tensor:
@@ -324,38 +325,47 @@ def test_a_failed_low_rank_refresh_keeps_the_last_inverse(monkeypatch: pytest.Mo
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_structured_inverses_survive_a_state_dict_round_trip() -> None:
+def trained(
+    options: dict[str, object], steps: int, state: dict | None = None
+) -> tuple[nn.Module, FrobPreconditionedSGD]:
+    """The MLP after ``steps`` steps on one batch (resumed from ``state`` if given)."""
     x, y = batch(16)
+    model = mlp()
+    opt = FrobPreconditionedSGD(model, lr=0.1, inverse_update_freq=5, **options)  # type: ignore[arg-type]
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
 
-    def trained(steps: int, state: dict | None = None) -> tuple[nn.Module, FrobPreconditionedSGD]:
-        model = mlp()
-        opt = FrobPreconditionedSGD(model, lr=0.1, rank=8, inverse_update_freq=5, **LOW_RANK)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        return model, opt
 
-    model, opt = trained(3)
+@pytest.mark.parametrize(
+    ("options", "structure"),
+    [
+        ({"rank": 8, **LOW_RANK}, "low_rank"),
+        ({"max_block_size": 40, **BLOCKS}, "block_diagonal"),
+    ],
+)
+def test_structured_inverses_survive_a_state_dict_round_trip(
+    options: dict[str, object], structure: str
+) -> None:
+    model, opt = trained(options, 3)
     state = {"model": model.state_dict(), "opt": opt.state_dict()}
     assert (
-        state["opt"]["kfrob"]["engine"]["layers"]["0"]["inverse"]["domain_structure"] == "low_rank"
+        state["opt"]["kfrob"]["engine"]["layers"]["0"]["inverse"]["domain_structure"] == structure
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        resumed, _ = trained(4, state)
-    straight, _ = trained(7)
+        resumed, _ = trained(options, 4, state)
+    straight, _ = trained(options, 7)
     for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
         torch.testing.assert_close(p, q)
 
 
 # --- block-diagonal sides ----------------------------------------------------------------
-BLOCKS = {"domain_structure": "block_diagonal", "codomain_structure": "block_diagonal"}
-
-
 def block_mask(width: int, part: int) -> Tensor:
     """Ones on the diagonal blocks of width ``part`` (the last one narrower)."""
     index = torch.arange(width) // part
@@ -420,34 +430,11 @@ def test_block_diagonal_power_equals_dense_on_block_diagonal_matrices() -> None:
     torch.testing.assert_close(power.dense(), torch.linalg.inv(dense))
 
 
-def test_block_diagonal_sides_survive_a_state_dict_round_trip() -> None:
-    x, y = batch(16)
-
-    def trained(steps: int, state: dict | None = None) -> tuple[nn.Module, FrobPreconditionedSGD]:
-        model = mlp()
-        opt = FrobPreconditionedSGD(
-            model, lr=0.1, max_block_size=40, inverse_update_freq=5, **BLOCKS
-        )
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        return model, opt
-
-    model, opt = trained(3)
-    state = {"model": model.state_dict(), "opt": opt.state_dict()}
-    inverse = state["opt"]["kfrob"]["engine"]["layers"]["0"]["inverse"]
-    assert inverse["domain_structure"] == "block_diagonal"
-    resumed, _ = trained(4, state)
-    straight, _ = trained(7)
-    for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
-        torch.testing.assert_close(p, q)
+def test_a_block_diagonal_state_does_not_load_into_dense_sides() -> None:
+    _, opt = trained({"max_block_size": 40, **BLOCKS}, 1)
     dense = FrobPreconditionedSGD(mlp(), lr=0.1, **DENSE)
     with pytest.raises(ValueError, match=r"domain factor of shape \(3, 31, 31\), expected"):
-        dense.load_state_dict(state["opt"])
+        dense.load_state_dict(opt.state_dict())
 
 
 @pytest.mark.parametrize(
