@@ -39,9 +39,8 @@ def main() -> None:
     model = transformer(d_model=64, n_layers=4, n_heads=4, context=CONTEXT)
     generator = torch.Generator().manual_seed(1)  # the MC Fisher's sampler
     opt = FrobPreconditionedSGD(
-        model, lr=3e-3, loss="cross_entropy", step_rule="eigenbasis_adam",
-        factor_update_freq=5, inverse_update_freq=20, generator=generator,
-    )  # fmt: skip
+        model, lr=3e-3, loss="cross_entropy", step_rule="eigenbasis_adam", generator=generator
+    )
     order = torch.Generator().manual_seed(0)  # where the training windows start
     for step in range(1, args.steps + 1):
         starts = torch.randint(len(corpus.train) - CONTEXT, (BATCH,), generator=order)

@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 
 from kfrob.alerts import warn
 from kfrob.correction import EigenbasisMoment
-from kfrob.factors import RunningFactor
+from kfrob.factors import RunningFactor, SketchedFactor
 from kfrob.fisher import sampled_cross_entropy
 from kfrob.layers import LayerMath
 
@@ -206,6 +206,9 @@ class CurvatureCapture:
             correcting = layer.correction is not None and layer.correction.ready
             if layer.domain.diagonal and not correcting:  # no rows needed: their squares
                 layer.domain.add_square_sums(*layer.math.input_square_sums(x), samples)
+            elif isinstance(layer.domain, SketchedFactor) and not correcting:
+                sketch = layer.math.input_sketch(x, layer.domain.basis)
+                layer.domain.add_products(*sketch, samples)
             else:
                 rows = layer.math.input_rows(x)
                 layer.domain.add(rows, samples)

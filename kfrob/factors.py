@@ -278,10 +278,18 @@ class SketchedFactor(RunningFactor):
         self.average[:, :-1] = basis * eigenvalues[..., None, :]
 
     def add(self, rows: Tensor, samples: int) -> None:
-        projected = rows @ self._basis
-        self._sum[:, :-1].baddbmm_(rows.mT, projected)
-        self._sum[:, -1, 0] += rows.square().sum((1, 2))
-        self.rows += rows.shape[1]
+        self._sum[:, :-1].baddbmm_(rows.mT, rows @ self._basis)
+        self.add_products(None, rows.square().sum((1, 2)), rows.shape[1], samples)
+
+    def add_products(
+        self, products: Tensor | None, squares: Tensor, rows: int, samples: int
+    ) -> None:
+        """Add ``Σ r (rQ)ᵀ`` ``(blocks, size, rank)`` (``None``: added already) and
+        ``Σ ‖r‖²`` ``(blocks,)`` of ``rows`` rows from ``samples`` samples."""
+        if products is not None:
+            self._sum[:, :-1] += products
+        self._sum[:, -1, 0] += squares
+        self.rows += rows
         self.samples += samples
         self.calls += 1
 

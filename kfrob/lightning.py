@@ -24,6 +24,11 @@ How it fits Lightning's machinery:
 * Manual optimization (and so several optimizers) is refused with a ``RuntimeError``: there
   is no single optimizer step to precondition. ``FrobPreconditionedSGD`` itself can also be
   returned from ``configure_optimizers`` (without this callback).
+* A loss that ignores positions (``ignore_index``): in ``training_step``, before calling the
+  module's forward, ``callback.engine.set_loss_mask(targets != ignore_index)`` (see
+  :meth:`kfrob.KroneckerPreconditioner.set_loss_mask`); the MC Fisher samples its labels in
+  the module's own ``forward`` hook, so ``training_step`` must compute the logits by calling
+  ``self(...)``.
 * Every ``log_every_n_steps`` optimizer steps, kfrob's diagnostics are logged through
   ``pl_module.log_dict`` under ``kfrob/`` (all of them, or only the names given in
   ``log_diagnostics``).

@@ -3,18 +3,17 @@
 Each contender trains the byte-level GPT of ``configs/transformer.yaml`` for the config's
 training-time budget (60 s) with each learning rate of its 3-point grid on seed 0; the best
 learning rate (lowest final validation loss) then runs with the other seeds. The target
-``L*`` is AdamW's best final validation loss on seed 0; for every run the table gives the
-training seconds of the first evaluation at or below ``L*`` (every 25 steps), and the
-median over seeds as a ratio to AdamW's own. Seconds are training time only, measured by
-the training job (warm-up steps untimed, evaluation excluded); contenders run one after
-another in the order below.
+``L*`` is AdamW's final validation loss at its best learning rate, the median over seeds;
+for every run the table gives the training seconds of the first evaluation at or below
+``L*`` (every 25 steps), and the median over seeds as a ratio to AdamW's own. Seconds are
+training time only, measured by the training job (warm-up steps untimed, evaluation
+excluded); the contenders take turns, one run each, in an order that rotates every round.
 
     python scripts/transformer_time_to_target.py                     # all, 3 seeds
     python scripts/transformer_time_to_target.py --contenders kfrob-adam,adamw --seeds 1
 
 Results go to ``results/<name>.{md,json}`` (``--name``, default
-``transformer_time_to_target``); the runs of contenders not measured again are kept from
-the saved JSON, and the table shows every contender it holds.
+``transformer_time_to_target``); ``--report-only`` renders the saved runs again.
 """
 
 from __future__ import annotations
@@ -36,12 +35,12 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "transformer.yaml"
 # label: (constructor arguments besides lr, learning-rate grid)
 CONTENDERS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
     "kfrob-adam": ({"type": "kfrob", "step_rule": "eigenbasis_adam"}, (1e-3, 3e-3, 1e-2)),
-    "kfrob-adam-5-20": (
+    "kfrob-adam-1-10": (
         {
             "type": "kfrob",
             "step_rule": "eigenbasis_adam",
-            "factor_update_freq": 5,
-            "inverse_update_freq": 20,
+            "factor_update_freq": 1,
+            "inverse_update_freq": 10,
         },
         (1e-3, 3e-3, 1e-2),
     ),
@@ -54,14 +53,20 @@ CONTENDERS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
         },
         (1e-3, 3e-3, 1e-2),
     ),
+    "kfrob-adam-empirical": (
+        {"type": "kfrob", "step_rule": "eigenbasis_adam", "fisher": "empirical"},
+        (1e-3, 3e-3, 1e-2),
+    ),
     "kfrob": ({"type": "kfrob"}, (0.1, 0.3, 1.0)),
     "adamw": ({"type": "adamw"}, (1e-3, 3e-3, 1e-2)),
     "sgd": ({"type": "sgd", "momentum": 0.9}, (0.1, 0.3, 1.0)),
 }
 ABOUT = {
-    "kfrob-adam": "`FrobPreconditionedSGD(model, lr, loss=..., step_rule='eigenbasis_adam')`",
-    "kfrob-adam-5-20": "the same with factors every 5 steps and eigenbases every 20",
+    "kfrob-adam": "`FrobPreconditionedSGD(model, lr, loss=..., step_rule='eigenbasis_adam')` "
+    "(the rule's defaults: factors every 5 steps, eigenbases every 20)",
+    "kfrob-adam-1-10": "the same with factors every step and eigenbases every 10",
     "kfrob-adam-10-20": "the same with factors every 10 steps and eigenbases every 20",
+    "kfrob-adam-empirical": "`kfrob-adam` with the empirical Fisher (no sampled backward pass)",
     "kfrob": "`FrobPreconditionedSGD(model, lr, loss=...)` (preconditioned SGD, KL clip)",
     "adamw": "`torch.optim.AdamW` defaults besides the learning rate",
     "sgd": "`torch.optim.SGD` with momentum 0.9",
@@ -85,21 +90,31 @@ def seconds_to(history: list[tuple[float, float]], target: float) -> float | Non
     return next((s for s, loss in history if loss <= target), None)
 
 
+def rotated(labels: list[str], by: int) -> list[str]:
+    return labels[by % len(labels) :] + labels[: by % len(labels)]
+
+
 def measure(
     labels: list[str], seeds: int, seconds: float | None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Each contender's grid on seed 0 (``"grid"``) and its best learning rate on every seed."""
+    """Each contender's grid on seed 0 (``"grid"``) and its best learning rate on every seed.
+    The contenders take turns, one run each, in an order that rotates every round, so a
+    drift of the machine's speed during the hour the runs take reaches all of them alike."""
     runs: dict[str, list[dict[str, Any]]] = {}
+    grids: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for label in labels:
-            grid = [run(label, lr, 0, root, seconds) for lr in CONTENDERS[label][1]]
-            best = min(grid, key=lambda r: r["final"])
-            again = [run(label, best["lr"], s, root, seconds) for s in range(1, seeds)]
-            runs[label] = [best, *again]
-            runs[f"{label} grid"] = grid
-            for r in grid:
+        for point in range(len(CONTENDERS[labels[0]][1])):
+            for label in rotated(labels, point):
+                r = run(label, CONTENDERS[label][1][point], 0, root, seconds)
+                grids[label].append(r)
                 print(f"{label} lr={r['lr']:g}: {r['final']:.4f}, {r['steps']} steps", flush=True)
+        for label in labels:
+            runs[label] = [min(grids[label], key=lambda r: r["final"])]
+            runs[f"{label} grid"] = grids[label]
+        for seed in range(1, seeds):
+            for label in rotated(labels, seed):
+                runs[label].append(run(label, runs[label][0]["lr"], seed, root, seconds))
     return runs
 
 
@@ -116,9 +131,10 @@ def main() -> None:
     budget = args.max_seconds or load_config(CONFIG).training.max_seconds
     out = Path(args.out)
     saved = out / f"{args.name}.json"
-    runs = json.loads(saved.read_text())["runs"] if saved.exists() else {}
-    if not args.report_only:
-        runs.update(measure(measured, args.seeds, args.max_seconds))
+    if args.report_only:
+        runs = json.loads(saved.read_text())["runs"]
+    else:
+        runs = measure(measured, args.seeds, args.max_seconds)
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     labels = [label for label in CONTENDERS if label in runs]

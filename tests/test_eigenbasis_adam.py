@@ -164,6 +164,20 @@ def test_a_checkpoint_resumes_the_same_trajectory() -> None:
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
 
 
+def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
+    """Exact eigenbases, no KL clip, factors every 5 steps and bases every 20, unless
+    given."""
+    opt = adam(net=model())
+    options = opt.preconditioner.options
+    assert (options.schedule.factor_update_freq, options.schedule.inverse_update_freq) == (5, 20)
+    assert options.inverse.damping_method == "exact" and options.kl_clip is None
+    opt = adam(net=model(), factor_update_freq=2, inverse_update_freq=4)
+    schedule = opt.preconditioner.options.schedule
+    assert (schedule.factor_update_freq, schedule.inverse_update_freq) == (2, 4)
+    sgd = FrobPreconditionedSGD(model(), lr=0.1)  # the default rule keeps the global ones
+    assert sgd.preconditioner.options.schedule.factor_update_freq == 1
+
+
 @pytest.mark.parametrize(
     ("options", "name"),
     [

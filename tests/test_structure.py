@@ -3,6 +3,7 @@ model, and the structured inverses in the engine and the optimizer."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD, KroneckerPreconditioner
 from kfrob.factors import RunningFactor, SketchedFactor
+from kfrob.layers import LayerMath, layer_math
 from kfrob.structure import (
     OVERSAMPLING,
     BlockDiagonalPower,
@@ -22,6 +24,7 @@ from kfrob.structure import (
     low_rank_power,
     nystrom,
 )
+from tests.reference import conv_patches
 
 LOW_RANK = {"domain_structure": "low_rank", "codomain_structure": "low_rank"}
 DENSE = {"domain_structure": "dense", "codomain_structure": "dense"}
@@ -450,3 +453,37 @@ def test_a_block_diagonal_state_does_not_load_into_dense_sides() -> None:
 def test_impossible_block_structures_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FrobPreconditionedSGD(mlp(), lr=0.1, **options)  # type: ignore[arg-type]
+
+
+# --- sketching a convolution's inputs without unfolding them -------------------------------
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.Conv2d(4, 6, (3, 2), stride=2, dilation=(1, 2), bias=False),
+        nn.Conv2d(4, 6, 3, groups=2, padding="same", padding_mode="reflect"),
+        nn.Conv1d(3, 5, 4, stride=2, padding=1),
+    ],
+    ids=["padded", "strided-dilated-no-bias", "grouped-reflect", "conv1d"],
+)
+def test_a_convolution_sketches_its_inputs_without_unfolding(conv: nn.Module) -> None:
+    """``Σ a (aQ)ᵀ`` and ``Σ ‖a‖²`` by two convolutions equal the sums over the unfolded
+    patch rows (with the bias coordinate), per group."""
+    conv = conv.double()
+    math = layer_math(conv, "expand")
+    assert math is not None
+    spatial = (9, 8) if isinstance(conv, nn.Conv2d) else (11,)
+    x = torch.randn(3, conv.in_channels, *spatial, dtype=torch.float64)
+    assert math.check_call(x, conv(x)) is None
+    basis = orthonormal(math.in_features, 5, seed=7).expand(math.blocks, -1, -1)
+    products, squares, rows = math.input_sketch(x, basis)
+    reference = LayerMath.input_rows(math, x)  # the unfolded rows
+    if conv.padding_mode == "zeros" and conv.groups == 1:  # and those rows are the patches
+        patches = conv_patches(copy.deepcopy(conv).float(), x.float()).double()
+        flat = patches.permute(0, 2, 1).reshape(-1, patches.shape[1])
+        if conv.bias is not None:
+            flat = torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], 1)
+        torch.testing.assert_close(reference[0], flat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(products, reference.mT @ (reference @ basis))
+    torch.testing.assert_close(squares, reference.square().sum((1, 2)))
+    assert rows == reference.shape[1]

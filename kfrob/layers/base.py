@@ -124,6 +124,13 @@ class LayerMath:
         rows = self.input_rows(x)
         return rows.square().sum(1), rows.shape[1]
 
+    def input_sketch(self, x: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``(Σ_rows a (aQ)ᵀ, Σ_rows ‖a‖², rows)`` for a basis ``Q`` ``(blocks, in, r)``:
+        what a sketched domain factor adds (``(blocks, in, r)``, ``(blocks,)``), from the
+        rows here; layers that can form it without the rows (convolutions) do."""
+        rows = self.input_rows(x)
+        return rows.mT @ (rows @ basis), rows.square().sum((1, 2)), rows.shape[1]
+
     def output_rows(self, grad_output: Tensor) -> Tensor:
         """Co-domain rows ``g`` of shape ``(blocks, rows, out)`` from ``dL/dy``
         (``"reduce"``: one row per sample, the sum over locations)."""

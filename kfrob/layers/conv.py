@@ -58,6 +58,44 @@ class ConvMath(LayerMath):
     def sample_dims(self, t: Tensor) -> int:
         return 0 if t.dim() == self.spatial_dims + 1 else 1
 
+    def input_sketch(self, x: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``Σ a (aQ)ᵀ`` without unfolding the patches (``"expand"``): ``aQ`` at every
+        location is a convolution of the input with ``Q``'s columns as ``r`` filters per
+        group (plus ``Q``'s bias row), and ``Σ_l a_l (a_l Q)ᵀ`` is the weight gradient of
+        that convolution for those outputs; ``Σ ‖a‖²`` is the input's square convolved with
+        a filter of ones. Two convolutions instead of a ``(rows, in)`` patch matrix."""
+        if self.weight_sharing == "reduce":
+            return super().input_sketch(x, basis)
+        conv: nn.Conv1d | nn.Conv2d = self.module  # type: ignore[assignment]
+        if x.dim() == self.spatial_dims + 1:  # unbatched input
+            x = x.unsqueeze(0)
+        x = x.to(self.factor_dtype)
+        if any(self._call_pad):
+            x = F.pad(x, self._call_pad, mode=self._pad_mode)
+        if self.spatial_dims == 1:
+            x = x.unsqueeze(-2)
+        groups, rank = self.blocks, basis.shape[-1]
+        channels = x.shape[1] // groups
+        kernel = self._as_2d(conv.kernel_size, 1)
+        stride, dilation = self._as_2d(conv.stride, 1), self._as_2d(conv.dilation, 1)  # type: ignore[arg-type]
+        patch = channels * kernel[0] * kernel[1]
+        filters = basis[:, :patch].mT.reshape(groups * rank, channels, *kernel)
+        projected = F.conv2d(x, filters, None, stride, 0, dilation, groups)
+        if self.has_bias:
+            projected = projected + basis[:, patch].reshape(1, -1, 1, 1)
+        products = (
+            torch.nn.grad.conv2d_weight(x, filters.shape, projected, stride, 0, dilation, groups)
+            .reshape(groups, rank, patch)
+            .mT
+        )
+        ones = x.new_ones(groups, channels, *kernel)
+        squares = F.conv2d(x.square(), ones, None, stride, 0, dilation, groups).sum((0, 2, 3))
+        rows = projected.shape[0] * projected.shape[2] * projected.shape[3]
+        if self.has_bias:  # the bias coordinate: a (aQ)ᵀ's last row, and a 1 in ‖a‖²
+            products = torch.cat([products, projected.sum((0, 2, 3)).reshape(groups, 1, rank)], 1)
+            squares = squares + rows
+        return products, squares, rows
+
     def flatten_output(self, y: Tensor) -> Tensor:
         if y.dim() == self.spatial_dims + 1:  # unbatched output
             y = y.unsqueeze(0)
