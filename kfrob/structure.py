@@ -203,7 +203,7 @@ def apply_right(matrix: Tensor, side: SideOperator) -> Tensor:
 
 #: the randomized range finder's extra columns and power iterations (Halko, Martinsson and
 #: Tropp 2011), and the narrowest side it serves (rank 32 on a 2-core CPU: as fast as a
-#: full ``eigh`` at width 256, 4× faster at 512, 25× at 2048)
+#: full ``eigh`` at width 256, 3× faster at 512, 20× at 2048: results/first_refresh.md)
 OVERSAMPLING = 16
 POWER_ITERATIONS = 4
 RANDOMIZED_MIN_WIDTH = 512

@@ -106,8 +106,13 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
         lrs(3e-4, 1e-3, 3e-3),
         lrs(1e-4, 3e-4, 1e-3),
     ),
-    "kfrob-adam-5/20": (
-        kfrob_factory(step_rule="eigenbasis_adam", factor_update_freq=5, inverse_update_freq=20),
+    "kfrob-adam-1/10": (
+        kfrob_factory(step_rule="eigenbasis_adam", factor_update_freq=1, inverse_update_freq=10),
+        lrs(3e-4, 1e-3, 3e-3),
+        lrs(1e-4, 3e-4, 1e-3),
+    ),
+    "kfrob-adam-mc": (
+        kfrob_factory(step_rule="eigenbasis_adam", fisher="mc"),
         lrs(3e-4, 1e-3, 3e-3),
         lrs(1e-4, 3e-4, 1e-3),
     ),
@@ -142,8 +147,10 @@ ABOUT = {  # what each variant is, for the report
     "kfrob-lm": "Levenberg–Marquardt adaptive damping (`adaptive_damping=True`; its step "
     "takes a closure)",
     "kfrob-momentum": "SGD momentum 0.9 (`momentum=0.9`)",
-    "kfrob-adam": "Adam in the Kronecker eigenbasis (`step_rule='eigenbasis_adam'`)",
-    "kfrob-adam-5/20": "the same, factors every 5 steps and eigenbases every 20",
+    "kfrob-adam": "Adam in the Kronecker eigenbasis (`step_rule='eigenbasis_adam'`, with "
+    "that rule's defaults: factors every 5 steps, eigenbases every 20, the empirical Fisher)",
+    "kfrob-adam-1/10": "the same with factors every step and eigenbases every 10",
+    "kfrob-adam-mc": "`kfrob-adam` with the MC Fisher",
     "sgd": "momentum 0.9",
     "adamw": "`torch.optim.AdamW` defaults besides the learning rate",
 }

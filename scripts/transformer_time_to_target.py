@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -53,8 +54,8 @@ CONTENDERS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
         },
         (1e-3, 3e-3, 1e-2),
     ),
-    "kfrob-adam-empirical": (
-        {"type": "kfrob", "step_rule": "eigenbasis_adam", "fisher": "empirical"},
+    "kfrob-adam-mc": (
+        {"type": "kfrob", "step_rule": "eigenbasis_adam", "fisher": "mc"},
         (1e-3, 3e-3, 1e-2),
     ),
     "kfrob": ({"type": "kfrob"}, (0.1, 0.3, 1.0)),
@@ -63,10 +64,11 @@ CONTENDERS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
 }
 ABOUT = {
     "kfrob-adam": "`FrobPreconditionedSGD(model, lr, loss=..., step_rule='eigenbasis_adam')` "
-    "(the rule's defaults: factors every 5 steps, eigenbases every 20)",
+    "(the rule's defaults: factors every 5 steps, eigenbases every 20, the empirical Fisher)",
     "kfrob-adam-1-10": "the same with factors every step and eigenbases every 10",
     "kfrob-adam-10-20": "the same with factors every 10 steps and eigenbases every 20",
-    "kfrob-adam-empirical": "`kfrob-adam` with the empirical Fisher (no sampled backward pass)",
+    "kfrob-adam-mc": "`kfrob-adam` with the MC Fisher (`fisher='mc'`: a sampled backward "
+    "pass on factor steps)",
     "kfrob": "`FrobPreconditionedSGD(model, lr, loss=...)` (preconditioned SGD, KL clip)",
     "adamw": "`torch.optim.AdamW` defaults besides the learning rate",
     "sgd": "`torch.optim.SGD` with momentum 0.9",
@@ -90,6 +92,10 @@ def seconds_to(history: list[tuple[float, float]], target: float) -> float | Non
     return next((s for s, loss in history if loss <= target), None)
 
 
+def _finite_or_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
+
+
 def rotated(labels: list[str], by: int) -> list[str]:
     return labels[by % len(labels) :] + labels[: by % len(labels)]
 
@@ -110,7 +116,8 @@ def measure(
                 grids[label].append(r)
                 print(f"{label} lr={r['lr']:g}: {r['final']:.4f}, {r['steps']} steps", flush=True)
         for label in labels:
-            runs[label] = [min(grids[label], key=lambda r: r["final"])]
+            # a diverged run (NaN) is never the best
+            runs[label] = [min(grids[label], key=lambda r: _finite_or_inf(r["final"]))]
             runs[f"{label} grid"] = grids[label]
         for seed in range(1, seeds):
             for label in rotated(labels, seed):

@@ -71,7 +71,20 @@ def test_bench_memory_reports_state_and_peaks(tmp_path: Path) -> None:
     assert cells[6] > 1.0  # dense A and G of the 784-wide input layer exceed its weights
     assert cells[3] < cells[6] / 4  # the defaults hold the wide sides as rank-32 sketches
     assert cells[5] < cells[8] / 4  # and their inverses as rank-32 bases
+    assert cells[9] < cells[6] / 4  # blocks of at most 128 hold a quarter of dense or less
     assert all(float(c) > 0 for c in peak.strip("|").split("|")[1:])
+
+
+def test_bench_first_refresh_reports_ratios_and_errors(tmp_path: Path) -> None:
+    run("bench_first_refresh.py", "--widths", "160,200", "--rounds", "1", out=tmp_path)
+    rows = [
+        line for line in (tmp_path / "first_refresh.md").read_text().splitlines()
+        if line.startswith("| 160") or line.startswith("| 200")
+    ]  # fmt: skip
+    assert len(rows) == 2
+    for row in rows:
+        cells = [float(c) for c in row.strip("|").split("|")]
+        assert cells[1] > 0 and cells[2] > 0 and cells[4] < 0.05  # the pairs are found
 
 
 def test_time_to_target_writes_its_report(tmp_path: Path) -> None:

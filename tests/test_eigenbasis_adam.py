@@ -165,12 +165,17 @@ def test_a_checkpoint_resumes_the_same_trajectory() -> None:
 
 
 def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
-    """Exact eigenbases, no KL clip, factors every 5 steps and bases every 20, unless
-    given."""
-    opt = adam(net=model())
+    """Exact eigenbases, no KL clip, factors every 5 steps and bases every 20, the empirical
+    Fisher, unless given."""
+    opt = adam(net=model(), loss="cross_entropy")
     options = opt.preconditioner.options
     assert (options.schedule.factor_update_freq, options.schedule.inverse_update_freq) == (5, 20)
     assert options.inverse.damping_method == "exact" and options.kl_clip is None
+    assert options.curvature.fisher == "empirical"
+    assert (
+        adam(net=model(), loss="cross_entropy", fisher="mc").preconditioner.options.curvature.fisher
+        == "mc"
+    )
     opt = adam(net=model(), factor_update_freq=2, inverse_update_freq=4)
     schedule = opt.preconditioner.options.schedule
     assert (schedule.factor_update_freq, schedule.inverse_update_freq) == (2, 4)
