@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from kfrob.adaptation import LevenbergMarquardt
 from kfrob.distributed import unwrap
-from kfrob.eigenbasis_adam import adam_directions
+from kfrob.eigenbasis_adam import EIGENBASIS_ADAM_DEFAULTS, adam_directions
 from kfrob.finite import select
 from kfrob.kronecker import EigenInverse
 from kfrob.options import (
@@ -25,26 +25,11 @@ from kfrob.options import (
 )
 from kfrob.preconditioner import KroneckerPreconditioner
 
-__all__ = ["EIGENBASIS_ADAM_DEFAULTS", "STEP_RULES", "FrobPreconditionedSGD"]
+__all__ = ["STEP_RULES", "FrobPreconditionedSGD"]
 
 #: what a step does with the curvature: the preconditioned gradient ``(A ⊗ G + λI)⁻¹ g``
 #: under SGD's momentum and the KL clip, or Adam in the Kronecker eigenbasis
 STEP_RULES = ("preconditioned_sgd", "eigenbasis_adam")
-
-#: what ``step_rule="eigenbasis_adam"`` changes in the defaults of the flat keywords: exact
-#: eigenbases, no KL clip, a slower schedule (its bases move slowly: factors every 5 steps
-#: and bases every 20 cost less per step than every step and every 10 for about the same
-#: steps to target), and the empirical Fisher (Adam's second moment sets the scale, so the
-#: factors only supply the bases, and the empirical ones need no sampled backward pass:
-#: AdamW's transformer loss in 0.65× its time against 0.70× with the MC Fisher, the same
-#: steps on the MLP); see ``docs/performance.md#step-rules``
-EIGENBASIS_ADAM_DEFAULTS = {
-    "damping_method": "exact",
-    "kl_clip": None,
-    "factor_update_freq": 5,
-    "inverse_update_freq": 20,
-    "fisher": "empirical",
-}
 
 
 class FrobPreconditionedSGD(Optimizer, Joinable):
@@ -89,10 +74,9 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 penalty added to the gradient before preconditioning (``>= 0``;
             decoupled, as in AdamW, under ``eigenbasis_adam``).
-        step_rule: ``"preconditioned_sgd"`` (default) or ``"eigenbasis_adam"``, which
-            changes the defaults of the flat keywords to :data:`EIGENBASIS_ADAM_DEFAULTS`
-            (exact damping, no KL clip, factors every 5 steps, eigenbases every 20, the
-            empirical Fisher).
+        step_rule: ``"preconditioned_sgd"`` (default) or ``"eigenbasis_adam"``, which has
+            defaults of its own (exact damping, no KL clip, factors every 5 steps,
+            eigenbases every 20, the empirical Fisher: ``EIGENBASIS_ADAM_DEFAULTS``).
         betas, eps: Adam's moment decays (each in ``[0, 1)``) and ``ε > 0``, per group
             (``eigenbasis_adam`` only).
         options: a :class:`~kfrob.options.PreconditionerOptions`; or leave it out and pass
@@ -188,8 +172,7 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         )
         rule = options.adaptation
         self._adaptation = None if rule is None else LevenbergMarquardt(rule)
-        #: eigenbasis_adam's first moments in the eigenbases (derived, not saved)
-        self._rotated_means: dict[Tensor, Any] = {}
+        self._rotated_means: dict[Tensor, Any] = {}  # eigenbasis_adam's (derived, unsaved)
         self.last_reduction_ratio: float | None = None  # ρ of the last adaptation
         Joinable.__init__(self)
 
@@ -285,11 +268,9 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         pre.step(self.learning_rates() if lrs is None else lrs)
 
     def set_loss_mask(self, mask: Tensor | None) -> None:
-        """Count only the samples where ``mask`` is True in the curvature of the next forward
-        pass: a bool tensor over the leading dimensions of the model's output, e.g.
-        ``targets != ignore_index`` ``(batch, sequence)`` for a language model whose loss
-        ignores padding. Masked-out samples add no factor rows, count as no samples of a
-        mean-reduced loss and draw no MC Fisher labels; the mask serves one forward pass."""
+        """Count only the samples where the bool ``mask`` (over the model output's leading
+        dimensions, e.g. ``targets != ignore_index``) holds in the curvature of the next
+        forward pass (:mod:`kfrob.capture`)."""
         self.preconditioner.set_loss_mask(mask)
 
     def directions(self, decay: bool = True) -> dict[Tensor, Tensor]:

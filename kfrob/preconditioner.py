@@ -166,7 +166,7 @@ class KroneckerPreconditioner(EngineState):
 
     def structures(self) -> dict[str, dict[str, StructureChoice]]:
         """``{layer: {"domain"/"codomain": choice}}``: the structure a refresh gives each full
-        side (dense or low-rank, :mod:`kfrob.structure`) from the last window, and why."""
+        side (dense, low-rank, block-diagonal: :mod:`kfrob.structure`), and why."""
         return {layer.name: self.method.structures(layer) for layer in self.active_layers()}
 
     def owners(self) -> dict[str, int]:
