@@ -24,10 +24,9 @@ sets ``F``. With the decay warm-up, the ``k``-th accepted statistic enters with 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from kfrob.structure import nystrom
+from kfrob.structure import nystrom, split_parts
 
 __all__ = ["BlockDiagonalFactor", "RunningFactor", "SketchedFactor"]
 
@@ -193,19 +192,9 @@ class BlockDiagonalFactor(RunningFactor):
         #: why the side is block-diagonal (shown by ``KroneckerPreconditioner.structures``)
         self.reason = f"requested: {self.parts} blocks of width {self.part}"
 
-    def split(self, rows: Tensor) -> Tensor:
-        """Rows ``(blocks, n, size)`` as ``(blocks · parts, n, part)`` (zero-padded)."""
-        blocks, n, size = rows.shape
-        padded = F.pad(rows, (0, self.parts * self.part - size))
-        parted = padded.reshape(blocks, n, self.parts, self.part).transpose(1, 2)
-        return parted.reshape(blocks * self.parts, n, self.part)
-
     def add(self, rows: Tensor, samples: int) -> None:
-        parted = self.split(rows)
-        self._sum.baddbmm_(parted.mT, parted)
-        self.rows += rows.shape[1]
-        self.samples += samples
-        self.calls += 1
+        """Add rows ``(blocks, n, size)``, split into parts ``(blocks · parts, n, part)``."""
+        super().add(split_parts(rows.mT, self.part).mT, samples)
 
     def trace(self) -> Tensor:
         """``tr F`` per layer block, ``(blocks, 1)``."""

@@ -61,7 +61,6 @@ __all__ = [
     "FactoredDamping",
     "Inverse",
     "InverseMethod",
-    "eigenvalues_of",
     "inverse_from_state",
     "method_for",
 ]
@@ -389,26 +388,6 @@ def method_for(options: PreconditionerOptions) -> InverseMethod:
             )  # fmt: skip
 
 
-def eigenvalues_of(layer: TrackedLayer, inverse: Any) -> dict[str, Tensor] | None:
-    """``{"A": eigenvalues, "G": eigenvalues}`` of the factors behind a held inverse,
-    ascending, ``(blocks, n)``, identity sides left out: stored by an eigenbasis inverse,
-    else computed from the current factors in float64 (``None`` if that fails, or if the
-    inverse is held by another rank)."""
-    if isinstance(inverse, EigenInverse):
-        sides = {"A": inverse.domain, "G": inverse.codomain}
-        return {k: s.eigenvalues for k, s in sides.items() if s.estimated}
-    if not isinstance(inverse, InverseFactors):
-        return None
-    try:  # in float64: float32 eigvalsh fails on some ill-conditioned factors
-        return {
-            k: torch.linalg.eigvalsh(f.value.double()).to(f.value.dtype).clamp(min=0)
-            for k, f in (("A", layer.domain), ("G", layer.codomain))
-            if f is not None
-        }
-    except torch.linalg.LinAlgError:
-        return None
-
-
 def inverse_from_state(state: dict[str, Any], device: torch.device) -> Inverse:
     """An inverse from its ``state_dict`` (either kind)."""
     kind = EigenInverse if state["kind"] == "eigen" else InverseFactors
@@ -428,9 +407,7 @@ def _side(
 ) -> Side | None:
     """One side of a layer: an identity, a diagonal, or the next full decomposition."""
     if factor is None:
-        math = layer.math
-        ones = torch.ones(math.blocks, size, device=math.device, dtype=math.factor_dtype)
-        return Side(None, ones, estimated=False)
+        return _identity(layer, size)
     if factor.diagonal:
         return decompose(factor.value, diagonal=True)
     return next(decomposed)
@@ -454,8 +431,12 @@ def _traced(factor: RunningFactor | None, width: int, layer: TrackedLayer) -> Si
     """A side carrying only what π needs, its mean eigenvalue ``tr F / width``, or an
     identity."""
     if factor is None:
-        ones = torch.ones(
-            layer.math.blocks, 1, device=layer.math.device, dtype=layer.math.factor_dtype
-        )
-        return Side(None, ones, estimated=False)
+        return _identity(layer, 1)
     return Side(None, factor.trace() / width)
+
+
+def _identity(layer: TrackedLayer, size: int) -> Side:
+    """An identity side: no basis, eigenvalues of one ``(blocks, size)``."""
+    math = layer.math
+    ones = torch.ones(math.blocks, size, device=math.device, dtype=math.factor_dtype)
+    return Side(None, ones, estimated=False)

@@ -35,14 +35,14 @@ from kfrob.distributed import Communicator, check_not_sharded, default_communica
 from kfrob.factors import RunningFactor
 from kfrob.finite import all_finite, select
 from kfrob.fisher import SAMPLED_LOSSES
-from kfrob.inverses import InverseMethod, eigenvalues_of, method_for
+from kfrob.inverses import InverseMethod, method_for
 from kfrob.norms import frobenius_inner
 from kfrob.options import PreconditionerOptions, require
 from kfrob.persistence import EngineState
 from kfrob.placement import Placement, RemoteInverse, make_placement
 from kfrob.schedule import RefreshSchedule
 from kfrob.structure import StructureChoice
-from kfrob.tracking import factor_matrices, track_layers
+from kfrob.tracking import eigenvalues_of, factor_matrices, track_layers
 
 __all__ = ["KroneckerPreconditioner", "LayerStep", "StepPlan"]
 
@@ -53,8 +53,7 @@ _FROM_OPTIONS: Any = object()
 class LayerStep:
     """One layer's part of a step: its direction matrix ``(blocks, out, in)`` (gradient plus
     weight decay), the preconditioned matrix before the KL clip (in the layer's
-    ``factor_dtype``: float32, or float64 for a float64 layer), and its
-    learning rate."""
+    ``factor_dtype``: float32, or float64 for a float64 layer), and its learning rate."""
 
     layer: TrackedLayer
     matrix: Tensor
@@ -136,8 +135,7 @@ class KroneckerPreconditioner(EngineState):
         self._warned_nonfinite = False
         self._inverses_after_load = False
         self._early_hook = None
-        #: send statistics complete after the DDP forward while backward runs (turned off
-        #: inside a ``Join`` context, whose joined ranks shadow collectives only at ``step``)
+        #: send statistics after the DDP forward, while backward runs (off under ``Join``)
         self.sends_early = True
         if wrapper is not model and communicator is not None:
             self._early_hook = wrapper.register_forward_hook(weak_callable(self._send_early))
@@ -154,11 +152,9 @@ class KroneckerPreconditioner(EngineState):
         return {name: factor_matrices(layer) for name, layer in self.layers.items()}
 
     def eigenvalues(self) -> dict[str, dict[str, Tensor]]:
-        """``{layer: {"A": eigenvalues, "G": eigenvalues}}`` behind each inverse this rank
-        holds, ascending, ``(blocks, n)``; identity sides are left out (see
-        :func:`kfrob.inverses.eigenvalues_of`)."""
-        values = {name: eigenvalues_of(self.layers[name], i) for name, i in self.inverses.items()}
-        return {name: v for name, v in values.items() if v is not None}
+        """``{layer: {"A": ..., "G": ...}}`` behind each inverse this rank holds
+        (:func:`kfrob.tracking.eigenvalues_of`)."""
+        return eigenvalues_of(self.layers, self.inverses)
 
     def active_layers(self) -> Iterator[TrackedLayer]:
         """Layers that are preconditioned (not fallen back to plain SGD)."""
@@ -174,7 +170,7 @@ class KroneckerPreconditioner(EngineState):
         return self.placement.owners()
 
     def refresh_slots(self, count: int) -> dict[str, int]:
-        """For staggered refreshes: which of ``count`` steps refreshes each layer."""
+        """Staggered refreshes: which of ``count`` steps refreshes each layer."""
         return self.schedule.refresh_slots(count)
 
     # --- the step ------------------------------------------------------------------------

@@ -47,6 +47,7 @@ __all__ = [
     "low_rank_power",
     "nystrom",
     "randomized_eigenpairs",
+    "split_parts",
 ]
 
 Structure = Literal["auto", "dense", "low_rank", "block_diagonal"]
@@ -131,6 +132,15 @@ class DiagonalPower:
         return cls(state[f"{prefix}_diagonal"].to(device))
 
 
+def split_parts(matrix: Tensor, part: int) -> Tensor:
+    """The rows of ``matrix`` ``(k, size, m)`` in parts of ``part``: ``(k · ⌈size / part⌉,
+    part, m)``, the last part zero-padded."""
+    k, size, m = matrix.shape
+    count = -(-size // part)
+    padded = torch.nn.functional.pad(matrix, (0, 0, 0, count * part - size))
+    return padded.reshape(k * count, part, m)
+
+
 @dataclass
 class BlockDiagonalPower:
     """``blockdiag(P_1, …, P_parts)``: a damped power of a block-diagonal side, ``parts``
@@ -146,16 +156,12 @@ class BlockDiagonalPower:
         """Parts per block of the layer: ``⌈size / part⌉``."""
         return -(-self.size // self.parts.shape[-1])
 
-    def _split(self, matrix: Tensor) -> tuple[Tensor, int]:
-        """``(k, size, m)`` → ``(k · parts, part, m)`` (zero-padded), and ``k``."""
-        k, part = matrix.shape[0], self.parts.shape[-1]
-        padded = torch.nn.functional.pad(matrix, (0, 0, 0, self.count * part - self.size))
-        return padded.reshape(k * self.count, part, matrix.shape[-1]), k
-
     def left(self, matrix: Tensor) -> Tensor:
         """``P V`` for ``V`` ``(k, n, m)``."""
-        parted, k = self._split(matrix)
-        product = (self.parts @ parted).reshape(k, -1, matrix.shape[-1])
+        k = matrix.shape[0]
+        product = (self.parts @ split_parts(matrix, self.parts.shape[-1])).reshape(
+            k, -1, matrix.shape[-1]
+        )
         return product[:, : self.size].contiguous()  # as dense products are: same rounding
 
     def right(self, matrix: Tensor) -> Tensor:

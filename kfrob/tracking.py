@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -9,10 +11,11 @@ from kfrob.alerts import warn
 from kfrob.capture import TrackedLayer
 from kfrob.factors import BlockDiagonalFactor, RunningFactor
 from kfrob.inverses import InverseMethod
+from kfrob.kronecker import EigenInverse, InverseFactors
 from kfrob.layers import LayerMath, functional_users, layer_math, unsupported_reason
 from kfrob.options import CurvatureOptions
 
-__all__ = ["factor_matrices", "track_layers"]
+__all__ = ["eigenvalues_of", "factor_matrices", "track_layers"]
 
 
 def track_layers(
@@ -128,3 +131,28 @@ def factor_matrices(layer: TrackedLayer) -> tuple[Tensor, Tensor]:
     ]
     a, g = (m.squeeze(0) if math.blocks == 1 else m for m in pair)
     return a, g
+
+
+def eigenvalues_of(
+    layers: dict[str, TrackedLayer], inverses: dict[str, Any]
+) -> dict[str, dict[str, Tensor]]:
+    """``{layer: {"A": eigenvalues, "G": eigenvalues}}`` of the factors behind each held
+    inverse, ascending, ``(blocks, n)``, identity sides left out: stored by an eigenbasis
+    inverse, else computed from the current factors in float64 (left out if that fails, or
+    if the inverse is held by another rank)."""
+    out = {}
+    for name, inverse in inverses.items():
+        layer = layers[name]
+        if isinstance(inverse, EigenInverse):
+            sides = {"A": inverse.domain, "G": inverse.codomain}
+            out[name] = {k: s.eigenvalues for k, s in sides.items() if s.estimated}
+        elif isinstance(inverse, InverseFactors):
+            try:  # in float64: float32 eigvalsh fails on some ill-conditioned factors
+                out[name] = {
+                    k: torch.linalg.eigvalsh(f.value.double()).to(f.value.dtype).clamp(min=0)
+                    for k, f in (("A", layer.domain), ("G", layer.codomain))
+                    if f is not None
+                }
+            except torch.linalg.LinAlgError:
+                continue
+    return out
