@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kfrob.adam import advance_moments, normalised
 from kfrob.finite import select
 from kfrob.kronecker import EigenInverse, rotate
 
@@ -63,24 +64,6 @@ def _rotate(matrix: Tensor, inverse: EigenInverse | None, back: bool = False) ->
     return rotate(matrix, inverse.codomain, inverse.domain, back)
 
 
-def _moments(
-    state: dict[str, Any], gradient: Tensor, rotated: Tensor, finite: Tensor, beta1: float,
-    beta2: float,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Advance ``state``'s step and moments by one gradient (nothing changes when ``finite``
-    is False); returns ``(exp_avg, exp_avg_sq, step)``."""
-    if "exp_avg" not in state:
-        state["step"] = torch.zeros((), device=gradient.device, dtype=gradient.dtype)
-        state["exp_avg"] = torch.zeros_like(gradient)
-        state["exp_avg_sq"] = torch.zeros_like(rotated)
-    step = select(finite, state["step"] + 1, state["step"])
-    m = select(finite, torch.lerp(state["exp_avg"], gradient, 1 - beta1), state["exp_avg"])
-    v_new = state["exp_avg_sq"] * beta2 + (1 - beta2) * rotated.square()
-    v = select(finite, v_new, state["exp_avg_sq"])
-    state["step"], state["exp_avg"], state["exp_avg_sq"] = step, m, v
-    return m, v, step
-
-
 def _rotated_mean(
     kept: dict[Tensor, Any], weight: Tensor, inverse: EigenInverse | None, m: Tensor,
     rotated: Tensor, finite: Tensor, beta1: float,
@@ -98,16 +81,6 @@ def _rotated_mean(
         mean = select(finite, torch.lerp(previous[1], rotated, 1 - beta1), previous[1])
     kept[weight] = (bases, mean)
     return mean
-
-
-def _normalised(
-    m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
-) -> Tensor:
-    """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` (``step >= 1``; at step 0 a zero direction)."""
-    safe = step.clamp(min=1)
-    m_hat = m / (1 - beta1**safe)
-    v_hat = v / (1 - beta2**safe)
-    return m_hat / (v_hat.sqrt() + eps)
 
 
 @torch.no_grad()
@@ -138,9 +111,9 @@ def adam_directions(
         rotated = _rotate(gradient, inverse)
         if "exp_avg" not in state[weight]:  # a fresh state: nothing kept applies
             rotated_means.pop(weight, None)
-        m, v, step = _moments(state[weight], gradient, rotated, finite, beta1, beta2)
+        m, v, step = advance_moments(state[weight], gradient, rotated, finite, beta1, beta2)
         mean = _rotated_mean(rotated_means, weight, inverse, m, rotated, finite, beta1)
-        direction = _rotate(_normalised(mean, v, step, beta1, beta2, eps), inverse, back=True)
+        direction = _rotate(normalised(mean, v, step, beta1, beta2, eps), inverse, back=True)
         for p, value in math.split(direction).items():
             directions[p] = value.to(p.dtype)
             done.add(p)
@@ -150,5 +123,5 @@ def adam_directions(
         group = settings[p]
         (beta1, beta2), eps = group["betas"], group["eps"]
         dense = gradient.to_dense() if gradient.is_sparse else gradient
-        m, v, step = _moments(state[p], dense, dense, finite, beta1, beta2)
-        directions[p] = _normalised(m, v, step, beta1, beta2, eps)
+        m, v, step = advance_moments(state[p], dense, dense, finite, beta1, beta2)
+        directions[p] = normalised(m, v, step, beta1, beta2, eps)

@@ -6,20 +6,21 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.algorithms.join import Join, Joinable, JoinHook
+from torch.distributed.algorithms.join import Join
 from torch.optim import Optimizer
 
+from kfrob.adam_grafted import ADAM_GRAFTED_DEFAULTS, grafted_directions
 from kfrob.adaptation import LevenbergMarquardt
 from kfrob.distributed import unwrap
 from kfrob.eigenbasis_adam import EIGENBASIS_ADAM_DEFAULTS, adam_directions
 from kfrob.finite import select
+from kfrob.join import ShadowStepping
 from kfrob.kronecker import EigenInverse
 from kfrob.options import (
     PreconditionerOptions,
-    check_eigenbasis_adam,
     check_group,
+    check_step_rule,
     require,
     with_flat_keywords,
 )
@@ -27,12 +28,19 @@ from kfrob.preconditioner import KroneckerPreconditioner
 
 __all__ = ["STEP_RULES", "FrobPreconditionedSGD"]
 
-#: what a step does with the curvature: the preconditioned gradient ``(A ⊗ G + λI)⁻¹ g``
-#: under SGD's momentum and the KL clip, or Adam in the Kronecker eigenbasis
-STEP_RULES = ("preconditioned_sgd", "eigenbasis_adam")
+#: what a step does with the curvature (the preconditioned gradient ``(A ⊗ G + λI)⁻¹ g``
+#: under SGD's momentum and the KL clip; Adam in the Kronecker eigenbasis; the
+#: preconditioned first moment at Adam's per-layer length), with each rule's own defaults
+#: for the flat keywords (explicit keywords override them)
+RULE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "preconditioned_sgd": {},
+    "eigenbasis_adam": EIGENBASIS_ADAM_DEFAULTS,
+    "adam_grafted": ADAM_GRAFTED_DEFAULTS,
+}
+STEP_RULES = tuple(RULE_DEFAULTS)
 
 
-class FrobPreconditionedSGD(Optimizer, Joinable):
+class FrobPreconditionedSGD(Optimizer, ShadowStepping):
     r"""Stochastic gradient descent preconditioned by Kronecker-factored curvature.
 
     For every layer of a registered kind (``nn.Linear``, convolutions, embeddings, norms:
@@ -56,7 +64,9 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
     after which momentum, Nesterov and the learning rate act exactly as in
     :class:`torch.optim.SGD`. Parameters of other modules get plain SGD updates.
     ``step_rule="eigenbasis_adam"`` runs Adam in the layers' Kronecker eigenbases instead
-    (:mod:`kfrob.eigenbasis_adam`; ``betas``, ``eps``; AdamW for the other modules).
+    (:mod:`kfrob.eigenbasis_adam`), ``"adam_grafted"`` takes each layer's preconditioned
+    first moment at the length of its Adam step (:mod:`kfrob.adam_grafted`); both use
+    ``betas``, ``eps`` and give the other modules AdamW.
 
     The curvature work is done by a :class:`kfrob.KroneckerPreconditioner`
     (:attr:`preconditioner`); this class adds SGD's bookkeeping and the damping rule.
@@ -74,11 +84,10 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 penalty added to the gradient before preconditioning (``>= 0``;
             decoupled, as in AdamW, under ``eigenbasis_adam``).
-        step_rule: ``"preconditioned_sgd"`` (default) or ``"eigenbasis_adam"``, which has
-            defaults of its own (exact damping, no KL clip, factors every 5 steps,
-            eigenbases every 20, the empirical Fisher: ``EIGENBASIS_ADAM_DEFAULTS``).
+        step_rule: ``"preconditioned_sgd"`` (default), ``"eigenbasis_adam"`` or
+            ``"adam_grafted"``; each has defaults of its own (``RULE_DEFAULTS``).
         betas, eps: Adam's moment decays (each in ``[0, 1)``) and ``ε > 0``, per group
-            (``eigenbasis_adam`` only).
+            (the Adam rules only).
         options: a :class:`~kfrob.options.PreconditionerOptions`; or leave it out and pass
             its flat keywords (listed in this signature, documented in ``docs/api.md`` and
             :mod:`kfrob.options`): ``damping=1e-3`` (``λ > 0``, the groups' default),
@@ -141,10 +150,8 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
                 "model.to_empty(device=...) and initialise) before creating the optimizer"
             )
         require("step_rule", step_rule, step_rule in STEP_RULES, f"one of {', '.join(STEP_RULES)}")
-        if step_rule == "eigenbasis_adam" and options is None:  # the rule's own defaults
-            flat = {**EIGENBASIS_ADAM_DEFAULTS, **flat}
         if options is None:
-            options = PreconditionerOptions.from_flat(**flat)
+            options = PreconditionerOptions.from_flat(**{**RULE_DEFAULTS[step_rule], **flat})
         elif flat:
             raise TypeError(f"pass options or flat keywords, not both (got {sorted(flat)})")
         defaults = {
@@ -157,8 +164,7 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
             "eps": eps,
         }
         check_group(defaults)
-        if step_rule == "eigenbasis_adam":
-            check_eigenbasis_adam(options, momentum)
+        check_step_rule(step_rule, options, momentum)
         self.step_rule = step_rule
         self._model_parameters = {id(p) for p in everything}
         super().__init__(everything if params is None else params, defaults)
@@ -174,7 +180,7 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         self._adaptation = None if rule is None else LevenbergMarquardt(rule)
         self._rotated_means: dict[Tensor, Any] = {}  # eigenbasis_adam's (derived, unsaved)
         self.last_reduction_ratio: float | None = None  # ρ of the last adaptation
-        Joinable.__init__(self)
+        ShadowStepping.__init__(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As in ``torch.optim``; the group's options are validated and its parameters must
@@ -232,19 +238,19 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
         pre = self.preconditioner
         measured = adaptation is not None and adaptation.due(pre.steps)
         before = adaptation.snapshot(self.param_groups) if measured else None  # type: ignore[union-attr]
+        adam = self.step_rule != "preconditioned_sgd"  # AdamW's decoupled weight decay
+        directions = self.directions(decay=not adam)
+        finite = pre.update(directions, self.layer_damping())
         if self.step_rule == "eigenbasis_adam":
-            directions = self.directions(decay=False)
-            finite = pre.update(directions, self.layer_damping())
             adam_directions(
                 self.param_groups, self.state, directions, self._bases(), finite,
                 self._rotated_means,
             )  # fmt: skip
-            self._apply(directions, finite, decoupled=True)
+        elif adam:
+            grafted_directions(self.param_groups, self.state, directions, pre, finite)
         else:
-            directions = self.directions()
-            finite = pre.update(directions, self.layer_damping())
             pre.precondition_(directions, self.learning_rates())
-            self._apply(directions, finite)
+        self._apply(directions, finite, decoupled=adam)
         if before is not None:
             self.last_reduction_ratio = adaptation.adapt(  # type: ignore[union-attr]
                 pre,
@@ -352,44 +358,6 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
                     d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
                 p.add_(select(finite, d, 0.0), alpha=-lr)
 
-    # --- uneven inputs: torch.distributed.algorithms.join -------------------------------
-    @property
-    def _join_config(self) -> Any:  # set by Join on entry and exit (the Joinable protocol)
-        return self.__dict__.get("_join_settings")
-
-    @_join_config.setter
-    def _join_config(self, config: Any) -> None:
-        self.__dict__["_join_settings"] = config
-        if "preconditioner" in self.__dict__:  # joined ranks shadow collectives only at step
-            self.preconditioner.sends_early = not config.enable
-
-    def join_hook(self, **kwargs: Any) -> JoinHook:
-        """The hook by which a rank out of data shadows kfrob's collectives."""
-        if self.options.parallel.inverse_placement != "replicated" or self.adaptive_damping:
-            raise ValueError(
-                "Join needs inverse_placement='replicated' and adaptive_damping=False: a "
-                "joined rank cannot shadow the owners' broadcasts of preconditioned "
-                "gradients or the damping rule's closure"
-            )
-        return _ShadowStep(self)
-
-    @property
-    def join_device(self) -> torch.device:
-        return self.preconditioner.parameters[0].device
-
-    @property
-    def join_process_group(self) -> Any:
-        communicator = self.preconditioner.communicator
-        group = None if communicator is None else communicator.group
-        return dist.group.WORLD if group is None else group  # the same object DDP names
-
-    def _shadow_step(self) -> None:
-        """What a joined rank does while the others step: take part in the factor average
-        (recording nothing) and the refreshes, and count the step."""
-        pre = self.preconditioner
-        pre.update({}, self.layer_damping())
-        pre.advance()
-
     # --- persistence and lifetime --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state plus the preconditioner's (factors, inverses, step counter, the
@@ -438,13 +406,3 @@ class FrobPreconditionedSGD(Optimizer, Joinable):
 
 
 with_flat_keywords(FrobPreconditionedSGD.__init__, required=("lr",))
-
-
-class _ShadowStep(JoinHook):
-    """Runs :meth:`FrobPreconditionedSGD._shadow_step` on a joined rank each iteration."""
-
-    def __init__(self, optimizer: FrobPreconditionedSGD) -> None:
-        self.optimizer = optimizer
-
-    def main_hook(self) -> None:
-        self.optimizer._shadow_step()

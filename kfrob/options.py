@@ -29,8 +29,8 @@ __all__ = [
     "ParallelOptions",
     "PreconditionerOptions",
     "ScheduleOptions",
-    "check_eigenbasis_adam",
     "check_group",
+    "check_step_rule",
     "flat_parameters",
     "with_flat_keywords",
 ]
@@ -386,11 +386,22 @@ def flat_parameters() -> list[inspect.Parameter]:
     ]  # fmt: skip
 
 
-def check_eigenbasis_adam(options: PreconditionerOptions, momentum: float) -> None:
-    """The options ``step_rule='eigenbasis_adam'`` needs: eigenbases, no KL clip, no
-    damping rule, SGD's momentum left to Adam's first moment."""
-    rule = "with step_rule='eigenbasis_adam'"
+def check_step_rule(step_rule: str, options: PreconditionerOptions, momentum: float) -> None:
+    """The options an Adam-based step rule needs: SGD's momentum left to Adam's first
+    moment, no KL clip and no damping rule (Adam's second moment sets the length);
+    ``"eigenbasis_adam"`` also needs exact eigenbases that every rank holds.
+    ``"preconditioned_sgd"`` takes any options."""
+    if step_rule == "preconditioned_sgd":
+        return
+    rule = f"with step_rule={step_rule!r}"
     require("momentum", momentum, momentum == 0, f"0 {rule} (its first moment is betas[0])")
+    require(
+        "kl_clip", options.kl_clip, options.kl_clip is None,
+        f"None {rule} (Adam's second moment scales the step)",
+    )  # fmt: skip
+    require("adaptive_damping", True, options.adaptation is None, f"False {rule} (no damping)")
+    if step_rule != "eigenbasis_adam":
+        return
     inverse = options.inverse
     require(
         "damping_method", inverse.damping_method, inverse.damping_method == "exact",
@@ -400,11 +411,6 @@ def check_eigenbasis_adam(options: PreconditionerOptions, momentum: float) -> No
         "eigenvalue_correction", inverse.eigenvalue_correction,
         not inverse.eigenvalue_correction, f"False {rule} (Adam's second moment replaces it)",
     )  # fmt: skip
-    require(
-        "kl_clip", options.kl_clip, options.kl_clip is None,
-        f"None {rule} (Adam's second moment scales the step)",
-    )  # fmt: skip
-    require("adaptive_damping", True, options.adaptation is None, f"False {rule} (no damping)")
     placement = options.parallel.inverse_placement
     require(
         "inverse_placement", placement, placement == "replicated",

@@ -216,7 +216,7 @@ class KroneckerPreconditioner(EngineState):
         """Each active layer's direction matrix, its preconditioned version and the KL clip
         factor ``ν = min(1, sqrt(κ / Σ lr² ⟨g, Δ⟩))`` (1.0 without clipping). A layer without
         an inverse (yet) takes a plain step, inside the KL budget."""
-        layers, matrices, complete = [], {}, {}
+        layers, matrices, complete, kappa = [], {}, {}, self.options.kl_clip
         for layer in self.active_layers():
             matrix = layer.math.gradient_matrix(directions)
             if matrix is None:
@@ -234,12 +234,11 @@ class KroneckerPreconditioner(EngineState):
                 direction = matrix
             weight = layer.math.weight
             rate = float(lr if not isinstance(lr, Mapping) else lr.get(weight, 0.0))
-            # in at least float32: a float16 pairing overflows and would zero the step
-            pairing = frobenius_inner(matrix, direction, check=False)
-            kl_terms.append(rate**2 * pairing.sum())
+            if kappa is not None:  # in float32 at least: a float16 pairing would overflow
+                pairing = frobenius_inner(matrix, direction, check=False)
+                kl_terms.append(rate**2 * pairing.sum())
             steps.append(LayerStep(layer, matrix, direction, rate))
         nu: Tensor | float = 1.0
-        kappa = self.options.kl_clip
         if kappa is not None and kl_terms:
             nu = torch.sqrt(kappa / torch.stack(kl_terms).sum()).clamp(max=1.0)
         return StepPlan(steps, nu)

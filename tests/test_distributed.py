@@ -71,6 +71,7 @@ def single() -> dict:
 
 
 BLOCKS = {"domain_structure": "block_diagonal", "codomain_structure": "block_diagonal"}
+ADAM_GRAFTED = {"step_rule": "adam_grafted", "momentum": 0.0, "lr": 0.01}
 
 
 @pytest.mark.parametrize(
@@ -87,6 +88,7 @@ BLOCKS = {"domain_structure": "block_diagonal", "codomain_structure": "block_dia
         (2, {"rank": 4, "domain_structure": "low_rank"}, {}),
         (2, {"max_block_size": 3, **BLOCKS}, {}),
         (3, {"max_block_size": 3, "inverse_placement": "owner", **BLOCKS}, {}),
+        (3, {**ADAM_GRAFTED, "inverse_placement": "owner"}, {}),
     ],
     ids=[
         "2-ranks",
@@ -100,6 +102,7 @@ BLOCKS = {"domain_structure": "block_diagonal", "codomain_structure": "block_dia
         "2-ranks-low-rank-sketches",
         "2-ranks-block-diagonal",
         "3-ranks-block-diagonal-owner",
+        "3-ranks-adam-grafted-owner",
     ],
 )
 def test_ranks_agree_and_equal_the_global_batch_run(

@@ -10,31 +10,18 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
-from tests.reference import UnregisteredLayerNorm
+from tests.adam_rules import (
+    backward,
+    batches,
+    check_a_checkpoint_resumes_the_same_trajectory,
+    check_a_non_finite_gradient_changes_nothing,
+    model,
+)
 
 BETAS, EPS, LR, WD = (0.9, 0.95), 1e-8, 1e-2, 1e-2
-
-
-def model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(4, 6), nn.Tanh(), UnregisteredLayerNorm(6), nn.Linear(6, 3)
-    ).double()
-
-
-def batches(n: int) -> list[tuple[Tensor, Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    return [
-        (
-            torch.randn(8, 4, generator=gen, dtype=torch.float64),
-            torch.randint(0, 3, (8,), generator=gen),
-        )
-        for _ in range(n)
-    ]
 
 
 def adam(**options: object) -> FrobPreconditionedSGD:
@@ -45,11 +32,6 @@ def adam(**options: object) -> FrobPreconditionedSGD:
             lr=LR, weight_decay=WD, step_rule="eigenbasis_adam", betas=BETAS, eps=EPS,
             **options,
         )  # fmt: skip
-
-
-def backward(net: nn.Module, x: Tensor, y: Tensor) -> None:
-    net.zero_grad()
-    F.cross_entropy(net(x), y).backward()
 
 
 def test_identity_factors_give_adamw() -> None:
@@ -82,6 +64,14 @@ class ReferenceAdam:
         m_hat = rotate(self.m[key]) / (1 - b1**self.t)
         v_hat = self.v[key] / (1 - b2**self.t)
         return back(m_hat / (v_hat.sqrt() + EPS))
+
+
+def test_a_non_finite_gradient_changes_nothing() -> None:
+    check_a_non_finite_gradient_changes_nothing(lambda net: adam(net=net))
+
+
+def test_a_checkpoint_resumes_the_same_trajectory() -> None:
+    check_a_checkpoint_resumes_the_same_trajectory(lambda net: adam(net=net, inverse_update_freq=3))
 
 
 @pytest.mark.parametrize("refresh_every", [1, 3])
@@ -118,50 +108,6 @@ def test_layers_take_adam_steps_in_the_eigenbases_of_their_factors(refresh_every
         for p, q in zip(net.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
     assert set(opt.preconditioner.layers) == {"0", "3"}
-
-
-def test_a_non_finite_gradient_changes_nothing() -> None:
-    net = model()
-    opt = adam(net=net)
-    data = batches(3)
-    for x, y in data[:2]:
-        backward(net, x, y)
-        opt.step()
-    params = [p.detach().clone() for p in net.parameters()]
-    state = copy.deepcopy(opt.state_dict()["state"])
-    backward(net, *data[2])
-    net[0].weight.grad[0, 0] = float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt.step()
-    for p, q in zip(net.parameters(), params, strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
-    for key, entry in opt.state_dict()["state"].items():
-        for name, value in entry.items():
-            if isinstance(value, Tensor):
-                torch.testing.assert_close(value, state[key][name], rtol=0, atol=0)
-
-
-def test_a_checkpoint_resumes_the_same_trajectory() -> None:
-    data = batches(8)
-    straight = model()
-    opt = adam(net=straight, inverse_update_freq=3)
-    for x, y in data[:4]:
-        backward(straight, x, y)
-        opt.step()
-    saved = copy.deepcopy({"model": straight.state_dict(), "opt": opt.state_dict()})
-    for x, y in data[4:]:
-        backward(straight, x, y)
-        opt.step()
-    resumed = model()
-    resumed.load_state_dict(saved["model"])
-    again = adam(net=resumed, inverse_update_freq=3)
-    again.load_state_dict(saved["opt"])
-    for x, y in data[4:]:
-        backward(resumed, x, y)
-        again.step()
-    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
 
 
 def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:

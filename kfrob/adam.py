@@ -1,0 +1,55 @@
+"""Adam's moment recursion and its normalised direction, shared by the Adam-based step rules
+(:mod:`kfrob.eigenbasis_adam`, :mod:`kfrob.adam_grafted`).
+
+With gradient ``g`` (and ``r``, the entries whose second moment is kept: ``g`` itself, or
+``g`` rotated into an eigenbasis):
+
+    m ← β₁ m + (1 − β₁) g,   v ← β₂ v + (1 − β₂) r²,   t ← t + 1
+    direction = (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)
+
+Nothing changes (``t``, ``m``, ``v``) on a step whose gradients are not finite; no host
+sync.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kfrob.finite import select
+
+__all__ = ["advance_moments", "normalised", "unbiased_mean"]
+
+
+def advance_moments(
+    state: dict[str, Any], gradient: Tensor, kept: Tensor, finite: Tensor, beta1: float,
+    beta2: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Advance ``state``'s ``"step"``, ``"exp_avg"`` (of ``gradient``) and ``"exp_avg_sq"``
+    (of ``kept``) by one step (nothing changes when the 0-dim bool ``finite`` is False);
+    returns ``(exp_avg, exp_avg_sq, step)``."""
+    if "exp_avg" not in state:
+        state["step"] = torch.zeros((), device=gradient.device, dtype=gradient.dtype)
+        state["exp_avg"] = torch.zeros_like(gradient)
+        state["exp_avg_sq"] = torch.zeros_like(kept)
+    step = select(finite, state["step"] + 1, state["step"])
+    m = select(finite, torch.lerp(state["exp_avg"], gradient, 1 - beta1), state["exp_avg"])
+    v_new = state["exp_avg_sq"] * beta2 + (1 - beta2) * kept.square()
+    v = select(finite, v_new, state["exp_avg_sq"])
+    state["step"], state["exp_avg"], state["exp_avg_sq"] = step, m, v
+    return m, v, step
+
+
+def unbiased_mean(m: Tensor, step: Tensor, beta1: float) -> Tensor:
+    """Adam's bias-corrected first moment ``m / (1 − β₁ᵗ)`` (``step >= 1``)."""
+    return m / (1 - beta1 ** step.clamp(min=1))
+
+
+def normalised(
+    m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
+) -> Tensor:
+    """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` (``step >= 1``; at step 0 a zero direction)."""
+    v_hat = v / (1 - beta2 ** step.clamp(min=1))
+    return unbiased_mean(m, step, beta1) / (v_hat.sqrt() + eps)
