@@ -101,6 +101,23 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
     ),
     "kfrob-lm": (kfrob_factory(adaptive_damping=True), KL_GRID, KL_GRID),
     "kfrob-momentum": (kfrob_factory(momentum=0.9), KL_GRID, KL_GRID),
+    "kfrob-graft": (
+        kfrob_factory(
+            step_rule="adam_grafted", factor_update_freq=1, inverse_update_freq=10, fisher="mc"
+        ),
+        lrs(1e-3, 3e-3, 1e-2),
+        lrs(3e-4, 1e-3, 3e-3),
+    ),
+    "kfrob-graft-5/20": (
+        kfrob_factory(
+            step_rule="adam_grafted",
+            factor_update_freq=5,
+            inverse_update_freq=20,
+            fisher="empirical",
+        ),
+        lrs(1e-3, 3e-3, 1e-2),
+        lrs(3e-4, 1e-3, 3e-3),
+    ),
     "kfrob-adam": (
         kfrob_factory(step_rule="eigenbasis_adam"),
         lrs(3e-4, 1e-3, 3e-3),
@@ -147,6 +164,11 @@ ABOUT = {  # what each variant is, for the report
     "kfrob-lm": "Levenberg–Marquardt adaptive damping (`adaptive_damping=True`; its step "
     "takes a closure)",
     "kfrob-momentum": "SGD momentum 0.9 (`momentum=0.9`)",
+    "kfrob-graft": "each layer's preconditioned first moment at the length of its Adam step "
+    "(`step_rule='adam_grafted'`) with kfrob's default schedule and Fisher (factors every "
+    "step, inverses every 10, the MC Fisher)",
+    "kfrob-graft-5/20": "`kfrob-graft` with factors every 5 steps, inverses every 20 and "
+    "the empirical Fisher (the rule's defaults)",
     "kfrob-adam": "Adam in the Kronecker eigenbasis (`step_rule='eigenbasis_adam'`, with "
     "that rule's defaults: factors every 5 steps, eigenbases every 20, the empirical Fisher)",
     "kfrob-adam-1/10": "the same with factors every step and eigenbases every 10",

@@ -58,6 +58,26 @@ CONTENDERS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
         {"type": "kfrob", "step_rule": "eigenbasis_adam", "fisher": "mc"},
         (1e-3, 3e-3, 1e-2),
     ),
+    "kfrob-graft": (
+        {
+            "type": "kfrob",
+            "step_rule": "adam_grafted",
+            "factor_update_freq": 1,
+            "inverse_update_freq": 10,
+            "fisher": "mc",
+        },
+        (1e-3, 3e-3, 1e-2),
+    ),
+    "kfrob-graft-5-20": (
+        {
+            "type": "kfrob",
+            "step_rule": "adam_grafted",
+            "factor_update_freq": 5,
+            "inverse_update_freq": 20,
+            "fisher": "empirical",
+        },
+        (1e-3, 3e-3, 1e-2),
+    ),
     "kfrob": ({"type": "kfrob"}, (0.1, 0.3, 1.0)),
     "adamw": ({"type": "adamw"}, (1e-3, 3e-3, 1e-2)),
     "sgd": ({"type": "sgd", "momentum": 0.9}, (0.1, 0.3, 1.0)),
@@ -69,6 +89,11 @@ ABOUT = {
     "kfrob-adam-10-20": "the same with factors every 10 steps and eigenbases every 20",
     "kfrob-adam-mc": "`kfrob-adam` with the MC Fisher (`fisher='mc'`: a sampled backward "
     "pass on factor steps)",
+    "kfrob-graft": "`FrobPreconditionedSGD(model, lr, loss=..., step_rule='adam_grafted')` "
+    "(each layer's preconditioned first moment at the length of its Adam step) with kfrob's "
+    "default schedule and Fisher: factors every step, inverses every 10, the MC Fisher",
+    "kfrob-graft-5-20": "`kfrob-graft` with factors every 5 steps, inverses every 20 and the "
+    "empirical Fisher (the rule's defaults)",
     "kfrob": "`FrobPreconditionedSGD(model, lr, loss=...)` (preconditioned SGD, KL clip)",
     "adamw": "`torch.optim.AdamW` defaults besides the learning rate",
     "sgd": "`torch.optim.SGD` with momentum 0.9",
