@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kfrob.adam import advance_moments, normalised, unbiased_mean
+from kfrob.adam import adam_step_all
 
 __all__ = ["ADAM_GRAFTED_DEFAULTS", "grafted_directions"]
 
@@ -51,7 +51,11 @@ _TINY = 1e-30
 
 def _norm(tensors: list[Tensor]) -> Tensor:
     """``‖·‖_F`` of a set of tensors taken together, in at least float32."""
-    return torch.sqrt(sum(t.float().square().sum() for t in tensors))  # type: ignore[arg-type]
+    return torch.linalg.vector_norm(torch.stack([t.float().norm() for t in tensors]))
+
+
+def _dense(gradient: Tensor) -> Tensor:
+    return gradient.to_dense() if gradient.is_sparse else gradient
 
 
 @torch.no_grad()
@@ -68,15 +72,22 @@ def grafted_directions(
     per-parameter state, ``preconditioner`` its :class:`kfrob.KroneckerPreconditioner`
     (refreshed for this step; its KL clip must be off) and ``finite`` whether this step's
     gradients are finite (the moments stay as they were when not)."""
-    settings = {p: g for g in groups for p in g["params"]}
     adam: dict[Tensor, Tensor] = {}
     means: dict[Tensor, Tensor] = {}
-    for p, gradient in directions.items():
-        (beta1, beta2), eps = settings[p]["betas"], settings[p]["eps"]
-        dense = gradient.to_dense() if gradient.is_sparse else gradient
-        m, v, step = advance_moments(state[p], dense, dense, finite, beta1, beta2)
-        adam[p] = normalised(m, v, step, beta1, beta2, eps)
-        means[p] = unbiased_mean(m, step, beta1)
+    for group in groups:
+        params = [p for p in group["params"] if p in directions]
+        if not params:
+            continue
+        gradients = [_dense(directions[p]) for p in params]
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        for device in {g.device for g in gradients}:
+            here = [i for i, g in enumerate(gradients) if g.device == device]
+            mean, normal = adam_step_all(
+                [state[params[i]] for i in here], [gradients[i] for i in here],
+                finite.to(device), beta1, beta2, eps,
+            )  # fmt: skip
+            for i, m, n in zip(here, mean, normal, strict=True):
+                means[params[i]], adam[params[i]] = m, n
     preconditioned = dict(means)
     preconditioner.precondition_(preconditioned, 1.0)
     directions.update(adam)
@@ -84,8 +95,7 @@ def grafted_directions(
         params = [p for p in layer.math.parameters if p in preconditioned]
         if not params or not layer.math.covers(preconditioned):
             continue
-        scale = _norm([adam[p] for p in params]) / _norm([preconditioned[p] for p in params]).clamp(
-            min=_TINY
-        )
+        lengths = _norm([adam[p] for p in params]), _norm([preconditioned[p] for p in params])
+        scale = lengths[0] / lengths[1].clamp(min=_TINY)
         for p in params:
             directions[p] = (preconditioned[p] * scale).to(p.dtype)
