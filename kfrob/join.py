@@ -4,6 +4,7 @@ others train, so nobody waits forever."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,9 +21,7 @@ class ShadowStepping(Joinable):
     preconditioner: Any
     options: Any
     adaptive_damping: bool
-
-    def layer_damping(self) -> dict[str, float]:
-        raise NotImplementedError
+    layer_damping: Callable[[], dict[str, float]]
 
     @property
     def _join_config(self) -> Any:  # set by Join on entry and exit (the Joinable protocol)

@@ -83,7 +83,7 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         momentum: momentum factor in ``[0, 1)``.
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 penalty added to the gradient before preconditioning (``>= 0``;
-            decoupled, as in AdamW, under ``eigenbasis_adam``).
+            decoupled, as in AdamW, under the Adam rules).
         step_rule: ``"preconditioned_sgd"`` (default), ``"eigenbasis_adam"`` or
             ``"adam_grafted"``; each has defaults of its own (``RULE_DEFAULTS``).
         betas, eps: Adam's moment decays (each in ``[0, 1)``) and ``ε > 0``, per group
