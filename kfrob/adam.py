@@ -20,7 +20,15 @@ from torch import Tensor
 
 from kfrob.finite import select
 
-__all__ = ["adam_step_all", "advance_moments", "normalised", "unbiased_mean"]
+__all__ = ["adam_step_all", "advance_moments", "normalised"]
+
+
+def _initialise(state: dict[str, Any], gradient: Tensor, kept: Tensor) -> None:
+    """A fresh state's zero step count and moments (nothing if it has them)."""
+    if "exp_avg" not in state:
+        state["step"] = torch.zeros((), device=gradient.device, dtype=gradient.dtype)
+        state["exp_avg"] = torch.zeros_like(gradient)
+        state["exp_avg_sq"] = torch.zeros_like(kept)
 
 
 def advance_moments(
@@ -30,10 +38,7 @@ def advance_moments(
     """Advance ``state``'s ``"step"``, ``"exp_avg"`` (of ``gradient``) and ``"exp_avg_sq"``
     (of ``kept``) by one step (nothing changes when the 0-dim bool ``finite`` is False);
     returns ``(exp_avg, exp_avg_sq, step)``."""
-    if "exp_avg" not in state:
-        state["step"] = torch.zeros((), device=gradient.device, dtype=gradient.dtype)
-        state["exp_avg"] = torch.zeros_like(gradient)
-        state["exp_avg_sq"] = torch.zeros_like(kept)
+    _initialise(state, gradient, kept)
     step = select(finite, state["step"] + 1, state["step"])
     m = select(finite, torch.lerp(state["exp_avg"], gradient, 1 - beta1), state["exp_avg"])
     v_new = state["exp_avg_sq"] * beta2 + (1 - beta2) * kept.square()
@@ -42,17 +47,12 @@ def advance_moments(
     return m, v, step
 
 
-def unbiased_mean(m: Tensor, step: Tensor, beta1: float) -> Tensor:
-    """Adam's bias-corrected first moment ``m / (1 − β₁ᵗ)`` (``step >= 1``)."""
-    return m / (1 - beta1 ** step.clamp(min=1))
-
-
 def normalised(
     m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
 ) -> Tensor:
     """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` (``step >= 1``; at step 0 a zero direction)."""
-    v_hat = v / (1 - beta2 ** step.clamp(min=1))
-    return unbiased_mean(m, step, beta1) / (v_hat.sqrt() + eps)
+    counted = step.clamp(min=1)
+    return (m / (1 - beta1**counted)) / ((v / (1 - beta2**counted)).sqrt() + eps)
 
 
 def adam_step_all(
@@ -66,10 +66,7 @@ def adam_step_all(
     (1 when ``finite``, else 0, and the gradients zeroed), so a non-finite step leaves them
     bit for bit. The gradients must share one device."""
     for state, gradient in zip(states, gradients, strict=True):
-        if "exp_avg" not in state:
-            state["step"] = torch.zeros((), device=gradient.device, dtype=gradient.dtype)
-            state["exp_avg"] = torch.zeros_like(gradient)
-            state["exp_avg_sq"] = torch.zeros_like(gradient)
+        _initialise(state, gradient, gradient)
     m = [s["exp_avg"] for s in states]
     v = [s["exp_avg_sq"] for s in states]
     steps = [s["step"] for s in states]

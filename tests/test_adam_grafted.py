@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
+from kfrob.adam import adam_step_all, advance_moments, normalised
 from tests.adam_rules import (
     backward,
     batches,
@@ -107,6 +108,29 @@ def test_layers_take_their_preconditioned_first_moment_at_adams_length(
         for p, q in zip(net.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
     assert set(opt.preconditioner.layers) == {"0", "3"}
+
+
+def test_the_batched_adam_step_equals_the_per_parameter_one() -> None:
+    """``adam_step_all`` (foreach kernels, moments updated in place) against
+    ``advance_moments`` and ``normalised`` (one parameter at a time), over steps that
+    include a non-finite one, which both must skip."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3, 4), (5,), ()]
+    batched: list[dict] = [{} for _ in shapes]
+    single: list[dict] = [{} for _ in shapes]
+    for t in range(5):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        finite = torch.tensor(t != 2)
+        if t == 2:
+            grads[0][0, 0] = float("nan")
+        means, steps = adam_step_all(batched, grads, finite, *BETAS, EPS)
+        for i, g in enumerate(grads):
+            m, v, step = advance_moments(single[i], g, g, finite, *BETAS)
+            expected = normalised(m, v, step, *BETAS, EPS)
+            torch.testing.assert_close(steps[i], expected, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(batched[i]["exp_avg_sq"], v, rtol=1e-12, atol=1e-14)
+            assert batched[i]["step"].item() == step.item() == t + (t < 2)
+            assert means[i].shape == g.shape
 
 
 def test_the_step_length_is_adams_whatever_the_factors_scale() -> None:
