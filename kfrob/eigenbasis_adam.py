@@ -21,6 +21,13 @@ linear), so a step rotates twice (the gradient in, the direction out), not three
 is rotated afresh from ``m`` after each refresh. Parameters without Kronecker factors get
 plain Adam (their basis is the coordinate basis).
 
+A layer whose inverse holds no eigenbases (a structured side: low-rank or block-diagonal,
+under ``damping_method="exact_where_dense"``) runs Adam in its own coordinates and takes
+the K-FAC direction of the bias-corrected first moment at the length of that Adam step,
+``Δ = D · ‖N‖_F / ‖D‖_F`` with ``D = (A ⊗ G + λI)⁻¹ m̂`` and ``N = m̂ / (√v̂ + ε)`` (as
+:mod:`kfrob.adam_grafted` does): rotating a wide side every step would cost more than the
+layer's own pass, and the structured inverse keeps the curvature's direction for less.
+
 State per parameter, in ``optimizer.state[p]``: ``"step"``, ``"exp_avg"`` and
 ``"exp_avg_sq"``, parameter-shaped, except that a layer's weight holds its layer's
 ``(k, out, in)`` matrices (``m`` in the parameters' coordinates, ``v`` rotated) and its bias
@@ -37,19 +44,21 @@ from torch import Tensor
 
 from kfrob.adam import advance_moments, normalised
 from kfrob.finite import select
-from kfrob.kronecker import EigenInverse, rotate
+from kfrob.kronecker import EigenInverse, InverseFactors, rotate
 
 __all__ = ["EIGENBASIS_ADAM_DEFAULTS", "adam_directions"]
 
 #: what ``step_rule="eigenbasis_adam"`` changes in the defaults of the flat keywords: exact
-#: eigenbases, no KL clip, a slower schedule (its bases move slowly: factors every 5 steps
-#: and bases every 20 cost less per step than every step and every 10 for about the same
-#: steps to target), and the empirical Fisher (Adam's second moment sets the scale, so the
-#: factors only supply the bases, and the empirical ones need no sampled backward pass:
-#: AdamW's transformer loss in 0.65× its time against 0.70× with the MC Fisher, the same
-#: steps on the MLP); see ``docs/performance.md#step-rules``
+#: eigenbases where every side of a layer is dense (``"exact_where_dense"``; the cost model
+#: makes wide sides low-rank, and those layers graft), no KL clip, a slower schedule (its
+#: bases move slowly: factors every 5 steps and bases every 20 cost less per step than
+#: every step and every 10 for about the same steps to target), and the empirical Fisher
+#: (Adam's second moment sets the scale, so the factors only supply the bases, and the
+#: empirical ones need no sampled backward pass: AdamW's transformer loss in 0.65× its time
+#: against 0.70× with the MC Fisher, the same steps on the MLP); see
+#: ``docs/performance.md#step-rules``
 EIGENBASIS_ADAM_DEFAULTS = {
-    "damping_method": "exact",
+    "damping_method": "exact_where_dense",
     "kl_clip": None,
     "factor_update_freq": 5,
     "inverse_update_freq": 20,
@@ -57,21 +66,28 @@ EIGENBASIS_ADAM_DEFAULTS = {
 }
 
 
-def _rotate(matrix: Tensor, inverse: EigenInverse | None, back: bool = False) -> Tensor:
+#: the smallest K-FAC norm a grafted direction is scaled from (a zero one stays zero)
+_TINY = 1e-30
+
+
+def _rotate(
+    matrix: Tensor, inverse: EigenInverse | InverseFactors | None, back: bool = False
+) -> Tensor:
     """Into (or, with ``back``, out of) the eigenbases of ``inverse``; none: unrotated."""
-    if inverse is None:
+    if not isinstance(inverse, EigenInverse):
         return matrix
     return rotate(matrix, inverse.codomain, inverse.domain, back)
 
 
 def _rotated_mean(
-    kept: dict[Tensor, Any], weight: Tensor, inverse: EigenInverse | None, m: Tensor,
+    kept: dict[Tensor, Any], weight: Tensor, inverse: EigenInverse | InverseFactors | None,
+    m: Tensor,
     rotated: Tensor, finite: Tensor, beta1: float,
 ) -> Tensor:  # fmt: skip
     """``Q_Gᵀ m Q_A`` for the layer of ``weight``: advanced from ``kept``'s rotation of the
     previous ``m`` by ``β₁`` and the rotated gradient while the bases are those it was
     rotated with, else rotated afresh (after a refresh, or with nothing kept)."""
-    if inverse is None:
+    if not isinstance(inverse, EigenInverse):
         return m
     bases = (inverse.codomain.basis, inverse.domain.basis)
     previous = kept.get(weight)
@@ -88,15 +104,16 @@ def adam_directions(
     groups: list[dict[str, Any]],
     state: Mapping[Tensor, dict[str, Any]],
     directions: dict[Tensor, Tensor],
-    layers: Mapping[Tensor, tuple[Any, EigenInverse | None]],
+    layers: Mapping[Tensor, tuple[Any, EigenInverse | InverseFactors | None]],
     finite: Tensor,
     rotated_means: dict[Tensor, Any],
 ) -> None:
     """Replace each entry of ``directions`` (raw gradients) by its Adam direction ``Δ``.
 
-    ``layers`` maps each preconditioned layer's weight to ``(its LayerMath, its
-    EigenInverse or None)``; a layer's weight and bias share one rotated second moment, so
-    the layer's whole matrix moves together. ``groups`` are the optimizer's parameter
+    ``layers`` maps each preconditioned layer's weight to ``(its LayerMath, its inverse
+    or None)`` (an :class:`InverseFactors` grafts, see the module docstring); a layer's
+    weight and bias share one rotated second moment, so the layer's whole matrix moves
+    together. ``groups`` are the optimizer's parameter
     groups (``betas``, ``eps``); ``state`` its per-parameter state; ``rotated_means`` keeps
     each layer's rotated first moment with the bases it was rotated into (the optimizer's,
     emptied when its state is loaded)."""
@@ -114,6 +131,8 @@ def adam_directions(
         m, v, step = advance_moments(state[weight], gradient, rotated, finite, beta1, beta2)
         mean = _rotated_mean(rotated_means, weight, inverse, m, rotated, finite, beta1)
         direction = _rotate(normalised(mean, v, step, beta1, beta2, eps), inverse, back=True)
+        if isinstance(inverse, InverseFactors):
+            direction = _grafted(inverse, m, direction, step, beta1)
         for p, value in math.split(direction).items():
             directions[p] = value.to(p.dtype)
             done.add(p)
@@ -125,3 +144,13 @@ def adam_directions(
         dense = gradient.to_dense() if gradient.is_sparse else gradient
         m, v, step = advance_moments(state[p], dense, dense, finite, beta1, beta2)
         directions[p] = normalised(m, v, step, beta1, beta2, eps)
+
+
+def _grafted(
+    inverse: InverseFactors, m: Tensor, adam: Tensor, step: Tensor, beta1: float
+) -> Tensor:
+    """``D · ‖N‖_F / ‖D‖_F``: the K-FAC direction ``D`` of the bias-corrected first moment
+    at the length of the Adam direction ``N`` (``adam``)."""
+    direction = inverse.apply(m / (1 - beta1 ** step.clamp(min=1)))
+    length = direction.norm().clamp(min=_TINY)
+    return direction * (adam.norm() / length)

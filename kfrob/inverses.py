@@ -11,6 +11,9 @@ about by name again:
   the previous basis.
 * :class:`EigenvalueCorrected`: exact damping whose scaling follows the running per-sample
   second moment ``S`` in the eigenbases (EKFAC, :mod:`kfrob.correction`).
+* :class:`ExactWhereDense`: exact damping in eigenbases for the layers whose sides are all
+  dense, factored damping for those with a structured side (as :class:`FactoredDamping`
+  chooses them): every layer whose eigenbases are affordable has them.
 
 A method computes inverses for a list of layers (full factors of one size decomposed in one
 batched call, :func:`~kfrob.kronecker.decompose_all`), rebuilds an inverse from the state
@@ -58,6 +61,7 @@ from kfrob.structure import (
 __all__ = [
     "EigenvalueCorrected",
     "ExactDamping",
+    "ExactWhereDense",
     "FactoredDamping",
     "Inverse",
     "InverseMethod",
@@ -329,6 +333,21 @@ class ExactDamping(InverseMethod):
         return basis if basis is not None and basis.shape == factor.shape else None
 
 
+class ExactWhereDense(FactoredDamping):
+    """Exact damping ``(A ⊗ G + λI)^{-p}`` in the eigenbases of a layer whose full sides
+    are all dense; π-damping, as :class:`FactoredDamping`, for a layer with a structured
+    side. The structures are :class:`FactoredDamping`'s (``"auto"``: the cost model)."""
+
+    def scaling(self, codomain: Side, domain: Side, damping: float) -> Tensor:
+        return exact_scaling(codomain, domain, damping, self.exponent)
+
+    def by_cholesky(self, layer: TrackedLayer) -> bool:
+        return False
+
+    def from_sides(self, codomain: Side, domain: Side, damping: float) -> Inverse:
+        return EigenInverse(codomain, domain, self.scaling(codomain, domain, damping))
+
+
 class EigenvalueCorrected(ExactDamping):
     """Exact damping with EKFAC's scaling ``(S + λ)^{-p}`` (:mod:`kfrob.correction`)."""
 
@@ -378,11 +397,12 @@ def method_for(options: PreconditionerOptions) -> InverseMethod:
             return EigenvalueCorrected(inverse.exponent, inverse.eigenbasis_refresh)
         case "exact", False:
             return ExactDamping(inverse.exponent, inverse.eigenbasis_refresh)
-        case _:
+        case method, _:
             owner = options.parallel.inverse_placement == "owner"
             why = "inverse_placement='owner' keeps no eigenbasis on the other ranks"
             schedule = options.schedule
-            return FactoredDamping(
+            kind = ExactWhereDense if method == "exact_where_dense" else FactoredDamping
+            return kind(
                 inverse.exponent, inverse, schedule.inverse_update_freq, why if owner else None,
                 schedule.factor_update_freq,
             )  # fmt: skip

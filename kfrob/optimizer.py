@@ -16,7 +16,7 @@ from kfrob.distributed import unwrap
 from kfrob.eigenbasis_adam import EIGENBASIS_ADAM_DEFAULTS, adam_directions
 from kfrob.finite import select
 from kfrob.join import ShadowStepping
-from kfrob.kronecker import EigenInverse
+from kfrob.kronecker import EigenInverse, InverseFactors
 from kfrob.options import (
     PreconditionerOptions,
     check_group,
@@ -323,14 +323,15 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         plan = pre.plan(self.directions(), self.learning_rates())
         return step_diagnostics(pre, plan, {**pre.damping, **self.layer_damping()})
 
-    def _bases(self) -> dict[Tensor, tuple[Any, EigenInverse | None]]:
-        """Each active layer's weight, with its math and its eigenbases (if refreshed)."""
+    def _bases(self) -> dict[Tensor, tuple[Any, EigenInverse | InverseFactors | None]]:
+        """Each active layer's weight, with its math and its inverse (if refreshed): its
+        eigenbases, or structured inverse factors."""
         pre = self.preconditioner
         bases = {}
         for layer in pre.active_layers():
             inverse = pre.inverses.get(layer.name)
-            eigen = inverse if isinstance(inverse, EigenInverse) else None
-            bases[layer.math.weight] = (layer.math, eigen)
+            local = inverse if isinstance(inverse, EigenInverse | InverseFactors) else None
+            bases[layer.math.weight] = (layer.math, local)
         return bases
 
     def _apply(

@@ -41,7 +41,7 @@ Fisher = Literal["empirical", "mc"]
 Loss = Literal["cross_entropy", "mse"]
 LossReduction = Literal["mean", "sum"]
 WeightSharing = Literal["expand", "reduce"]
-DampingMethod = Literal["factored", "exact"]
+DampingMethod = Literal["factored", "exact", "exact_where_dense"]
 EigenbasisRefresh = Literal["eigh", "subspace"]
 InversePlacement = Literal["replicated", "owner"]
 Structure = Literal["auto", "dense", "low_rank", "block_diagonal"]
@@ -104,12 +104,13 @@ class CurvatureOptions:
 @dataclass(frozen=True, kw_only=True)
 class InverseOptions:
     """How a layer's damped inverse ``(A ⊗ G + λI)^{-p}`` is computed (see
-    :mod:`kfrob.inverses`), and each side's structure (:mod:`kfrob.structure`): ``"dense"``,
-    ``"low_rank"`` (the ``rank`` leading eigenpairs and a trace-keeping identity for the rest;
-    factored damping only), ``"block_diagonal"`` (the factor's diagonal blocks of at most
-    ``max_block_size``, as equal as the width allows; factored damping only) or ``"auto"``:
-    low-rank where a dense side would cost more than ``dense_budget`` times the layer's
-    forward and backward pass (with factored damping; dense otherwise)."""
+    :mod:`kfrob.inverses`: ``damping_method`` ``"factored"``, ``"exact"`` or
+    ``"exact_where_dense"``), and each side's structure (:mod:`kfrob.structure`):
+    ``"dense"``, ``"low_rank"`` (the ``rank`` leading eigenpairs and a trace-keeping identity
+    for the rest), ``"block_diagonal"`` (the factor's diagonal blocks of at most
+    ``max_block_size``, as equal as the width allows) or ``"auto"``: low-rank where a dense
+    side would cost more than ``dense_budget`` times the layer's forward and backward pass.
+    Exact damping keeps every side dense."""
 
     damping_method: DampingMethod = "factored"
     exponent: float = 1.0
@@ -127,9 +128,9 @@ class InverseOptions:
             _choice(name, value, Structure)
             require(
                 name, value,
-                value not in ("low_rank", "block_diagonal") or self.damping_method == "factored",
-                "'auto' or 'dense' unless damping_method='factored' (exact damping and EKFAC "
-                "keep dense eigenbases)",
+                value not in ("low_rank", "block_diagonal") or self.damping_method != "exact",
+                "'auto' or 'dense' with damping_method='exact' (exact damping and EKFAC keep "
+                "dense eigenbases)",
             )  # fmt: skip
         require("rank", self.rank, _positive_int(self.rank), "an integer >= 1")
         block = self.max_block_size
@@ -404,8 +405,9 @@ def check_step_rule(step_rule: str, options: PreconditionerOptions, momentum: fl
         return
     inverse = options.inverse
     require(
-        "damping_method", inverse.damping_method, inverse.damping_method == "exact",
-        f"'exact' {rule} (its eigenbases carry the rotation)",
+        "damping_method", inverse.damping_method,
+        inverse.damping_method in ("exact", "exact_where_dense"),
+        f"'exact' or 'exact_where_dense' {rule} (its eigenbases carry the rotation)",
     )  # fmt: skip
     require(
         "eigenvalue_correction", inverse.eigenvalue_correction,

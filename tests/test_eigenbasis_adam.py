@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
+from kfrob.kronecker import InverseFactors
+from kfrob.structure import LowRankPower
 from tests.adam_rules import (
     backward,
     batches,
@@ -110,13 +112,64 @@ def test_layers_take_adam_steps_in_the_eigenbases_of_their_factors(refresh_every
     assert set(opt.preconditioner.layers) == {"0", "3"}
 
 
+def dense_side(operator: object, width: int) -> Tensor:
+    """A side of an :class:`InverseFactors` as a dense matrix (``None``: the identity)."""
+    if operator is None:
+        return torch.eye(width, dtype=torch.float64)
+    if isinstance(operator, Tensor):
+        return operator[0]
+    return operator.dense()[0]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("refresh_every", [1, 3])
+def test_a_layer_with_a_structured_side_grafts_adam_onto_its_kfac_direction(
+    refresh_every: int,
+) -> None:
+    """Low-rank domains hold no eigenbasis: each layer runs Adam in its coordinates and
+    moves along its structured inverse applied to ``m̂``, at the length of its Adam step."""
+    net = model()
+    reference = copy.deepcopy(net)
+    opt = adam(
+        net=net, inverse_update_freq=refresh_every, factor_update_freq=1, rank=2,
+        domain_structure="low_rank",
+    )  # fmt: skip
+    ref = ReferenceAdam()
+    for x, y in batches(7):
+        backward(net, x, y)
+        backward(reference, x, y)
+        opt.step()
+        ref.t += 1
+        with torch.no_grad():
+            for name in ("0", "3"):
+                inverse = opt.preconditioner.inverses[name]  # what this step applied
+                assert isinstance(inverse, InverseFactors)
+                assert isinstance(inverse.domain, LowRankPower)
+                layer = reference.get_submodule(name)
+                grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1)
+                adam_step = ref.direction(name, grad, None)
+                mean = ref.m[name] / (1 - BETAS[0] ** ref.t)
+                direction = (
+                    dense_side(inverse.codomain, grad.shape[0])
+                    @ mean
+                    @ dense_side(inverse.domain, grad.shape[1])
+                )
+                step = direction * adam_step.norm() / direction.norm()
+                layer.weight.mul_(1 - LR * WD).sub_(LR * step[:, :-1])
+                layer.bias.mul_(1 - LR * WD).sub_(LR * step[:, -1])
+            norm = reference.get_submodule("2")
+            for key, p in (("2.w", norm.weight), ("2.b", norm.bias)):
+                p.mul_(1 - LR * WD).sub_(LR * ref.direction(key, p.grad, None))
+        for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+
+
 def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
-    """Exact eigenbases, no KL clip, factors every 5 steps and bases every 20, the empirical
-    Fisher, unless given."""
+    """Eigenbases where a layer's sides are dense, no KL clip, factors every 5 steps and
+    bases every 20, the empirical Fisher, unless given."""
     opt = adam(net=model(), loss="cross_entropy")
     options = opt.preconditioner.options
     assert (options.schedule.factor_update_freq, options.schedule.inverse_update_freq) == (5, 20)
-    assert options.inverse.damping_method == "exact" and options.kl_clip is None
+    assert options.inverse.damping_method == "exact_where_dense" and options.kl_clip is None
     assert options.curvature.fisher == "empirical"
     assert (
         adam(net=model(), loss="cross_entropy", fisher="mc").preconditioner.options.curvature.fisher

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD, KroneckerPreconditioner
 from kfrob.factors import RunningFactor, SketchedFactor
+from kfrob.kronecker import EigenInverse, InverseFactors
 from kfrob.layers import LayerMath, layer_math
 from kfrob.structure import (
     OVERSAMPLING,
@@ -287,6 +288,32 @@ def test_exact_damping_keeps_dense_sides() -> None:
     )
 
 
+def test_exact_where_dense_damps_dense_layers_exactly_and_structured_ones_by_pi() -> None:
+    """``damping_method="exact_where_dense"``: the layer whose co-domain is low-rank gets
+    the π-damped structured inverse (the same step as factored damping), the layer whose
+    sides are dense the eigenbases of ``A ⊗ G + λI`` (its step the explicit solve)."""
+    options = {"rank": 8, "domain_structure": "dense", "codomain_structure": "low_rank"}
+    mixed, _, _, _ = preconditioned(24, damping_method="exact_where_dense", **options)
+    factored, _, _, _ = preconditioned(24, **options)
+    torch.testing.assert_close(mixed["0.weight"], factored["0.weight"])
+    torch.testing.assert_close(mixed["0.bias"], factored["0.bias"])
+    model = mlp()
+    pre = KroneckerPreconditioner(
+        model, kl_clip=None, damping_method="exact_where_dense", **options
+    )  # type: ignore[arg-type]
+    x, y = batch(24)
+    F.cross_entropy(model(x), y).backward()
+    grad = torch.cat([model[2].weight.grad, model[2].bias.grad[:, None]], 1)  # type: ignore[index]
+    pre.step()
+    assert isinstance(pre.inverses["2"], EigenInverse)
+    assert isinstance(pre.inverses["0"], InverseFactors)
+    a, g = pre.factors()["2"]
+    system = torch.kron(a, g) + 1e-3 * torch.eye(71 * 5, dtype=a.dtype)
+    step = torch.linalg.solve(system, grad.T.reshape(-1)).reshape(71, 5).T
+    torch.testing.assert_close(model[2].weight.grad, step[:, :-1])  # type: ignore[index]
+    torch.testing.assert_close(model[2].bias.grad, step[:, -1])  # type: ignore[index]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -299,7 +326,7 @@ def test_exact_damping_keeps_dense_sides() -> None:
         ),
         (
             {"codomain_structure": "low_rank", "damping_method": "exact"},
-            "invalid codomain_structure='low_rank': expected 'auto' or 'dense' unless",
+            "invalid codomain_structure='low_rank': expected 'auto' or 'dense' with damping_m",
         ),
     ],
 )
@@ -446,7 +473,7 @@ def test_a_block_diagonal_state_does_not_load_into_dense_sides() -> None:
         ({"max_block_size": 0}, "invalid max_block_size=0: expected an integer >= 1"),
         (
             {"domain_structure": "block_diagonal", "damping_method": "exact"},
-            "invalid domain_structure='block_diagonal': expected 'auto' or 'dense' unless",
+            "invalid domain_structure='block_diagonal': expected 'auto' or 'dense' with damping",
         ),
     ],
 )
