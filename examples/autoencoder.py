@@ -30,7 +30,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = autoencoder()
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="mse")
+    opt = FrobPreconditionedSGD(model, lr=1e-3, loss="mse")
     step = 0
     for epoch in range(1, args.epochs + 1):
         for batch in torch.randperm(len(x)).split(128):

@@ -1,8 +1,8 @@
 """The CNN workload in a plain PyTorch loop, checkpointed and resumed.
 
 Two 5×5 conv layers (32, 64 channels) with max-pooling, then 3136-128-10, on the
-Fashion-MNIST subset shipped with kfrob. kfrob records the convolution factors every 5th step
-and refreshes its inverses every 50 (the unfolded patches are costly on a CPU). After the
+Fashion-MNIST subset shipped with kfrob, with kfrob's defaults (factors every 5th step,
+eigenbases every 20th, Adam in the Kronecker eigenbasis). After the
 first epoch the script saves model and optimizer (factors, inverses, step counter, sampler
 state included) with ``state_dict()``, rebuilds both from the file, and trains on: a resumed
 run takes exactly the steps of an uninterrupted one. About two minutes on 2 CPU cores:
@@ -28,10 +28,7 @@ def make(state: dict | None = None) -> tuple[torch.nn.Module, FrobPreconditioned
     torch.manual_seed(0)
     model = cnn()
     generator = torch.Generator().manual_seed(1)  # the MC Fisher's sampler, checkpointed too
-    opt = FrobPreconditionedSGD(
-        model, lr=0.1, loss="cross_entropy", factor_update_freq=5, inverse_update_freq=50,
-        generator=generator,
-    )  # fmt: skip
+    opt = FrobPreconditionedSGD(model, lr=3e-3, loss="cross_entropy", generator=generator)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

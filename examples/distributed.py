@@ -15,7 +15,9 @@ every step, are those of one node with all the processes: tests/test_distributed
 runs two "nodes" on one machine against a single-node run.
 
 Uses NCCL on GPUs and gloo on CPUs. ``--inverse-placement owner`` keeps each layer's
-eigenbases on one rank only (less memory, more traffic; see docs/distributed.md).
+inverse on one rank only (less memory, more traffic; see docs/distributed.md): every rank
+rotates its own gradients under the default rule, so owner placement takes
+``step_rule="adam_grafted"``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def main() -> None:
     torch.manual_seed(0)  # the same initial model on every rank
     model = DistributedDataParallel(mlp().to(device))
     opt = FrobPreconditionedSGD(
-        model, lr=0.1, loss="cross_entropy", inverse_placement=args.inverse_placement,
+        model, lr=3e-3, loss="cross_entropy", inverse_placement=args.inverse_placement,
+        step_rule="adam_grafted" if args.inverse_placement == "owner" else "eigenbasis_adam",
         generator=torch.Generator(device or "cpu").manual_seed(rank),  # a sampler per rank
     )  # fmt: skip
 

@@ -37,7 +37,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = mlp()
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    opt = FrobPreconditionedSGD(model, lr=3e-3, loss="cross_entropy")
     steps_per_epoch = -(-len(x) // 128)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps_per_epoch)
     for epoch in range(1, args.epochs + 1):

@@ -34,7 +34,7 @@ def main() -> None:
     x, y = x[: args.subset], y[: args.subset]
     torch.manual_seed(0)
     model = mlp()
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    opt = FrobPreconditionedSGD(model, lr=3e-3, loss="cross_entropy")
     for epoch in range(1, args.epochs + 1):
         for step, batch in enumerate(torch.randperm(len(x)).split(128)):
             opt.zero_grad()

@@ -21,6 +21,12 @@ linear), so a step rotates twice (the gradient in, the direction out), not three
 is rotated afresh from ``m`` after each refresh. Parameters without Kronecker factors get
 plain Adam (their basis is the coordinate basis).
 
+Rotated entries whose root mean square ``√v`` is at the rounding level of the rotation
+(at most ``(out + in) · ε_machine`` times the largest of the layer's) take no step: the
+gradient has no component there (e.g. along the all-ones direction of a softmax layer's
+outputs, where the loss is constant), so they are rounding noise, which Adam's
+normalisation would otherwise turn into steps as long as any other.
+
 A layer whose inverse holds no eigenbases (a structured side: low-rank or block-diagonal,
 under ``damping_method="exact_where_dense"``) runs Adam in its own coordinates and takes
 the K-FAC direction of the bias-corrected first moment at the length of that Adam step,
@@ -30,8 +36,9 @@ layer's own pass, and the structured inverse keeps the curvature's direction for
 
 State per parameter, in ``optimizer.state[p]``: ``"step"``, ``"exp_avg"`` and
 ``"exp_avg_sq"``, parameter-shaped, except that a layer's weight holds its layer's
-``(k, out, in)`` matrices (``m`` in the parameters' coordinates, ``v`` rotated) and its bias
-none of its own.
+``(k, out, in)`` matrices (``m`` in the parameters' coordinates, ``v`` rotated, and
+``"exp_avg_rotated"``, ``m`` in the eigenbases, so that a checkpoint resumes bit for bit)
+and its bias none of its own.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from kfrob.adam import advance_moments, normalised
 from kfrob.finite import select
 from kfrob.kronecker import EigenInverse, InverseFactors, rotate
 
-__all__ = ["EIGENBASIS_ADAM_DEFAULTS", "adam_directions"]
+__all__ = ["EIGENBASIS_ADAM_DEFAULTS", "adam_directions", "held_bases"]
 
 #: what ``step_rule="eigenbasis_adam"`` changes in the defaults of the flat keywords: exact
 #: eigenbases where every side of a layer is dense (``"exact_where_dense"``; the cost model
@@ -79,24 +86,50 @@ def _rotate(
     return rotate(matrix, inverse.codomain, inverse.domain, back)
 
 
+def _support(v: Tensor) -> Tensor:
+    """``(k, out, in)``: 1 where an entry's root mean square ``√v`` is above the rounding
+    floor of a rotation, ``(out + in) · ε_machine`` times the largest in its block, else
+    0."""
+    rms = v.sqrt()
+    width = v.shape[-1] + v.shape[-2]
+    floor = rms.amax(dim=(-2, -1), keepdim=True) * (width * torch.finfo(v.dtype).eps)
+    return (rms > floor).to(v.dtype)
+
+
+def _bases_of(inverse: EigenInverse) -> tuple[Tensor | None, Tensor | None]:
+    return inverse.codomain.basis, inverse.domain.basis
+
+
 def _rotated_mean(
-    kept: dict[Tensor, Any], weight: Tensor, inverse: EigenInverse | InverseFactors | None,
-    m: Tensor,
-    rotated: Tensor, finite: Tensor, beta1: float,
+    kept: dict[Tensor, Any], state: dict[str, Any], weight: Tensor, inverse: EigenInverse,
+    m: Tensor, rotated: Tensor, finite: Tensor, beta1: float,
 ) -> Tensor:  # fmt: skip
-    """``Q_Gᵀ m Q_A`` for the layer of ``weight``: advanced from ``kept``'s rotation of the
-    previous ``m`` by ``β₁`` and the rotated gradient while the bases are those it was
-    rotated with, else rotated afresh (after a refresh, or with nothing kept)."""
-    if not isinstance(inverse, EigenInverse):
-        return m
-    bases = (inverse.codomain.basis, inverse.domain.basis)
-    previous = kept.get(weight)
-    if previous is None or any(a is not b for a, b in zip(previous[0], bases, strict=True)):
+    """``Q_Gᵀ m Q_A`` for the layer of ``weight``: the state's ``"exp_avg_rotated"``
+    advanced by ``β₁`` and the rotated gradient while ``kept`` says it was rotated into
+    these bases, else rotated afresh (after a refresh, or with nothing kept)."""
+    bases = _bases_of(inverse)
+    previous, held = kept.get(weight), state.get("exp_avg_rotated")
+    fresh = previous is None or any(a is not b for a, b in zip(previous, bases, strict=True))
+    if held is None or fresh:
         mean = _rotate(m, inverse)
     else:
-        mean = select(finite, torch.lerp(previous[1], rotated, 1 - beta1), previous[1])
-    kept[weight] = (bases, mean)
+        mean = select(finite, torch.lerp(held, rotated, 1 - beta1), held)
+    kept[weight], state["exp_avg_rotated"] = bases, mean
     return mean
+
+
+def held_bases(
+    layers: Mapping[Tensor, tuple[Any, EigenInverse | InverseFactors | None]],
+    state: Mapping[Tensor, dict[str, Any]],
+) -> dict[Tensor, Any]:
+    """What :func:`adam_directions` keeps in ``rotated_means`` for a state just loaded
+    together with its inverses: each layer's rotated first moment was rotated into the
+    bases of the inverse it was saved with."""
+    return {
+        weight: _bases_of(inverse)
+        for weight, (_, inverse) in layers.items()
+        if isinstance(inverse, EigenInverse) and "exp_avg_rotated" in state.get(weight, {})
+    }
 
 
 @torch.no_grad()
@@ -113,10 +146,10 @@ def adam_directions(
     ``layers`` maps each preconditioned layer's weight to ``(its LayerMath, its inverse
     or None)`` (an :class:`InverseFactors` grafts, see the module docstring); a layer's
     weight and bias share one rotated second moment, so the layer's whole matrix moves
-    together. ``groups`` are the optimizer's parameter
-    groups (``betas``, ``eps``); ``state`` its per-parameter state; ``rotated_means`` keeps
-    each layer's rotated first moment with the bases it was rotated into (the optimizer's,
-    emptied when its state is loaded)."""
+    together. ``groups`` are the optimizer's parameter groups (``betas``, ``eps``);
+    ``state`` its per-parameter state (with each rotated layer's rotated first moment);
+    ``rotated_means`` records the bases each was rotated into (the optimizer's; rebuilt by
+    :func:`held_bases` when a state is loaded)."""
     settings = {p: g for g in groups for p in g["params"]}
     done: set[Tensor] = set()
     for weight, (math, inverse) in layers.items():
@@ -129,8 +162,14 @@ def adam_directions(
         if "exp_avg" not in state[weight]:  # a fresh state: nothing kept applies
             rotated_means.pop(weight, None)
         m, v, step = advance_moments(state[weight], gradient, rotated, finite, beta1, beta2)
-        mean = _rotated_mean(rotated_means, weight, inverse, m, rotated, finite, beta1)
-        direction = _rotate(normalised(mean, v, step, beta1, beta2, eps), inverse, back=True)
+        if isinstance(inverse, EigenInverse):
+            mean = _rotated_mean(
+                rotated_means, state[weight], weight, inverse, m, rotated, finite, beta1
+            )  # fmt: skip
+            adam = normalised(mean, v, step, beta1, beta2, eps) * _support(v)
+            direction = _rotate(adam, inverse, back=True)
+        else:
+            direction = normalised(m, v, step, beta1, beta2, eps)
         if isinstance(inverse, InverseFactors):
             direction = _grafted(inverse, m, direction, step, beta1)
         for p, value in math.split(direction).items():

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from kfrob.adam_grafted import ADAM_GRAFTED_DEFAULTS, grafted_directions
 from kfrob.adaptation import LevenbergMarquardt
 from kfrob.distributed import unwrap
-from kfrob.eigenbasis_adam import EIGENBASIS_ADAM_DEFAULTS, adam_directions
+from kfrob.eigenbasis_adam import EIGENBASIS_ADAM_DEFAULTS, adam_directions, held_bases
 from kfrob.finite import select
 from kfrob.join import ShadowStepping
 from kfrob.kronecker import EigenInverse, InverseFactors
@@ -21,6 +21,7 @@ from kfrob.options import (
     PreconditionerOptions,
     check_group,
     check_step_rule,
+    first_moment,
     require,
     with_flat_keywords,
 )
@@ -41,35 +42,42 @@ STEP_RULES = tuple(RULE_DEFAULTS)
 
 
 class FrobPreconditionedSGD(Optimizer, ShadowStepping):
-    r"""Stochastic gradient descent preconditioned by Kronecker-factored curvature.
+    r"""Steepest descent in Kronecker-factored Frobenius-type norms, with Adam's step sizes.
 
-    For every layer of a registered kind (``nn.Linear``, convolutions, embeddings, norms:
+    Every layer of a registered kind (``nn.Linear``, convolutions, embeddings, norms:
     ``docs/api.md#layer-kinds``; weight ``W`` and bias ``b`` together as ``V = [W, b]`` of
-    shape ``(out, in + 1)``) the update direction is the Riesz representative of the
-    gradient in a Frobenius-type norm,
+    shape ``(out, in + 1)``) keeps running Kronecker factors: ``A``, the covariance of its
+    (bias-augmented) inputs, and ``G``, the Fisher factor of its per-sample output gradients
+    (:mod:`kfrob.factors`); ``A ⊗ G`` is the norm that measures a step,
+    ``‖Δ‖² = tr(A Δᵀ G Δ)``. What a step does with them is the ``step_rule``:
 
-    .. math::
-        \mathrm{vec}(\Delta) = (A \otimes G + \lambda I)^{-p}\,\mathrm{vec}(\nabla_V L
-        + \mathrm{wd}\cdot V),
+    * ``"eigenbasis_adam"`` (default): Adam in each layer's Kronecker eigenbasis,
+      ``Δ = Q_G [m̂' / (√v̂' + ε)] Q_Aᵀ`` with the moments of ``Q_Gᵀ ∇V Q_A``
+      (:mod:`kfrob.eigenbasis_adam`); a layer whose wide side the cost model makes
+      low-rank takes its K-FAC direction ``(A ⊗ G + λI)⁻¹ m̂`` at the length of its Adam
+      step instead. ``lr`` is Adam's; ``momentum``, if given, is ``β₁``.
+    * ``"preconditioned_sgd"``: the Riesz representative of the gradient,
 
-    where ``A`` is the running covariance of the layer's (bias-augmented) inputs and ``G``
-    the running Fisher factor of per-sample output gradients (see :mod:`kfrob.factors`).
-    ``A ⊗ G`` is also the norm that measures a step: ``‖Δ‖² = tr(A Δᵀ G Δ)``. All
-    preconditioned directions are then scaled by one factor
+      .. math::
+          \mathrm{vec}(\Delta) = (A \otimes G + \lambda I)^{-p}\,\mathrm{vec}(\nabla_V L
+          + \mathrm{wd}\cdot V),
 
-    .. math:: \nu = \min\Bigl(1, \sqrt{\kappa / \textstyle\sum_\ell r_\ell^2
-        \langle g_\ell, \Delta_\ell\rangle}\Bigr), \quad r_\ell = \mathrm{lr}_\ell / (1 - \mu_\ell)
+      all directions scaled by one factor
 
-    (the KL clip ``κ``; ``r`` is the step a steady direction takes under momentum ``μ``),
-    after which momentum, Nesterov and the learning rate act exactly as in
-    :class:`torch.optim.SGD`. Parameters of other modules get plain SGD updates.
-    ``step_rule="eigenbasis_adam"`` runs Adam in the layers' Kronecker eigenbases instead
-    (:mod:`kfrob.eigenbasis_adam`), ``"adam_grafted"`` takes each layer's preconditioned
-    first moment at the length of its Adam step (:mod:`kfrob.adam_grafted`); both use
-    ``betas``, ``eps`` and give the other modules AdamW.
+      .. math:: \nu = \min\Bigl(1, \sqrt{\kappa / \textstyle\sum_\ell r_\ell^2
+          \langle g_\ell, \Delta_\ell\rangle}\Bigr), \quad
+          r_\ell = \mathrm{lr}_\ell / (1 - \mu_\ell)
 
-    The curvature work is done by a :class:`kfrob.KroneckerPreconditioner`
-    (:attr:`preconditioner`); this class adds SGD's bookkeeping and the damping rule.
+      (the KL clip ``κ``; ``r`` is the step a steady direction takes under momentum
+      ``μ``), after which momentum, Nesterov and the learning rate act exactly as in
+      :class:`torch.optim.SGD`; other modules get plain SGD.
+    * ``"adam_grafted"``: every layer's preconditioned first moment at the length of its
+      Adam step (:mod:`kfrob.adam_grafted`).
+
+    The Adam rules use ``betas`` and ``eps``, decouple the weight decay (as AdamW) and give
+    the modules without factors AdamW. The curvature work is done by a
+    :class:`kfrob.KroneckerPreconditioner` (:attr:`preconditioner`); this class adds the
+    step rule's bookkeeping and the damping rule.
 
     Args:
         model: the model to train (not its parameters): hooks go on its registered layers.
@@ -80,14 +88,17 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
             its weight's group.
         lr: learning rate (``>= 0``; required; ``FrobPreconditionedSGD(model, 0.1)`` also
             works).
-        momentum: momentum factor in ``[0, 1)``.
-        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        momentum: in ``[0, 1)``: SGD's momentum factor (default 0) under
+            ``"preconditioned_sgd"``, Adam's ``β₁`` under the Adam rules (default
+            ``betas[0]``).
+        nesterov: Nesterov momentum (``"preconditioned_sgd"`` with ``momentum > 0``).
         weight_decay: L2 penalty added to the gradient before preconditioning (``>= 0``;
             decoupled, as in AdamW, under the Adam rules).
-        step_rule: ``"preconditioned_sgd"`` (default), ``"eigenbasis_adam"`` or
-            ``"adam_grafted"``; each has defaults of its own (``RULE_DEFAULTS``).
-        betas, eps: Adam's moment decays (each in ``[0, 1)``) and ``ε > 0``, per group
-            (the Adam rules only).
+        step_rule: ``"eigenbasis_adam"`` (default), ``"preconditioned_sgd"`` or
+            ``"adam_grafted"``; each has defaults of its own for the flat keywords
+            (``RULE_DEFAULTS``).
+        betas, eps: Adam's moment decays (each in ``[0, 1)``, default ``(0.9, 0.95)``)
+            and ``ε > 0``, per group (the Adam rules only).
         options: a :class:`~kfrob.options.PreconditionerOptions`; or leave it out and pass
             its flat keywords (listed in this signature, documented in ``docs/api.md`` and
             :mod:`kfrob.options`): ``damping=1e-3`` (``λ > 0``, the groups' default),
@@ -119,11 +130,11 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         params: Iterable[Any] | None = None,
         *,
         lr: float | None = None,
-        momentum: float = 0.0,
+        momentum: float | None = None,
         nesterov: bool = False,
         weight_decay: float = 0.0,
-        step_rule: str = "preconditioned_sgd",
-        betas: tuple[float, float] = (0.9, 0.95),
+        step_rule: str = "eigenbasis_adam",
+        betas: tuple[float, float] | None = None,
         eps: float = 1e-8,
         options: PreconditionerOptions | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -154,17 +165,18 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
             options = PreconditionerOptions.from_flat(**{**RULE_DEFAULTS[step_rule], **flat})
         elif flat:
             raise TypeError(f"pass options or flat keywords, not both (got {sorted(flat)})")
+        sgd_momentum, betas = first_moment(step_rule, momentum, betas)
         defaults = {
             "lr": lr,
-            "momentum": momentum,
+            "momentum": sgd_momentum,
             "nesterov": nesterov,
             "weight_decay": weight_decay,
             "damping": options.damping,
-            "betas": tuple(betas),
+            "betas": betas,
             "eps": eps,
         }
         check_group(defaults)
-        check_step_rule(step_rule, options, momentum)
+        check_step_rule(step_rule, options, nesterov)
         self.step_rule = step_rule
         self._model_parameters = {id(p) for p in everything}
         super().__init__(everything if params is None else params, defaults)
@@ -178,13 +190,18 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         )
         rule = options.adaptation
         self._adaptation = None if rule is None else LevenbergMarquardt(rule)
-        self._rotated_means: dict[Tensor, Any] = {}  # eigenbasis_adam's (derived, unsaved)
+        self._rotated_means: dict[Tensor, Any] = {}  # eigenbasis_adam's bases (derived)
         self.last_reduction_ratio: float | None = None  # ρ of the last adaptation
         ShadowStepping.__init__(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As in ``torch.optim``; the group's options are validated and its parameters must
-        belong to the model."""
+        """As in ``torch.optim``; the group's options are validated (a ``momentum`` is
+        ``betas[0]`` under the Adam rules) and its parameters must belong to the model."""
+        if "momentum" in param_group and self.step_rule != "preconditioned_sgd":
+            momentum = param_group["momentum"]  # β₁ under the Adam rules
+            betas = param_group.get("betas", (momentum, self.defaults["betas"][1]))
+            _, betas = first_moment(self.step_rule, momentum, betas)
+            param_group = {**param_group, "momentum": 0.0, "betas": betas}
         check_group(param_group)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
@@ -380,7 +397,7 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         self.preconditioner.check_state_dict(engine)
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(engine)
-        self._rotated_means.clear()
+        self._rotated_means = held_bases(self._bases(), self.state)
         self.last_reduction_ratio = extra.get("last_reduction_ratio")
 
     def close(self) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "ScheduleOptions",
     "check_group",
     "check_step_rule",
+    "first_moment",
     "flat_parameters",
     "with_flat_keywords",
 ]
@@ -387,15 +388,38 @@ def flat_parameters() -> list[inspect.Parameter]:
     ]  # fmt: skip
 
 
-def check_step_rule(step_rule: str, options: PreconditionerOptions, momentum: float) -> None:
-    """The options an Adam-based step rule needs: SGD's momentum left to Adam's first
-    moment, no KL clip and no damping rule (Adam's second moment sets the length);
-    ``"eigenbasis_adam"`` also needs exact eigenbases that every rank holds.
-    ``"preconditioned_sgd"`` takes any options."""
+#: Adam's moment decays ``(β₁, β₂)`` where none are given
+BETAS = (0.9, 0.95)
+
+
+def first_moment(
+    step_rule: str, momentum: float | None, betas: tuple[float, float] | None
+) -> tuple[float, tuple[float, float]]:
+    """SGD's ``momentum`` and Adam's ``betas`` of a group: under the Adam rules a given
+    ``momentum`` is the first moment's decay ``β₁`` (and SGD's momentum is 0), so
+    ``momentum=0.9`` means what every SGD user means by it; under ``"preconditioned_sgd"``
+    it is SGD's (default 0). ``betas`` default to :data:`BETAS`."""
+    if momentum is not None:
+        valid = _number(momentum) and 0 <= momentum < 1
+        require("momentum", momentum, valid, "a number in [0, 1)")
+    if step_rule == "preconditioned_sgd" or momentum is None:
+        return (0.0 if momentum is None else momentum), tuple(betas or BETAS)  # type: ignore[return-value]
+    if betas is not None:
+        require(
+            "momentum", momentum, momentum == betas[0],
+            f"betas[0]={betas[0]} or left out (it is β₁ with step_rule={step_rule!r})",
+        )  # fmt: skip
+    return 0.0, (momentum, (betas or BETAS)[1])
+
+
+def check_step_rule(step_rule: str, options: PreconditionerOptions, nesterov: bool = False) -> None:
+    """The options an Adam-based step rule needs: no Nesterov momentum, no KL clip and no
+    damping rule (Adam's second moment sets the length); ``"eigenbasis_adam"`` also needs
+    eigenbases that every rank holds. ``"preconditioned_sgd"`` takes any options."""
     if step_rule == "preconditioned_sgd":
         return
     rule = f"with step_rule={step_rule!r}"
-    require("momentum", momentum, momentum == 0, f"0 {rule} (its first moment is betas[0])")
+    require("nesterov", nesterov, not nesterov, f"False {rule} (Adam's first moment is plain)")
     require(
         "kl_clip", options.kl_clip, options.kl_clip is None,
         f"None {rule} (Adam's second moment scales the step)",

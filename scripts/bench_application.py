@@ -81,7 +81,7 @@ def rows_and_inverses(
     x, y = batch(workload, size, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = FrobPreconditionedSGD(model, lr=1e-4, loss=loss_name)
+        opt = FrobPreconditionedSGD(model, lr=1e-4, loss=loss_name, step_rule="preconditioned_sgd")
         for _ in range(2):
             opt.zero_grad()
             training_loss(task, model(x), x, y).backward()

@@ -82,7 +82,10 @@ def rank_main(
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                opt = FrobPreconditionedSGD(model, lr=0.01, inverse_update_freq=10, **options)
+                opt = FrobPreconditionedSGD(
+                    model, lr=0.01, inverse_update_freq=10, step_rule="preconditioned_sgd",
+                    **options,
+                )  # fmt: skip
             if opt.preconditioner.communicator is not None:
                 opt.preconditioner.communicator.pack_triangles = pack
         times = []

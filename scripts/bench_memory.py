@@ -63,7 +63,10 @@ def build(optimizer: str, model: nn.Module, workload: str) -> torch.optim.Optimi
         if optimizer == "adamw":
             return torch.optim.AdamW(model.parameters(), lr=1e-4)
         return FrobPreconditionedSGD(
-            model, lr=1e-3, loss=WORKLOADS[workload].kfrob_loss, **KFROB[optimizer]
+            model,
+            lr=1e-3,
+            loss=WORKLOADS[workload].kfrob_loss,
+            **{"step_rule": "preconditioned_sgd", **KFROB[optimizer]},
         )
 
 

@@ -69,7 +69,7 @@ def make_optimizer(model: nn.Module, workload: str, **options: object) -> FrobPr
             model,
             lr=1e-3,
             loss=WORKLOADS[workload].kfrob_loss,
-            **options,  # type: ignore[arg-type]
+            **{"step_rule": "preconditioned_sgd", **options},  # type: ignore[arg-type]
         )
 
 

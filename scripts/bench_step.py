@@ -355,6 +355,7 @@ def bench(
         warnings.simplefilter("ignore")
         kfrob = {
             "lr": 1e-3,
+            "step_rule": "preconditioned_sgd",  # the damping methods compared are its own
             "factor_update_freq": factor_freq,
             "inverse_update_freq": inverse_freq,
             "damping_method": method,

@@ -51,7 +51,9 @@ def train(label: str, spec: dict, data: tuple, epochs: int, subset: int) -> dict
     torch.manual_seed(0)
     model = mlp()
     if spec.get("kfrob"):
-        opt = FrobPreconditionedSGD(model, lr=spec["lr"], loss="cross_entropy")
+        opt = FrobPreconditionedSGD(
+            model, lr=spec["lr"], loss="cross_entropy", step_rule="preconditioned_sgd"
+        )
     else:
         opt = torch.optim.SGD(
             model.parameters(), lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.0)

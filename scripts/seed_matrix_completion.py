@@ -59,7 +59,7 @@ def complete(
     if kind == "adam":
         opt = torch.optim.Adam(model.parameters(), **optimizer)
     else:
-        opt = FrobPreconditionedSGD(model, **optimizer)
+        opt = FrobPreconditionedSGD(model, **{"step_rule": "preconditioned_sgd", **optimizer})
     eye, fn = torch.eye(N), PENALTIES[penalty]
     for _ in range(steps):
         opt.zero_grad()

@@ -58,6 +58,7 @@ def build(
     opt = FrobPreconditionedSGD(
         model,
         lr=0.1,
+        step_rule="preconditioned_sgd",
         loss="cross_entropy",
         grad_scaler=scaler,
         inverse_update_freq=10,

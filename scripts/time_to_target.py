@@ -62,6 +62,11 @@ def kfrob_factory(**options: Any) -> Factory:
     return build
 
 
+def sgd_rule(**options: Any) -> Factory:
+    """kfrob with ``step_rule="preconditioned_sgd"`` (the KL-clipped K-FAC step)."""
+    return kfrob_factory(step_rule="preconditioned_sgd", **options)
+
+
 def lrs(*values: float) -> Grid:
     return tuple({"lr": v} for v in values)
 
@@ -72,35 +77,36 @@ KL_GRID = tuple({"lr": 0.3, "kl_clip": k} for k in (1e-3, 3e-3, 1e-2))
 
 # name: (factory, grid for classifiers, grid for the autoencoder); grids of one size
 OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
-    "kfrob": (kfrob_factory(), KL_GRID, KL_GRID),
+    "kfrob": (kfrob_factory(), lrs(1e-3, 3e-3, 1e-2), lrs(3e-4, 1e-3, 3e-3)),
+    "kfrob-sgd": (sgd_rule(), KL_GRID, KL_GRID),
     "kfrob-dense": (
-        kfrob_factory(domain_structure="dense", codomain_structure="dense"),
+        sgd_rule(domain_structure="dense", codomain_structure="dense"),
         KL_GRID,
         KL_GRID,
     ),
-    "kfrob-exact": (kfrob_factory(damping_method="exact"), KL_GRID, KL_GRID),
+    "kfrob-exact": (sgd_rule(damping_method="exact"), KL_GRID, KL_GRID),
     "kfrob-ekfac": (
-        kfrob_factory(damping_method="exact", eigenvalue_correction=True),
+        sgd_rule(damping_method="exact", eigenvalue_correction=True),
         KL_GRID,
         KL_GRID,
     ),
-    "kfrob-5/50": (kfrob_factory(factor_update_freq=5, inverse_update_freq=50), KL_GRID, KL_GRID),
-    "kfrob-warmup": (kfrob_factory(factor_decay_warmup=True), KL_GRID, KL_GRID),
-    "kfrob-empirical": (kfrob_factory(fisher="empirical"), KL_GRID, KL_GRID),
-    "kfrob-stagger": (kfrob_factory(stagger_refreshes=True), KL_GRID, KL_GRID),
-    "kfrob-reduce": (kfrob_factory(weight_sharing="reduce"), KL_GRID, KL_GRID),
+    "kfrob-5/50": (sgd_rule(factor_update_freq=5, inverse_update_freq=50), KL_GRID, KL_GRID),
+    "kfrob-warmup": (sgd_rule(factor_decay_warmup=True), KL_GRID, KL_GRID),
+    "kfrob-empirical": (sgd_rule(fisher="empirical"), KL_GRID, KL_GRID),
+    "kfrob-stagger": (sgd_rule(stagger_refreshes=True), KL_GRID, KL_GRID),
+    "kfrob-reduce": (sgd_rule(weight_sharing="reduce"), KL_GRID, KL_GRID),
     "kfrob-reduce-5/50": (
-        kfrob_factory(weight_sharing="reduce", factor_update_freq=5, inverse_update_freq=50),
+        sgd_rule(weight_sharing="reduce", factor_update_freq=5, inverse_update_freq=50),
         KL_GRID,
         KL_GRID,
     ),
     "kfrob-subspace": (
-        kfrob_factory(damping_method="exact", eigenbasis_refresh="subspace"),
+        sgd_rule(damping_method="exact", eigenbasis_refresh="subspace"),
         KL_GRID,
         KL_GRID,
     ),
-    "kfrob-lm": (kfrob_factory(adaptive_damping=True), KL_GRID, KL_GRID),
-    "kfrob-momentum": (kfrob_factory(momentum=0.9), KL_GRID, KL_GRID),
+    "kfrob-lm": (sgd_rule(adaptive_damping=True), KL_GRID, KL_GRID),
+    "kfrob-sgd-momentum": (sgd_rule(momentum=0.9), KL_GRID, KL_GRID),
     "kfrob-graft": (
         kfrob_factory(
             step_rule="adam_grafted", factor_update_freq=1, inverse_update_freq=10, fisher="mc"
@@ -118,21 +124,12 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
         lrs(1e-3, 3e-3, 1e-2),
         lrs(3e-4, 1e-3, 3e-3),
     ),
-    "kfrob-adam": (
-        kfrob_factory(step_rule="eigenbasis_adam"),
+    "kfrob-1/10": (
+        kfrob_factory(factor_update_freq=1, inverse_update_freq=10),
+        lrs(1e-3, 3e-3, 1e-2),
         lrs(3e-4, 1e-3, 3e-3),
-        lrs(1e-4, 3e-4, 1e-3),
     ),
-    "kfrob-adam-1/10": (
-        kfrob_factory(step_rule="eigenbasis_adam", factor_update_freq=1, inverse_update_freq=10),
-        lrs(3e-4, 1e-3, 3e-3),
-        lrs(1e-4, 3e-4, 1e-3),
-    ),
-    "kfrob-adam-mc": (
-        kfrob_factory(step_rule="eigenbasis_adam", fisher="mc"),
-        lrs(3e-4, 1e-3, 3e-3),
-        lrs(1e-4, 3e-4, 1e-3),
-    ),
+    "kfrob-mc": (kfrob_factory(fisher="mc"), lrs(1e-3, 3e-3, 1e-2), lrs(3e-4, 1e-3, 3e-3)),
     "sgd": (
         lambda m, hp, w, s: torch.optim.SGD(m.parameters(), momentum=0.9, **hp),
         lrs(0.01, 0.03, 0.1),
@@ -147,8 +144,13 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
 
 
 ABOUT = {  # what each variant is, for the report
-    "kfrob": "`FrobPreconditionedSGD` with its defaults (factored damping, MC Fisher, factors "
-    "every step, inverses every 10, each side dense or low-rank by the cost model)",
+    "kfrob": "`FrobPreconditionedSGD(model, lr, loss)` with its defaults (Adam in the "
+    "Kronecker eigenbasis where a layer's sides are dense, Adam's length on the K-FAC "
+    "direction where the cost model makes one low-rank; factors every 5 steps, inverses every "
+    "20, the empirical Fisher)",
+    "kfrob-sgd": "the KL-clipped K-FAC step (`step_rule='preconditioned_sgd'`: factored "
+    "damping, MC Fisher, factors every step, inverses every 10, each side dense or low-rank by "
+    "the cost model); the `kfrob-` variants below it change one setting of `kfrob-sgd`",
     "kfrob-dense": "every side dense (`domain_structure='dense', codomain_structure='dense'`)",
     "kfrob-exact": "exact damping (eigenbases, `damping_method='exact'`)",
     "kfrob-ekfac": "exact damping with the eigenvalue correction (EKFAC, "
@@ -163,27 +165,26 @@ ABOUT = {  # what each variant is, for the report
     "(`eigenbasis_refresh='subspace'`)",
     "kfrob-lm": "Levenberg–Marquardt adaptive damping (`adaptive_damping=True`; its step "
     "takes a closure)",
-    "kfrob-momentum": "SGD momentum 0.9 (`momentum=0.9`)",
+    "kfrob-sgd-momentum": "SGD momentum 0.9 (`momentum=0.9`)",
     "kfrob-graft": "each layer's preconditioned first moment at the length of its Adam step "
     "(`step_rule='adam_grafted'`) with kfrob's default schedule and Fisher (factors every "
     "step, inverses every 10, the MC Fisher)",
     "kfrob-graft-5/20": "`kfrob-graft` with factors every 5 steps, inverses every 20 and "
     "the empirical Fisher (the rule's defaults)",
-    "kfrob-adam": "Adam in the Kronecker eigenbasis (`step_rule='eigenbasis_adam'`, with "
-    "that rule's defaults: factors every 5 steps, eigenbases every 20, the empirical Fisher)",
-    "kfrob-adam-1/10": "the same with factors every step and eigenbases every 10",
-    "kfrob-adam-mc": "`kfrob-adam` with the MC Fisher",
+    "kfrob-1/10": "`kfrob` with factors every step and inverses every 10",
+    "kfrob-mc": "`kfrob` with the MC Fisher",
     "sgd": "momentum 0.9",
     "adamw": "`torch.optim.AdamW` defaults besides the learning rate",
 }
 
 
-# what runs by default on each workload: kfrob with its defaults (factors every step) is
-# left out of the CNN, where capturing A from unfolded patches costs ~4 SGD steps per step
+# what runs by default on each workload: kfrob's defaults and its KL-clipped K-FAC step
+# (on the CNN with factors every 5 steps and inverses every 50: capturing A from unfolded
+# patches every step costs ~4 SGD steps per step)
 PLAN = {
-    "mlp": ["kfrob", "kfrob-dense", "kfrob-5/50", "sgd", "adamw"],
-    "autoencoder": ["kfrob", "kfrob-dense", "kfrob-5/50", "sgd", "adamw"],
-    "cnn": ["kfrob-5/50", "sgd", "adamw"],
+    "mlp": ["kfrob", "kfrob-sgd", "sgd", "adamw"],
+    "autoencoder": ["kfrob", "kfrob-sgd", "sgd", "adamw"],
+    "cnn": ["kfrob", "kfrob-5/50", "sgd", "adamw"],
 }
 
 

@@ -132,7 +132,7 @@ def make_optimizer(model: nn.Module, **options: Any) -> FrobPreconditionedSGD:
         "damping": 1e-2,
         **options,
     }
-    return FrobPreconditionedSGD(model, **settings)
+    return FrobPreconditionedSGD(model, **{"step_rule": "preconditioned_sgd", **settings})
 
 
 def train(

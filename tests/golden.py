@@ -112,7 +112,9 @@ def _run(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = FrobPreconditionedSGD(
-            net, generator=torch.Generator().manual_seed(5), **{**DENSE, **options}
+            net,
+            generator=torch.Generator().manual_seed(5),
+            **{"step_rule": "preconditioned_sgd", **DENSE, **options},
         )
         first = 0
         if start is not None:

@@ -172,7 +172,9 @@ def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
     """No KL clip, factors every 5 steps and inverses every 20, the empirical Fisher; the
     damping, structures and placement stay kfrob's defaults."""
     options = grafted(model(), loss="cross_entropy").preconditioner.options
-    default = FrobPreconditionedSGD(model(), lr=0.1, loss="cross_entropy").preconditioner.options
+    default = FrobPreconditionedSGD(
+        model(), lr=0.1, loss="cross_entropy", step_rule="preconditioned_sgd"
+    ).preconditioner.options
     assert options.kl_clip is None and default.kl_clip is not None
     schedule = options.schedule
     assert (schedule.factor_update_freq, schedule.inverse_update_freq) == (5, 20)
@@ -188,7 +190,9 @@ def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
 @pytest.mark.parametrize(
     ("options", "name"),
     [
-        ({"momentum": 0.9}, "momentum"),
+        ({"momentum": 0.9, "betas": (0.8, 0.95)}, "momentum"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": 0.9, "nesterov": True}, "nesterov"),
         ({"kl_clip": 1e-3}, "kl_clip"),
         ({"adaptive_damping": True}, "adaptive_damping"),
         ({"betas": (1.0, 0.95)}, "betas"),

@@ -437,6 +437,7 @@ def train_lm(rank: int, world_size: int) -> dict[str, Any]:
     opt = FrobPreconditionedSGD(
         model, lr=0.3, fisher="empirical", inverse_update_freq=1, damping=1e-2,
         adaptive_damping=True, damping_adaptation_interval=1, damping_adaptation_factor=0.5,
+        step_rule="preconditioned_sgd",
     )  # fmt: skip
     x_all, y_all = batches()
     per_rank = GLOBAL_BATCH // world_size

@@ -71,7 +71,9 @@ def single() -> dict:
 
 
 BLOCKS = {"domain_structure": "block_diagonal", "codomain_structure": "block_diagonal"}
-ADAM_GRAFTED = {"step_rule": "adam_grafted", "momentum": 0.0, "lr": 0.01}
+ADAM_GRAFTED = {"step_rule": "adam_grafted", "momentum": 0.9, "lr": 0.01}  # momentum: β₁
+#: the default rule (eigenbases where a layer's sides are dense, a low-rank side grafted)
+EIGENBASIS_ADAM = {"step_rule": "eigenbasis_adam", "momentum": 0.9, "lr": 0.01, "rank": 8}
 
 
 @pytest.mark.parametrize(
@@ -89,6 +91,7 @@ ADAM_GRAFTED = {"step_rule": "adam_grafted", "momentum": 0.0, "lr": 0.01}
         (2, {"max_block_size": 3, **BLOCKS}, {}),
         (3, {"max_block_size": 3, "inverse_placement": "owner", **BLOCKS}, {}),
         (3, {**ADAM_GRAFTED, "inverse_placement": "owner"}, {}),
+        (2, {**EIGENBASIS_ADAM, "domain_structure": "low_rank"}, {}),
     ],
     ids=[
         "2-ranks",
@@ -103,6 +106,7 @@ ADAM_GRAFTED = {"step_rule": "adam_grafted", "momentum": 0.0, "lr": 0.01}
         "2-ranks-block-diagonal",
         "3-ranks-block-diagonal-owner",
         "3-ranks-adam-grafted-owner",
+        "2-ranks-eigenbasis-adam-low-rank",
     ],
 )
 def test_ranks_agree_and_equal_the_global_batch_run(
@@ -332,7 +336,9 @@ def test_join_with_uneven_inputs_equals_the_reference(tmp_path: Path, options: d
 def test_join_refuses_what_it_cannot_shadow() -> None:
     from kfrob import FrobPreconditionedSGD
 
-    opt = FrobPreconditionedSGD(torch.nn.Linear(2, 2), lr=0.1, adaptive_damping=True)
+    opt = FrobPreconditionedSGD(
+        torch.nn.Linear(2, 2), lr=0.1, adaptive_damping=True, step_rule="preconditioned_sgd"
+    )
     with pytest.raises(ValueError, match="Join needs"):
         opt.join_hook()
 

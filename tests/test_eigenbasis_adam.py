@@ -10,9 +10,10 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kfrob import FrobPreconditionedSGD
+from kfrob import FrobPreconditionedSGD, eigenbasis_adam
 from kfrob.kronecker import InverseFactors
 from kfrob.structure import LowRankPower
 from tests.adam_rules import (
@@ -31,8 +32,8 @@ def adam(**options: object) -> FrobPreconditionedSGD:
         warnings.simplefilter("ignore")  # the LayerNorm's plain-update warning
         return FrobPreconditionedSGD(
             options.pop("net"),  # type: ignore[arg-type]
-            lr=LR, weight_decay=WD, step_rule="eigenbasis_adam", betas=BETAS, eps=EPS,
-            **options,
+            lr=LR, weight_decay=WD, step_rule="eigenbasis_adam", eps=EPS,
+            **{"betas": BETAS, **options},
         )  # fmt: skip
 
 
@@ -66,6 +67,31 @@ class ReferenceAdam:
         m_hat = rotate(self.m[key]) / (1 - b1**self.t)
         v_hat = self.v[key] / (1 - b2**self.t)
         return back(m_hat / (v_hat.sqrt() + EPS))
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_no_step_along_a_null_direction_of_the_factors(
+    masked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A softmax layer's output gradients sum to zero, so the all-ones output direction is
+    a null vector of ``G``: in float32 its rotated gradient is rounding noise, and the
+    layer must not move along it (without the rounding floor it moves as far along it as
+    along any other direction)."""
+    if not masked:
+        monkeypatch.setattr(eigenbasis_adam, "_support", lambda v: 1.0)
+    torch.manual_seed(0)
+    net = nn.Linear(5, 4)
+    opt = FrobPreconditionedSGD(net, lr=1e-2, factor_update_freq=1, inverse_update_freq=1)
+    before = torch.cat([net.weight, net.bias[:, None]], 1).detach().clone()
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(6):
+        x, y = torch.randn(16, 5, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    moved = torch.cat([net.weight, net.bias[:, None]], 1).detach() - before
+    along = moved.sum(0).abs().max() / moved.abs().max()  # 1ᵀ ΔV against ΔV
+    assert (along < 1e-4) == masked, float(along)
 
 
 def test_a_non_finite_gradient_changes_nothing() -> None:
@@ -178,15 +204,50 @@ def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
     opt = adam(net=model(), factor_update_freq=2, inverse_update_freq=4)
     schedule = opt.preconditioner.options.schedule
     assert (schedule.factor_update_freq, schedule.inverse_update_freq) == (2, 4)
-    sgd = FrobPreconditionedSGD(model(), lr=0.1)  # the default rule keeps the global ones
-    assert sgd.preconditioner.options.schedule.factor_update_freq == 1
+    sgd = FrobPreconditionedSGD(model(), lr=0.1, step_rule="preconditioned_sgd")
+    assert sgd.preconditioner.options.schedule.factor_update_freq == 1  # the global ones
+
+
+def test_it_is_the_default_and_momentum_is_its_first_moment() -> None:
+    """``FrobPreconditionedSGD(model, lr, loss)`` runs this rule with betas (0.9, 0.95);
+    ``momentum=μ`` is ``β₁ = μ`` (SGD's momentum stays 0), for the constructor and for a
+    parameter group; ``momentum=0.9`` takes the very steps of the default."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = FrobPreconditionedSGD(model(), lr=LR, loss="cross_entropy")
+        assert plain.step_rule == "eigenbasis_adam"
+        assert plain.defaults["betas"] == (0.9, 0.95) and plain.defaults["momentum"] == 0.0
+        net = model()
+        grouped = FrobPreconditionedSGD(
+            net, [{"params": list(net[0].parameters()), "momentum": 0.5},
+                  {"params": list(net[2:].parameters())}],
+            lr=LR, momentum=0.8,
+        )  # fmt: skip
+    assert [g["betas"] for g in grouped.param_groups] == [(0.5, 0.95), (0.8, 0.95)]
+    assert all(g["momentum"] == 0.0 for g in grouped.param_groups)
+    runs = []
+    for settings in (
+        {}, {"momentum": 0.9, "betas": None}, {"momentum": 0.5, "betas": None},
+        {"betas": (0.5, 0.95)},
+    ):  # fmt: skip
+        net = model()
+        opt = adam(net=net, **settings)
+        for x, y in batches(4):
+            backward(net, x, y)
+            opt.step()
+        runs.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    torch.testing.assert_close(runs[2], runs[3], rtol=0, atol=0)
+    assert not torch.equal(runs[0], runs[2])
 
 
 @pytest.mark.parametrize(
     ("options", "name"),
     [
         ({"step_rule": "adam"}, "step_rule"),
-        ({"momentum": 0.9}, "momentum"),
+        ({"momentum": 0.9, "betas": (0.8, 0.95)}, "momentum"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": 0.9, "nesterov": True}, "nesterov"),
         ({"damping_method": "factored"}, "damping_method"),
         ({"kl_clip": 1e-3}, "kl_clip"),
         ({"eigenvalue_correction": True}, "eigenvalue_correction"),

@@ -58,7 +58,9 @@ def ekfac(model: nn.Module, **options: object) -> FrobPreconditionedSGD:
         "damping_method": "exact",
         "eigenvalue_correction": True,
     }
-    return FrobPreconditionedSGD(model, **{**defaults, **options})  # type: ignore[arg-type]
+    return FrobPreconditionedSGD(
+        model, **{"step_rule": "preconditioned_sgd", **defaults, **options}
+    )  # type: ignore[arg-type]
 
 
 def train_step(
@@ -379,7 +381,9 @@ def test_nothing_is_recorded_off_update_steps_or_before_the_first_bases() -> Non
 
 def test_option_off_keeps_no_correction_and_no_state() -> None:
     model = make_model("linear")
-    opt = FrobPreconditionedSGD(model, lr=0.1, damping_method="exact")
+    opt = FrobPreconditionedSGD(
+        model, lr=0.1, damping_method="exact", step_rule="preconditioned_sgd"
+    )
     for seed in (1, 2):
         train_step(model, opt, make_batch("linear", seed), "mean")
     assert all(layer.correction is None for layer in opt.preconditioner.layers.values())
@@ -408,7 +412,9 @@ def _layers_state(opt: FrobPreconditionedSGD) -> dict[str, dict[str, object]]:
 )
 def test_invalid_combinations_raise(options: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        FrobPreconditionedSGD(nn.Linear(3, 2), lr=0.1, **options)  # type: ignore[arg-type]
+        FrobPreconditionedSGD(
+            nn.Linear(3, 2), lr=0.1, **{"step_rule": "preconditioned_sgd", **options}
+        )  # type: ignore[arg-type]
 
 
 def test_preconditioner_refuses_a_communicator() -> None:

@@ -97,7 +97,13 @@ def test_options_refuse_unknown_keywords_and_mixtures() -> None:
     with pytest.raises(TypeError, match="damping_methd"):
         PreconditionerOptions.from_flat(damping_methd="exact")
     with pytest.raises(TypeError, match="not both"):
-        FrobPreconditionedSGD(nn.Linear(2, 2), lr=0.1, options=PreconditionerOptions(), damping=1.0)
+        FrobPreconditionedSGD(
+            nn.Linear(2, 2),
+            lr=0.1,
+            options=PreconditionerOptions(),
+            damping=1.0,
+            step_rule="preconditioned_sgd",
+        )
     with pytest.raises(ValueError, match="invalid exponent="):
         InverseOptions(exponent=-1.0)
 
@@ -184,7 +190,10 @@ def test_a_registered_layer_kind_trains_like_its_twin(transposed_kind: None) -> 
     assert isinstance(layer_math(model[0]), TransposedLinearMath)
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen))] * 4
-    opts = [FrobPreconditionedSGD(m, lr=0.2, inverse_update_freq=2) for m in (model, twin)]
+    opts = [
+        FrobPreconditionedSGD(m, lr=0.2, inverse_update_freq=2, step_rule="preconditioned_sgd")
+        for m in (model, twin)
+    ]
     for net, opt in zip((model, twin), opts, strict=True):
         train(net, opt, data)
     assert set(opts[0].preconditioner.layers) == {"0", "2"}
@@ -196,7 +205,7 @@ def test_a_registered_layer_kind_trains_like_its_twin(transposed_kind: None) -> 
 def test_without_registration_the_kind_gets_plain_sgd() -> None:
     model = nn.Sequential(TransposedLinear(nn.Linear(3, 2)))
     with pytest.warns(KfrobWarning, match="TransposedLinear has no Kronecker-factored"):
-        opt = FrobPreconditionedSGD(model, lr=0.1)
+        opt = FrobPreconditionedSGD(model, lr=0.1, step_rule="preconditioned_sgd")
     assert not opt.preconditioner.layers
 
 
@@ -237,10 +246,10 @@ def test_a_layer_takes_damping_and_lr_from_its_weights_group() -> None:
 def test_parameters_instead_of_the_model_say_what_to_pass() -> None:
     model = small_model()
     with pytest.raises(TypeError, match=r"pass the model itself.*parameter groups"):
-        FrobPreconditionedSGD(model.parameters(), lr=0.1)  # type: ignore[arg-type]
+        FrobPreconditionedSGD(model.parameters(), lr=0.1, step_rule="preconditioned_sgd")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="needs a learning rate"):
-        FrobPreconditionedSGD(model)
-    positional = FrobPreconditionedSGD(model, 0.1, momentum=0.5)  # type: ignore[arg-type]
+        FrobPreconditionedSGD(model, step_rule="preconditioned_sgd")
+    positional = FrobPreconditionedSGD(model, 0.1, momentum=0.5, step_rule="preconditioned_sgd")  # type: ignore[arg-type]
     assert positional.param_groups[0]["lr"] == 0.1 and len(positional.param_groups) == 1
 
 
@@ -250,9 +259,13 @@ def test_parameters_instead_of_the_model_say_what_to_pass() -> None:
 def test_warnings_are_kfrob_warnings_at_the_users_line() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = FrobPreconditionedSGD(small_model(), lr=0.1)  # UnregisteredLayerNorm: plain SGD
+        opt = FrobPreconditionedSGD(
+            small_model(), lr=0.1, step_rule="preconditioned_sgd"
+        )  # UnregisteredLayerNorm: plain SGD
         model = small_model()
-        opt = FrobPreconditionedSGD(model, lr=0.1, inverse_update_freq=1)
+        opt = FrobPreconditionedSGD(
+            model, lr=0.1, inverse_update_freq=1, step_rule="preconditioned_sgd"
+        )
         x, y = batches(1)[0]
         F.cross_entropy(model(x * float("nan")), y).backward()
         opt.step()  # a non-finite step, warned at the next refresh

@@ -25,7 +25,9 @@ def captured_factors(
     model: nn.Module, x: Tensor, targets: Tensor, reduction: str, **options: object
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Factors after one step: the first update sets the running average to the batch's."""
-    opt = FrobPreconditionedSGD(model, lr=0.0, loss_reduction=reduction, **options)  # type: ignore[arg-type]
+    opt = FrobPreconditionedSGD(
+        model, lr=0.0, loss_reduction=reduction, **{"step_rule": "preconditioned_sgd", **options}
+    )  # type: ignore[arg-type]
     out = model(x)
     loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1), reduction=reduction)
     loss.backward()
@@ -107,7 +109,7 @@ def test_mse_loss_codomain_factor() -> None:
     torch.manual_seed(1)
     layer = nn.Linear(4, 3)
     x, t = torch.randn(6, 4), torch.randn(6, 3)
-    opt = FrobPreconditionedSGD(layer, lr=0.0)
+    opt = FrobPreconditionedSGD(layer, lr=0.0, step_rule="preconditioned_sgd")
     F.mse_loss(layer(x), t, reduction="mean").backward()
     opt.step()
     _, g = opt.preconditioner.factors()[""]

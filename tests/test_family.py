@@ -23,7 +23,13 @@ def test_covariance_preconditioning_solves_least_squares_in_one_step() -> None:
     y = torch.randn(n, d_out, generator=gen)
     layer = nn.Linear(d_in, d_out, bias=False)
     opt = FrobPreconditionedSGD(
-        layer, lr=1.0, damping=1e-9, kl_clip=None, domain="covariance", codomain="identity"
+        layer,
+        lr=1.0,
+        damping=1e-9,
+        kl_clip=None,
+        domain="covariance",
+        codomain="identity",
+        step_rule="preconditioned_sgd",
     )
     loss = 0.5 * (layer(x) - y).square().sum() / n
     loss.backward()
@@ -52,6 +58,7 @@ def test_mc_fisher_converges_to_closed_form_for_softmax() -> None:
             fisher="mc",
             loss="cross_entropy",
             generator=torch.Generator().manual_seed(1),
+            step_rule="preconditioned_sgd",
         )
         F.cross_entropy(layer(x), targets).backward()
         grad_before_step = layer.weight.grad.clone()
@@ -85,7 +92,9 @@ def test_mc_fisher_for_mse_is_identity_on_last_layer() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(3, 2)
     x = torch.randn(20000, 3)
-    opt = FrobPreconditionedSGD(layer, lr=0.0, fisher="mc", loss="mse")
+    opt = FrobPreconditionedSGD(
+        layer, lr=0.0, fisher="mc", loss="mse", step_rule="preconditioned_sgd"
+    )
     F.mse_loss(layer(x), torch.zeros(20000, 2)).backward()
     opt.step()
     _, g = opt.preconditioner.factors()[""]
@@ -98,7 +107,14 @@ def test_mc_fisher_trains_a_classifier() -> None:
     y = (x @ torch.randn(10, 3, generator=gen)).argmax(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
-    opt = FrobPreconditionedSGD(model, lr=0.3, momentum=0.9, fisher="mc", loss="cross_entropy")
+    opt = FrobPreconditionedSGD(
+        model,
+        lr=0.3,
+        momentum=0.9,
+        fisher="mc",
+        loss="cross_entropy",
+        step_rule="preconditioned_sgd",
+    )
     first = F.cross_entropy(model(x), y).item()
     for _ in range(40):
         opt.zero_grad()
@@ -111,7 +127,14 @@ def test_step_diagnostics_match_dense_references() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(4, 3)
     lr, damping = 0.2, 0.05
-    opt = FrobPreconditionedSGD(layer, lr=lr, damping=damping, kl_clip=1e-4, damping_method="exact")
+    opt = FrobPreconditionedSGD(
+        layer,
+        lr=lr,
+        damping=damping,
+        kl_clip=1e-4,
+        damping_method="exact",
+        step_rule="preconditioned_sgd",
+    )
     x, t = torch.randn(32, 4), torch.randint(0, 3, (32,))
     for _ in range(2):
         opt.zero_grad()
@@ -151,7 +174,7 @@ def test_fisher_trace_of_grouped_conv_sums_blocks() -> None:
     model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = FrobPreconditionedSGD(model, lr=0.0)
+        opt = FrobPreconditionedSGD(model, lr=0.0, step_rule="preconditioned_sgd")
     F.cross_entropy(model(torch.randn(8, 4, 6)), torch.randint(0, 2, (8,))).backward()
     opt.step()
     want = sum(
@@ -172,7 +195,9 @@ def test_mc_fisher_warns_once_when_the_model_output_is_not_a_tensor() -> None:
             return {"logits": self.linear(x)}
 
     model = Wrapped()
-    opt = FrobPreconditionedSGD(model, lr=0.1, fisher="mc", loss="cross_entropy")
+    opt = FrobPreconditionedSGD(
+        model, lr=0.1, fisher="mc", loss="cross_entropy", step_rule="preconditioned_sgd"
+    )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -189,21 +214,26 @@ def test_default_fisher_is_mc_when_the_loss_is_known() -> None:
     layer = nn.Linear(3, 2)
     assert (
         FrobPreconditionedSGD(
-            layer, lr=0.1, loss="cross_entropy"
+            layer, lr=0.1, loss="cross_entropy", step_rule="preconditioned_sgd"
         ).preconditioner.options.curvature.fisher
         == "mc"
     )
     assert (
-        FrobPreconditionedSGD(layer, lr=0.1).preconditioner.options.curvature.fisher == "empirical"
+        FrobPreconditionedSGD(
+            layer, lr=0.1, step_rule="preconditioned_sgd"
+        ).preconditioner.options.curvature.fisher
+        == "empirical"
     )
-    forced = FrobPreconditionedSGD(layer, lr=0.1, fisher="empirical", loss="mse")
+    forced = FrobPreconditionedSGD(
+        layer, lr=0.1, fisher="empirical", loss="mse", step_rule="preconditioned_sgd"
+    )
     assert forced.preconditioner.options.curvature.fisher == "empirical"
 
 
 def test_mc_fisher_survives_a_nan_batch() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy", step_rule="preconditioned_sgd")
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     for bad in (False, True, False):
         xb = x.clone()
@@ -235,6 +265,7 @@ def test_mc_fisher_ignores_the_training_loss_scale() -> None:
             loss="cross_entropy",
             grad_scaler=scaler,
             generator=torch.Generator().manual_seed(3),
+            step_rule="preconditioned_sgd",
         )
         scaler.scale(F.cross_entropy(model(x), y)).backward()
         scaler.step(opt)
@@ -250,7 +281,9 @@ def test_mc_fisher_is_independent_of_reduction_and_accumulation(
     torch.manual_seed(0)
     layer = nn.Linear(3, 2)
     x = torch.randn(8000, 3)
-    opt = FrobPreconditionedSGD(layer, lr=0.0, loss="mse", loss_reduction=reduction)
+    opt = FrobPreconditionedSGD(
+        layer, lr=0.0, loss="mse", loss_reduction=reduction, step_rule="preconditioned_sgd"
+    )
     for part in x.chunk(micro_batches):
         loss = F.mse_loss(layer(part), torch.zeros(len(part), 2), reduction=reduction)
         (loss / micro_batches).backward()

@@ -213,7 +213,14 @@ def test_embedding_step_is_the_kronecker_solve_on_the_transposed_weight() -> Non
     torch.manual_seed(3)
     emb = nn.Embedding(6, 3)
     model = nn.Sequential(emb, nn.Tanh(), nn.Linear(3, 2))
-    opt = FrobPreconditionedSGD(model, lr=1.0, damping=0.1, loss="cross_entropy", kl_clip=None)
+    opt = FrobPreconditionedSGD(
+        model,
+        lr=1.0,
+        damping=0.1,
+        loss="cross_entropy",
+        kl_clip=None,
+        step_rule="preconditioned_sgd",
+    )
     tokens = torch.randint(0, 4, (4, 5))
     before = emb.weight.detach().clone()
     out = model(tokens)
@@ -261,7 +268,9 @@ def test_transposed_conv1d_steps_like_the_equivalent_linear() -> None:
         linear.bias.copy_(conv.bias)
     x, targets = torch.randn(2, 5, 4), torch.randint(0, 3, (2, 5))
     for model in (conv, linear):
-        opt = FrobPreconditionedSGD(model, lr=0.5, loss="cross_entropy", generator=None)
+        opt = FrobPreconditionedSGD(
+            model, lr=0.5, loss="cross_entropy", generator=None, step_rule="preconditioned_sgd"
+        )
         for _ in range(2):
             opt.zero_grad()
             torch.manual_seed(6)  # the same MC labels for both
@@ -291,7 +300,9 @@ def test_tied_embedding_is_preconditioned_by_the_head() -> None:
     model = TiedLM()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt = FrobPreconditionedSGD(model, lr=1.0, loss="cross_entropy", kl_clip=None)
+        opt = FrobPreconditionedSGD(
+            model, lr=1.0, loss="cross_entropy", kl_clip=None, step_rule="preconditioned_sgd"
+        )
     assert set(opt.preconditioner.layers) == {"norm", "head"}
     assert not opt.preconditioner.unsupported
     tokens = torch.randint(0, 7, (3, 5))
@@ -307,7 +318,9 @@ def test_partly_tied_modules_get_sgd_with_a_warning() -> None:
     first, second = nn.Linear(3, 3), nn.Linear(3, 3)
     second.weight = first.weight  # the biases stay separate
     with pytest.warns(UserWarning, match="some of its parameters are tied"):
-        opt = FrobPreconditionedSGD(nn.Sequential(first, second), lr=0.1)
+        opt = FrobPreconditionedSGD(
+            nn.Sequential(first, second), lr=0.1, step_rule="preconditioned_sgd"
+        )
     assert not opt.preconditioner.layers
 
 
@@ -333,7 +346,9 @@ def test_head_holding_all_tied_parameters_carries_them() -> None:
     model = nn.Sequential(emb, nn.LayerNorm(4), MaskedLMHead(emb))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt = FrobPreconditionedSGD(model, lr=1.0, loss="cross_entropy", kl_clip=None)
+        opt = FrobPreconditionedSGD(
+            model, lr=1.0, loss="cross_entropy", kl_clip=None, step_rule="preconditioned_sgd"
+        )
     assert set(opt.preconditioner.layers) == {"1", "2.decoder"}
     assert not opt.preconditioner.unsupported
     tokens = torch.randint(0, 7, (3, 5))
@@ -374,7 +389,7 @@ def test_norm_whose_output_kfrob_cannot_reproduce_falls_back_to_sgd(
     normalisation kfrob computes gets plain SGD with the reason, never wrong factors or a
     crash (even where the shapes happen to fit, as for the (2, 3, 3) input)."""
     model = nn.Sequential(module, nn.Flatten(1), nn.Linear(x[0].numel(), 2))
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy", step_rule="preconditioned_sgd")
     with pytest.warns(UserWarning, match="0 falls back to plain SGD: its output"):
         for _ in range(2):
             opt.zero_grad()
@@ -432,7 +447,7 @@ def test_padding_kfrob_cannot_infer_falls_back_to_sgd(kind: str) -> None:
     options = {"shift": True} if kind == "left" else {"pad_value": 1.0}
     conv = Conv2dSame(2, 3, 4, stride=1, **options)  # even kernel: an odd total padding
     model = nn.Sequential(conv, nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy", step_rule="preconditioned_sgd")
     x, y = torch.randn(4, 2, 5, 5), torch.randint(0, 2, (4,))
     with pytest.warns(UserWarning, match="0 falls back to plain SGD: its output size"):
         for _ in range(2):
@@ -452,7 +467,7 @@ def test_multihead_attention_falls_back_to_sgd_with_the_reason() -> None:
     (an ``nn.Linear`` whose hooks would never fire) get plain SGD, named upfront."""
     block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     with pytest.warns(UserWarning, match="self_attn.out_proj .its nn.MultiheadAttention uses"):
-        opt = FrobPreconditionedSGD(block, lr=0.1, loss="mse")
+        opt = FrobPreconditionedSGD(block, lr=0.1, loss="mse", step_rule="preconditioned_sgd")
     assert "self_attn" in opt.preconditioner.unsupported
     assert {"linear1", "linear2", "norm1", "norm2"} <= set(opt.preconditioner.layers)
     x = torch.randn(2, 3, 8)
@@ -478,18 +493,22 @@ def test_mc_fisher_refuses_logits_with_classes_first() -> None:
     torch.manual_seed(0)
     segmenter = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 1))
     x, y = torch.randn(2, 2, 5, 5), torch.randint(0, 3, (2, 5, 5))
-    opt = FrobPreconditionedSGD(segmenter, lr=0.1, loss="cross_entropy")
+    opt = FrobPreconditionedSGD(
+        segmenter, lr=0.1, loss="cross_entropy", step_rule="preconditioned_sgd"
+    )
     with pytest.raises(ValueError, match=r"classes are dimension 1.*movedim\(1, -1\)"):
         segmenter(x)
     opt.close()
     model = ClassesLast(segmenter)
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy", step_rule="preconditioned_sgd")
     opt.zero_grad()
     F.cross_entropy(model(x).movedim(-1, 1), y).backward()
     opt.step()
     assert set(opt.preconditioner.inverses) == {"net.0", "net.2"}
     opt.close()
     # the empirical Fisher takes the training loss's own gradients: any layout is fine
-    with FrobPreconditionedSGD(segmenter, lr=0.1, fisher="empirical") as opt:
+    with FrobPreconditionedSGD(
+        segmenter, lr=0.1, fisher="empirical", step_rule="preconditioned_sgd"
+    ) as opt:
         F.cross_entropy(segmenter(x), y).backward()
         opt.step()

@@ -108,7 +108,9 @@ def test_callback_with_sgd_equals_the_plain_kfrob_loop() -> None:
     )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-    opt = FrobPreconditionedSGD(model, lr=0.1, inverse_update_freq=3)
+    opt = FrobPreconditionedSGD(
+        model, lr=0.1, inverse_update_freq=3, step_rule="preconditioned_sgd"
+    )
     for step, (x, y) in enumerate(loader()):
         if step == 4:
             break
@@ -183,7 +185,7 @@ def test_gradient_clipping_applies_after_preconditioning() -> None:
 
 
 def test_frob_sgd_in_configure_optimizers_works_with_the_closure() -> None:
-    module = Classifier(lambda m: FrobPreconditionedSGD(m, lr=0.1))
+    module = Classifier(lambda m: FrobPreconditionedSGD(m, lr=0.1, step_rule="preconditioned_sgd"))
     trainer(max_steps=30).fit(module, loader())
     assert module.losses[-1] < 0.7 * module.losses[0]
 

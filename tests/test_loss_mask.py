@@ -43,7 +43,7 @@ def factors_after_one_step(
     model = per_token_model()
     opt = FrobPreconditionedSGD(
         model, lr=0.0, loss="cross_entropy", fisher=fisher, loss_reduction=reduction,
-        generator=torch.Generator().manual_seed(3),
+        generator=torch.Generator().manual_seed(3), step_rule="preconditioned_sgd",
     )  # fmt: skip
     opt.set_loss_mask(mask)
     logits = model(tokens)
@@ -87,7 +87,7 @@ def test_masked_head_factors_match_per_token_gradients() -> None:
 def test_mask_serves_one_forward_pass() -> None:
     tokens, _, keep = batch()
     model = per_token_model()
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy", step_rule="preconditioned_sgd")
     embedding = opt.preconditioner.layers["0"]
     opt.set_loss_mask(keep)
     model(tokens)
@@ -101,7 +101,7 @@ def test_position_embedding_keeps_positions_some_sequence_keeps() -> None:
     """A GPT's position embedding sees ``arange(T)`` broadcast over the batch: it keeps the
     positions some sequence keeps; the token embedding keeps exactly the kept tokens."""
     model = transformer(d_model=8, n_layers=1, n_heads=2, context=6)
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy", step_rule="preconditioned_sgd")
     tokens = torch.randint(0, 256, (2, 6))
     keep = torch.tensor([[True] * 4 + [False] * 2, [True] * 3 + [False] * 3])
     opt.set_loss_mask(keep)
@@ -122,7 +122,7 @@ def test_position_embedding_keeps_positions_some_sequence_keeps() -> None:
 def test_bad_masks_are_refused() -> None:
     tokens, _, keep = batch()
     model = per_token_model()
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy")
+    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy", step_rule="preconditioned_sgd")
     with pytest.raises(TypeError, match="bool tensor"):
         opt.set_loss_mask(keep.float())
     opt.set_loss_mask(keep[:, :3])
@@ -138,7 +138,9 @@ def test_bad_masks_are_refused() -> None:
 def test_reduce_layers_keep_every_position_with_a_warning() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
-    opt = FrobPreconditionedSGD(model, lr=0.1, loss="cross_entropy", weight_sharing="reduce")
+    opt = FrobPreconditionedSGD(
+        model, lr=0.1, loss="cross_entropy", weight_sharing="reduce", step_rule="preconditioned_sgd"
+    )
     x, keep = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.bool)
     keep[0, 4] = False
     opt.set_loss_mask(keep)

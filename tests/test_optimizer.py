@@ -48,7 +48,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[tuple[Tensor,
 def quiet(model: nn.Module, **kwargs: object) -> FrobPreconditionedSGD:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return FrobPreconditionedSGD(model, **kwargs)  # type: ignore[arg-type]
+        return FrobPreconditionedSGD(model, **{"step_rule": "preconditioned_sgd", **kwargs})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_identity_factors_take_sgd_steps_scaled_by_damping(monkeypatch: pytest.M
 def test_ema_of_factors() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(4, 2)
-    opt = FrobPreconditionedSGD(layer, lr=0.0, factor_decay=0.7)
+    opt = FrobPreconditionedSGD(layer, lr=0.0, factor_decay=0.7, step_rule="preconditioned_sgd")
     xs = [torch.randn(10, 4), torch.randn(6, 4)]
     for x in xs:
         opt.zero_grad()
@@ -274,19 +274,21 @@ def test_load_state_dict_rejects_other_model() -> None:
 def test_invalid_hyperparameters_name_the_argument(kwargs: dict[str, object], name: str) -> None:
     args = {"lr": 0.1, **kwargs}
     with pytest.raises(ValueError, match=rf"invalid {name}="):
-        FrobPreconditionedSGD(nn.Linear(2, 2), **args)  # type: ignore[arg-type]
+        FrobPreconditionedSGD(nn.Linear(2, 2), **{"step_rule": "preconditioned_sgd", **args})  # type: ignore[arg-type]
 
 
 def test_model_without_parameters_is_rejected() -> None:
     with pytest.raises(ValueError, match="no parameters"):
-        FrobPreconditionedSGD(nn.ReLU(), lr=0.1)
+        FrobPreconditionedSGD(nn.ReLU(), lr=0.1, step_rule="preconditioned_sgd")
     with pytest.raises(TypeError, match=r"nn\.Module"):
-        FrobPreconditionedSGD([torch.zeros(2, requires_grad=True)], lr=0.1)  # type: ignore[arg-type]
+        FrobPreconditionedSGD(
+            [torch.zeros(2, requires_grad=True)], lr=0.1, step_rule="preconditioned_sgd"
+        )  # type: ignore[arg-type]
 
 
 def test_unsupported_layers_are_listed_once() -> None:
     with pytest.warns(UserWarning, match="plain SGD") as record:
-        opt = FrobPreconditionedSGD(small_model(), lr=0.1)
+        opt = FrobPreconditionedSGD(small_model(), lr=0.1, step_rule="preconditioned_sgd")
     assert len(record) == 1 and "4 (UnregisteredLayerNorm" in str(record[0].message)
     assert "Plain SGD for: 4" in repr(opt)
     assert set(opt.preconditioner.layers) == {"0", "3", "6"}
@@ -445,7 +447,11 @@ def test_kfac_beats_tuned_sgd_on_small_classification(momentum: float) -> None:
     )
     # library defaults for damping and the KL clip (measured: 0.23 without momentum and 0.26
     # with 0.9, against SGD's best 0.44)
-    kfac = final_loss(lambda m: FrobPreconditionedSGD(m, lr=0.3, momentum=momentum))
+    kfac = final_loss(
+        lambda m: FrobPreconditionedSGD(
+            m, lr=0.3, momentum=momentum, step_rule="preconditioned_sgd"
+        )
+    )
     assert kfac < 0.8 * sgd, (kfac, sgd)
 
 

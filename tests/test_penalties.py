@@ -127,7 +127,7 @@ def test_matrix_penalty_refuses_bad_arguments() -> None:
 def test_metric_frobenius_reads_the_optimizers_factors() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
-    opt = FrobPreconditionedSGD(model, lr=0.1)
+    opt = FrobPreconditionedSGD(model, lr=0.1, step_rule="preconditioned_sgd")
     x, y = torch.randn(16, 4), torch.randn(16, 3)
     F.mse_loss(model(x), y).backward()
     opt.step()

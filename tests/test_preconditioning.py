@@ -28,7 +28,7 @@ def fitted(
 ) -> FrobPreconditionedSGD:
     """An optimizer after one step (lr 0) on random data: factors and inverses exist."""
     torch.manual_seed(0)
-    opt = FrobPreconditionedSGD(model, lr=0.0, **options)  # type: ignore[arg-type]
+    opt = FrobPreconditionedSGD(model, lr=0.0, **{"step_rule": "preconditioned_sgd", **options})  # type: ignore[arg-type]
     out = model(torch.randn(*input_shape))
     F.cross_entropy(out.reshape(out.shape[0], -1), torch.randint(0, 2, (16,))).backward()
     opt.step()
@@ -189,7 +189,9 @@ def test_decompose_survives_non_finite_factor() -> None:
 def test_eigenvalues_are_those_of_the_factors(damping_method: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
-    opt = FrobPreconditionedSGD(model, lr=0.1, damping_method=damping_method)
+    opt = FrobPreconditionedSGD(
+        model, lr=0.1, damping_method=damping_method, step_rule="preconditioned_sgd"
+    )
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     F.cross_entropy(model(x), y).backward()
     opt.step()  # step 0 folds the factors and refreshes the inverses from them

@@ -246,4 +246,6 @@ def test_subspace_refresh_resumes_exactly_from_a_state_dict() -> None:
 )
 def test_invalid_refresh_options_name_the_argument(options: dict, name: str) -> None:
     with pytest.raises(ValueError, match=rf"invalid {name}="):
-        FrobPreconditionedSGD(nn.Linear(2, 2), lr=0.1, **options)
+        FrobPreconditionedSGD(
+            nn.Linear(2, 2), lr=0.1, **{"step_rule": "preconditioned_sgd", **options}
+        )

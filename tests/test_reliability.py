@@ -24,7 +24,7 @@ from tests.reference import codomain_factor, dense_solve, domain_factor_linear
 def quiet(model: nn.Module, **kwargs: object) -> FrobPreconditionedSGD:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return FrobPreconditionedSGD(model, **kwargs)  # type: ignore[arg-type]
+        return FrobPreconditionedSGD(model, **{"step_rule": "preconditioned_sgd", **kwargs})  # type: ignore[arg-type]
 
 
 def fit(
@@ -57,7 +57,7 @@ def test_module_called_twice_covers_both_calls() -> None:
     torch.manual_seed(0)
     model = SharedTwice()
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    opt = FrobPreconditionedSGD(model, lr=0.0)
+    opt = FrobPreconditionedSGD(model, lr=0.0, step_rule="preconditioned_sgd")
     F.cross_entropy(model(x), y).backward()
     opt.step()
     opt.close()
@@ -97,7 +97,7 @@ def test_tied_embedding_head_trains_with_one_curvature() -> None:
     model = TiedLM()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt = FrobPreconditionedSGD(model, lr=0.1)
+        opt = FrobPreconditionedSGD(model, lr=0.1, step_rule="preconditioned_sgd")
     assert set(opt.preconditioner.layers) == {"body", "head"}
     tokens = torch.randint(0, 11, (4, 5))
     before = fit(model, opt, [(tokens, tokens)])
@@ -117,7 +117,7 @@ def test_transformer_encoder_with_attention_trains() -> None:
         nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False), nn.Linear(8, 3)
     )
     with pytest.warns(UserWarning, match="self_attn.out_proj .its nn.MultiheadAttention"):
-        opt = FrobPreconditionedSGD(model, lr=0.05)
+        opt = FrobPreconditionedSGD(model, lr=0.05, step_rule="preconditioned_sgd")
     x = torch.randn(4, 5, 8)
     y = torch.randint(0, 3, (4, 5))
     first = fit(model, opt, [(x, y)])
@@ -182,7 +182,9 @@ def test_compiled_model_trains_like_eager() -> None:
     for compiled in (False, True):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-        opt = FrobPreconditionedSGD(model, lr=0.1, inverse_update_freq=2)
+        opt = FrobPreconditionedSGD(
+            model, lr=0.1, inverse_update_freq=2, step_rule="preconditioned_sgd"
+        )
         fit(torch.compile(model) if compiled else model, opt, data)
         params.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*params, strict=True):
@@ -230,7 +232,7 @@ def test_meta_device_model_is_refused_clearly() -> None:
     with torch.device("meta"):
         model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="meta device"):
-        FrobPreconditionedSGD(model, lr=0.1)
+        FrobPreconditionedSGD(model, lr=0.1, step_rule="preconditioned_sgd")
 
 
 # --- faults -------------------------------------------------------------------------------
@@ -410,7 +412,9 @@ INVALID = st.sampled_from(
 def test_every_invalid_argument_is_named(bad: tuple[str, object], base: dict) -> None:
     name, value = bad
     with pytest.raises(ValueError, match=rf"invalid {name}="):
-        FrobPreconditionedSGD(nn.Linear(2, 2), **{**base, name: value})  # type: ignore[arg-type]
+        FrobPreconditionedSGD(
+            nn.Linear(2, 2), **{"step_rule": "preconditioned_sgd", **base, name: value}
+        )  # type: ignore[arg-type]
 
 
 def test_decomposition_retries_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -456,7 +460,12 @@ def test_frozen_bias_preconditions_the_weight_alone() -> None:
     layer.bias.requires_grad_(False)
     damping = 0.1
     opt = FrobPreconditionedSGD(
-        layer, lr=1.0, damping=damping, kl_clip=None, damping_method="exact"
+        layer,
+        lr=1.0,
+        damping=damping,
+        kl_clip=None,
+        damping_method="exact",
+        step_rule="preconditioned_sgd",
     )
     x = torch.randn(64, 3) + 2.0  # a large mean makes the bias column matter
     weight = layer.weight.detach().clone()
@@ -483,7 +492,11 @@ def test_resume_with_an_mc_generator_is_exact() -> None:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         return model, FrobPreconditionedSGD(
-            model, lr=0.1, loss="cross_entropy", generator=torch.Generator().manual_seed(5)
+            model,
+            lr=0.1,
+            loss="cross_entropy",
+            generator=torch.Generator().manual_seed(5),
+            step_rule="preconditioned_sgd",
         )
 
     straight, opt = make()
@@ -521,7 +534,7 @@ def test_sparse_embedding_gradients_step_like_sgd() -> None:
 
 def test_keyword_argument_calls_are_recorded() -> None:
     layer = nn.Linear(3, 2)
-    opt = FrobPreconditionedSGD(layer, lr=0.1)
+    opt = FrobPreconditionedSGD(layer, lr=0.1, step_rule="preconditioned_sgd")
     x = torch.randn(4, 3)
     layer(input=x).square().sum().backward()
     opt.step()
@@ -552,7 +565,7 @@ def test_submodules_called_directly_with_accumulation() -> None:
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     traces = []
     for k in (1, 4):
-        opt = FrobPreconditionedSGD(model, lr=0.0)
+        opt = FrobPreconditionedSGD(model, lr=0.0, step_rule="preconditioned_sgd")
         for part, target in zip(x.chunk(k), y.chunk(k), strict=True):
             (F.cross_entropy(dec(torch.tanh(enc(part))), target) / k).backward()
         opt.step()
@@ -566,7 +579,9 @@ def test_a_frozen_layer_does_not_force_a_refresh_every_step() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     model[0].requires_grad_(False)
-    opt = FrobPreconditionedSGD(model, lr=0.1, inverse_update_freq=10)
+    opt = FrobPreconditionedSGD(
+        model, lr=0.1, inverse_update_freq=10, step_rule="preconditioned_sgd"
+    )
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
     for _ in range(5):
         opt.zero_grad()
@@ -594,6 +609,7 @@ def test_compiled_model_trains_exactly_like_the_eager_one(fisher: str, give: str
             fisher=fisher,
             loss="cross_entropy",
             generator=torch.Generator().manual_seed(1),
+            step_rule="preconditioned_sgd",
         )
         for i in range(4):
             opt.zero_grad()
@@ -625,7 +641,9 @@ def test_an_empty_batch_records_nothing_and_breaks_nothing() -> None:
     takes a finite (zero-gradient) step, for convolutions and linear layers alike."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(48, 4))
-    opt = FrobPreconditionedSGD(model, lr=0.1, inverse_update_freq=1)
+    opt = FrobPreconditionedSGD(
+        model, lr=0.1, inverse_update_freq=1, step_rule="preconditioned_sgd"
+    )
     data = [(torch.randn(n, 2, 4, 4), torch.randint(0, 4, (n,))) for n in (6, 0, 6)]
     for i, (x, y) in enumerate(data):
         opt.zero_grad()

@@ -259,7 +259,7 @@ def test_a_low_rank_side_beside_a_diagonal_one_equals_the_explicit_solve() -> No
 
 def test_auto_chooses_per_side_and_says_why() -> None:
     model = mlp()
-    opt = FrobPreconditionedSGD(model, lr=0.1, rank=8)
+    opt = FrobPreconditionedSGD(model, lr=0.1, rank=8, step_rule="preconditioned_sgd")
     x, y = batch(4)
     for _ in range(2):
         opt.zero_grad()
@@ -275,14 +275,18 @@ def test_auto_chooses_per_side_and_says_why() -> None:
 
 
 def test_a_rank_not_below_the_width_is_a_dense_side() -> None:
-    opt = FrobPreconditionedSGD(mlp(), lr=0.1, rank=70, **LOW_RANK)
+    opt = FrobPreconditionedSGD(
+        mlp(), lr=0.1, rank=70, **{"step_rule": "preconditioned_sgd", **LOW_RANK}
+    )
     got = opt.preconditioner.structures()
     assert got["0"]["domain"].structure == "low_rank"  # 91 wide
     assert got["0"]["codomain"] == StructureChoice("dense", "rank 70 ≥ width 70: dense is exact")
 
 
 def test_exact_damping_keeps_dense_sides() -> None:
-    opt = FrobPreconditionedSGD(mlp(), lr=0.1, damping_method="exact")
+    opt = FrobPreconditionedSGD(
+        mlp(), lr=0.1, damping_method="exact", step_rule="preconditioned_sgd"
+    )
     assert all(
         c.structure == "dense" for s in opt.preconditioner.structures().values() for c in s.values()
     )
@@ -332,12 +336,18 @@ def test_exact_where_dense_damps_dense_layers_exactly_and_structured_ones_by_pi(
 )
 def test_impossible_structures_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        FrobPreconditionedSGD(mlp(), lr=0.1, **options)  # type: ignore[arg-type]
+        FrobPreconditionedSGD(mlp(), lr=0.1, **{"step_rule": "preconditioned_sgd", **options})  # type: ignore[arg-type]
 
 
 def test_a_failed_low_rank_refresh_keeps_the_last_inverse(monkeypatch: pytest.MonkeyPatch) -> None:
     model = mlp()
-    opt = FrobPreconditionedSGD(model, lr=0.1, rank=8, inverse_update_freq=1, **LOW_RANK)
+    opt = FrobPreconditionedSGD(
+        model,
+        lr=0.1,
+        rank=8,
+        inverse_update_freq=1,
+        **{"step_rule": "preconditioned_sgd", **LOW_RANK},
+    )
     x, y = batch(16)
 
     def step() -> None:
@@ -361,7 +371,9 @@ def trained(
     """The MLP after ``steps`` steps on one batch (resumed from ``state`` if given)."""
     x, y = batch(16)
     model = mlp()
-    opt = FrobPreconditionedSGD(model, lr=0.1, inverse_update_freq=5, **options)  # type: ignore[arg-type]
+    opt = FrobPreconditionedSGD(
+        model, lr=0.1, inverse_update_freq=5, **{"step_rule": "preconditioned_sgd", **options}
+    )  # type: ignore[arg-type]
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -406,9 +418,15 @@ def test_block_diagonal_factors_are_the_dense_factors_diagonal_blocks() -> None:
     """91 wide with blocks of at most 40: three parts of 31 (the last padded); 70 wide: two
     of 35. Several windows, so the running average is checked too."""
     models = mlp(), mlp()
-    dense = FrobPreconditionedSGD(models[0], lr=0.0, fisher="empirical", **DENSE)
+    dense = FrobPreconditionedSGD(
+        models[0], lr=0.0, fisher="empirical", **{"step_rule": "preconditioned_sgd", **DENSE}
+    )
     blocks = FrobPreconditionedSGD(
-        models[1], lr=0.0, fisher="empirical", max_block_size=40, **BLOCKS
+        models[1],
+        lr=0.0,
+        fisher="empirical",
+        max_block_size=40,
+        **{"step_rule": "preconditioned_sgd", **BLOCKS},
     )
     for seed in range(3):
         x, y = batch(16, seed)
@@ -462,7 +480,7 @@ def test_block_diagonal_power_equals_dense_on_block_diagonal_matrices() -> None:
 
 def test_a_block_diagonal_state_does_not_load_into_dense_sides() -> None:
     _, opt = trained({"max_block_size": 40, **BLOCKS}, 1)
-    dense = FrobPreconditionedSGD(mlp(), lr=0.1, **DENSE)
+    dense = FrobPreconditionedSGD(mlp(), lr=0.1, **{"step_rule": "preconditioned_sgd", **DENSE})
     with pytest.raises(ValueError, match=r"domain factor of shape \(3, 31, 31\), expected"):
         dense.load_state_dict(opt.state_dict())
 
@@ -479,7 +497,7 @@ def test_a_block_diagonal_state_does_not_load_into_dense_sides() -> None:
 )
 def test_impossible_block_structures_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        FrobPreconditionedSGD(mlp(), lr=0.1, **options)  # type: ignore[arg-type]
+        FrobPreconditionedSGD(mlp(), lr=0.1, **{"step_rule": "preconditioned_sgd", **options})  # type: ignore[arg-type]
 
 
 # --- sketching a convolution's inputs without unfolding them -------------------------------

@@ -246,7 +246,7 @@ def test_config_rejects_what_does_not_fit_the_workload(overrides: list[str], mes
 def test_transformer_config_defaults_and_errors(tmp_path: Path) -> None:
     config = load_config(CONFIG)
     assert config.data.source == "stdlib" and config.training.target.metric == "val_loss"
-    assert list(config.optimizers) == ["kfrob", "kfrob-adam", "sgd", "adamw"]
+    assert list(config.optimizers) == ["kfrob", "kfrob-sgd", "sgd", "adamw"]
     bare = tmp_path / "bare.yaml"  # the source follows the workload when left out
     bare.write_text("workload: transformer\ntraining:\n  target: null\n")
     assert load_config(bare).data.source == "stdlib"

@@ -51,4 +51,6 @@ def test_reduce_is_the_exact_fisher_of_a_sample_with_equal_patches() -> None:
 
 def test_invalid_weight_sharing_names_the_argument() -> None:
     with pytest.raises(ValueError, match="invalid weight_sharing="):
-        FrobPreconditionedSGD(nn.Linear(2, 2), lr=0.1, weight_sharing="mean")
+        FrobPreconditionedSGD(
+            nn.Linear(2, 2), lr=0.1, weight_sharing="mean", step_rule="preconditioned_sgd"
+        )

@@ -52,7 +52,7 @@ across kfrob, SGD and AdamW::
     optimizers:                   # label -> keyword arguments of its constructor
                                   # (label = kfrob | sgd | adam | adamw, or any label
                                   #  with `type: <one of those>` among the arguments)
-      kfrob: {lr: 0.1}
+      kfrob: {lr: 0.003}
       sgd: {lr: 0.05, momentum: 0.9}
       adamw: {lr: 0.001}
 
@@ -214,7 +214,7 @@ _NOT_FOR_TEXT = {
 
 def _default_optimizers() -> dict[str, dict[str, Any]]:
     return {
-        "kfrob": {"lr": 0.1},
+        "kfrob": {"lr": 0.003},
         "sgd": {"lr": 0.05, "momentum": 0.9},
         "adamw": {"lr": 0.001},
     }

@@ -2,7 +2,7 @@
 
 A config names its optimizers by label; the label is the optimizer's name (``kfrob``,
 ``sgd``, ``adam``, ``adamw``) unless its arguments say ``type: <name>``, so one config can
-hold variants, e.g. ``kfrob-exact: {type: kfrob, lr: 0.1, damping_method: exact}``.
+hold variants, e.g. ``kfrob-exact: {type: kfrob, lr: 0.003, damping_method: exact}``.
 """
 
 from __future__ import annotations
