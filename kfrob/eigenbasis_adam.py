@@ -22,10 +22,12 @@ is rotated afresh from ``m`` after each refresh. Parameters without Kronecker fa
 plain Adam (their basis is the coordinate basis).
 
 Rotated entries whose root mean square ``√v`` is at the rounding level of the rotation
-(at most ``(out + in) · ε_machine`` times the largest of the layer's) take no step: the
-gradient has no component there (e.g. along the all-ones direction of a softmax layer's
-outputs, where the loss is constant), so they are rounding noise, which Adam's
-normalisation would otherwise turn into steps as long as any other.
+(at most ``n · ε_machine`` times the largest entry mixed into them, ``n`` the width mixed
+over) take no step: the gradient has no component there (e.g. along the all-ones direction
+of a softmax layer's outputs, where the loss is constant), so they are rounding noise,
+which Adam's normalisation would otherwise turn into steps as long as any other. A side
+held in coordinates (diagonal, identity) mixes nothing: an embedding's column of a rare
+token is measured against itself, not against the common tokens'.
 
 A layer whose inverse holds no eigenbases (a structured side: low-rank or block-diagonal,
 under ``damping_method="exact_where_dense"``) runs Adam in its own coordinates and takes
@@ -86,13 +88,19 @@ def _rotate(
     return rotate(matrix, inverse.codomain, inverse.domain, back)
 
 
-def _support(v: Tensor) -> Tensor:
+def _support(v: Tensor, inverse: EigenInverse) -> Tensor | float:
     """``(k, out, in)``: 1 where an entry's root mean square ``√v`` is above the rounding
-    floor of a rotation, ``(out + in) · ε_machine`` times the largest in its block, else
-    0."""
+    floor of the rotation, else 0. A rotated side mixes the entries along its dimension, so
+    the floor is ``n · ε_machine`` times the largest entry the rotation mixed into this one
+    (``n`` the width it mixed over); with no side rotated there is no floor (``1.0``)."""
+    mixed = [
+        d for d, side in ((-2, inverse.codomain), (-1, inverse.domain)) if side.basis is not None
+    ]
+    if not mixed:
+        return 1.0
     rms = v.sqrt()
-    width = v.shape[-1] + v.shape[-2]
-    floor = rms.amax(dim=(-2, -1), keepdim=True) * (width * torch.finfo(v.dtype).eps)
+    width = sum(v.shape[d] for d in mixed)
+    floor = rms.amax(dim=mixed, keepdim=True) * (width * torch.finfo(v.dtype).eps)
     return (rms > floor).to(v.dtype)
 
 
@@ -166,7 +174,7 @@ def adam_directions(
             mean = _rotated_mean(
                 rotated_means, state[weight], weight, inverse, m, rotated, finite, beta1
             )  # fmt: skip
-            adam = normalised(mean, v, step, beta1, beta2, eps) * _support(v)
+            adam = normalised(mean, v, step, beta1, beta2, eps) * _support(v, inverse)
             direction = _rotate(adam, inverse, back=True)
         else:
             direction = normalised(m, v, step, beta1, beta2, eps)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD, eigenbasis_adam
-from kfrob.kronecker import InverseFactors
+from kfrob.kronecker import EigenInverse, InverseFactors, Side
 from kfrob.structure import LowRankPower
 from tests.adam_rules import (
     backward,
@@ -78,7 +78,7 @@ def test_no_step_along_a_null_direction_of_the_factors(
     layer must not move along it (without the rounding floor it moves as far along it as
     along any other direction)."""
     if not masked:
-        monkeypatch.setattr(eigenbasis_adam, "_support", lambda v: 1.0)
+        monkeypatch.setattr(eigenbasis_adam, "_support", lambda v, inverse: 1.0)
     torch.manual_seed(0)
     net = nn.Linear(5, 4)
     opt = FrobPreconditionedSGD(net, lr=1e-2, factor_update_freq=1, inverse_update_freq=1)
@@ -92,6 +92,25 @@ def test_no_step_along_a_null_direction_of_the_factors(
     moved = torch.cat([net.weight, net.bias[:, None]], 1).detach() - before
     along = moved.sum(0).abs().max() / moved.abs().max()  # 1ᵀ ΔV against ΔV
     assert (along < 1e-4) == masked, float(along)
+
+
+def test_the_rounding_floor_measures_an_entry_against_what_the_rotation_mixed_into_it() -> None:
+    """A column ``10⁻¹²`` as large as the others survives when only the co-domain is
+    rotated (the rotation mixes within columns: an embedding's rare token against itself),
+    and is at the floor when both sides are (it mixes everything); nothing is masked when no
+    side is rotated."""
+    v = torch.ones(1, 4, 3)
+    v[..., 2] = 1e-24  # √v: 10⁻¹² of the others
+    basis = torch.linalg.qr(torch.randn(1, 4, 4))[0]
+    ones = torch.ones(1, 4)
+    rotated = Side(basis, ones)
+    codomain_only = EigenInverse(rotated, Side(None, torch.ones(1, 3)), torch.ones(1, 4, 3))
+    both = EigenInverse(rotated, Side(torch.eye(3)[None], torch.ones(1, 3)), torch.ones(1, 4, 3))
+    neither = EigenInverse(Side(None, ones), Side(None, torch.ones(1, 3)), torch.ones(1, 4, 3))
+    assert bool((eigenbasis_adam._support(v, codomain_only) == 1).all())
+    masked = eigenbasis_adam._support(v, both)
+    assert bool((masked[..., 2] == 0).all()) and bool((masked[..., :2] == 1).all())
+    assert eigenbasis_adam._support(v, neither) == 1.0
 
 
 def test_a_non_finite_gradient_changes_nothing() -> None:
