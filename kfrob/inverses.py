@@ -11,9 +11,8 @@ about by name again:
   the previous basis.
 * :class:`EigenvalueCorrected`: exact damping whose scaling follows the running per-sample
   second moment ``S`` in the eigenbases (EKFAC, :mod:`kfrob.correction`).
-* :class:`ExactWhereDense`: exact damping in eigenbases for the layers whose sides are all
-  dense, factored damping for those with a structured side (as :class:`FactoredDamping`
-  chooses them): every layer whose eigenbases are affordable has them.
+* :class:`ExactWhereDense`: exact damping in eigenbases where a layer's sides are all
+  dense, factored damping where one is structured (as :class:`FactoredDamping` chooses).
 
 A method computes inverses for a list of layers (full factors of one size decomposed in one
 batched call, :func:`~kfrob.kronecker.decompose_all`), rebuilds an inverse from the state
@@ -335,17 +334,13 @@ class ExactDamping(InverseMethod):
 
 class ExactWhereDense(FactoredDamping):
     """Exact damping ``(A ⊗ G + λI)^{-p}`` in the eigenbases of a layer whose full sides
-    are all dense; π-damping, as :class:`FactoredDamping`, for a layer with a structured
-    side. The structures are :class:`FactoredDamping`'s (``"auto"``: the cost model)."""
+    are all dense; :class:`FactoredDamping`'s structures and π-damping otherwise."""
 
-    def scaling(self, codomain: Side, domain: Side, damping: float) -> Tensor:
-        return exact_scaling(codomain, domain, damping, self.exponent)
+    scaling = ExactDamping.scaling
+    from_sides = InverseMethod.from_sides  # the eigenbases and the exact scaling
 
     def by_cholesky(self, layer: TrackedLayer) -> bool:
         return False
-
-    def from_sides(self, codomain: Side, domain: Side, damping: float) -> Inverse:
-        return EigenInverse(codomain, domain, self.scaling(codomain, domain, damping))
 
 
 class EigenvalueCorrected(ExactDamping):
@@ -436,20 +431,13 @@ def _side(
 def _full_sides(layer: TrackedLayer) -> dict[str, tuple[RunningFactor, int]]:
     """The layer's full (neither diagonal nor identity) sides and their widths."""
     math = layer.math
-    sides = {
-        "domain": (layer.domain, math.in_features),
-        "codomain": (layer.codomain, math.out_features),
-    }
-    return {
-        side: (factor, size)
-        for side, (factor, size) in sides.items()
-        if factor is not None and not factor.diagonal
-    }
+    sides = {"domain": (layer.domain, math.in_features)}
+    sides["codomain"] = (layer.codomain, math.out_features)
+    return {s: (f, n) for s, (f, n) in sides.items() if f is not None and not f.diagonal}
 
 
 def _traced(factor: RunningFactor | None, width: int, layer: TrackedLayer) -> Side:
-    """A side carrying only what π needs, its mean eigenvalue ``tr F / width``, or an
-    identity."""
+    """A side with only what π needs (its mean eigenvalue ``tr F / width``), or an identity."""
     if factor is None:
         return _identity(layer, 1)
     return Side(None, factor.trace() / width)
