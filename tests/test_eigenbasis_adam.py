@@ -37,6 +37,21 @@ def adam(**options: object) -> FrobPreconditionedSGD:
         )  # fmt: skip
 
 
+def move(layer: nn.Module, step: Tensor) -> None:
+    """AdamW's update of a Linear layer by the ``[W, b]`` direction ``step``."""
+    layer.weight.mul_(1 - LR * WD).sub_(LR * step[:, :-1])
+    layer.bias.mul_(1 - LR * WD).sub_(LR * step[:, -1])
+
+
+def step_the_norm_and_compare(net: nn.Module, reference: nn.Module, ref: ReferenceAdam) -> None:
+    """Plain AdamW for the unregistered LayerNorm, then the two models must agree."""
+    norm = reference.get_submodule("2")
+    for key, p in (("2.w", norm.weight), ("2.b", norm.bias)):
+        p.mul_(1 - LR * WD).sub_(LR * ref.direction(key, p.grad, None))
+    for p, q in zip(net.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+
+
 def test_identity_factors_give_adamw() -> None:
     net, reference = model(), model()
     opt = adam(net=net, domain="identity", codomain="identity")
@@ -147,13 +162,8 @@ def test_layers_take_adam_steps_in_the_eigenbases_of_their_factors(refresh_every
                 bases = bases_of[name]
                 grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1)
                 step = ref.direction(name, grad, bases)
-                layer.weight.mul_(1 - LR * WD).sub_(LR * step[:, :-1])
-                layer.bias.mul_(1 - LR * WD).sub_(LR * step[:, -1])
-            norm = reference.get_submodule("2")
-            for key, p in (("2.w", norm.weight), ("2.b", norm.bias)):
-                p.mul_(1 - LR * WD).sub_(LR * ref.direction(key, p.grad, None))
-        for p, q in zip(net.parameters(), reference.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+                move(layer, step)
+            step_the_norm_and_compare(net, reference, ref)
     assert set(opt.preconditioner.layers) == {"0", "3"}
 
 
@@ -199,13 +209,8 @@ def test_a_layer_with_a_structured_side_grafts_adam_onto_its_kfac_direction(
                     @ dense_side(inverse.domain, grad.shape[1])
                 )
                 step = direction * adam_step.norm() / direction.norm()
-                layer.weight.mul_(1 - LR * WD).sub_(LR * step[:, :-1])
-                layer.bias.mul_(1 - LR * WD).sub_(LR * step[:, -1])
-            norm = reference.get_submodule("2")
-            for key, p in (("2.w", norm.weight), ("2.b", norm.bias)):
-                p.mul_(1 - LR * WD).sub_(LR * ref.direction(key, p.grad, None))
-        for p, q in zip(net.parameters(), reference.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+                move(layer, step)
+            step_the_norm_and_compare(net, reference, ref)
 
 
 def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
