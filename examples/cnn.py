@@ -1,8 +1,8 @@
 """The CNN workload in a plain PyTorch loop, checkpointed and resumed.
 
 Two 5×5 conv layers (32, 64 channels) with max-pooling, then 3136-128-10, on the
-Fashion-MNIST subset shipped with kfrob, with kfrob's defaults (factors every 5th step,
-eigenbases every 20th, Adam in the Kronecker eigenbasis). After the
+Fashion-MNIST subset shipped with kfrob, with kfrob's defaults (factors every 10th step,
+eigenbases every 40th, Adam in the Kronecker eigenbasis). After the
 first epoch the script saves model and optimizer (factors, inverses, step counter, sampler
 state included) with ``state_dict()``, rebuilds both from the file, and trains on: a resumed
 run takes exactly the steps of an uninterrupted one. About two minutes on 2 CPU cores:

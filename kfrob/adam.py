@@ -1,5 +1,5 @@
-"""Adam's moment recursion and its normalised direction, shared by the Adam-based step rules
-(:mod:`kfrob.eigenbasis_adam`, :mod:`kfrob.adam_grafted`).
+"""Adam's moment recursion and its normalised direction, for many tensors at once, shared by
+the Adam-based step rules (:mod:`kfrob.eigenbasis_adam`, :mod:`kfrob.adam_grafted`).
 
 With gradient ``g`` (and ``r``, the entries whose second moment is kept: ``g`` itself, or
 ``g`` rotated into an eigenbasis):
@@ -7,20 +7,21 @@ With gradient ``g`` (and ``r``, the entries whose second moment is kept: ``g`` i
     m ← β₁ m + (1 − β₁) g,   v ← β₂ v + (1 − β₂) r²,   t ← t + 1
     direction = (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)
 
-Nothing changes (``t``, ``m``, ``v``) on a step whose gradients are not finite; no host
-sync.
+Each operation is one ``torch._foreach`` kernel over all the tensors (not one per tensor).
+Nothing changes (``t``, ``m``, ``v``, bit for bit) on a step whose gradients are not
+finite, with no host sync: the moments move in place as ``m += f (1 − β₁)(g − m)`` with the
+gate ``f`` (1 when finite, else 0) and the gradients zeroed first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from kfrob.finite import select
-
-__all__ = ["adam_step_all", "advance_moments", "normalised"]
+__all__ = ["adam_step_all", "advance_all", "blend_", "normalised_all", "plain_adam"]
 
 
 def _initialise(state: dict[str, Any], gradient: Tensor, kept: Tensor) -> None:
@@ -31,60 +32,79 @@ def _initialise(state: dict[str, Any], gradient: Tensor, kept: Tensor) -> None:
         state["exp_avg_sq"] = torch.zeros_like(kept)
 
 
-def advance_moments(
-    state: dict[str, Any], gradient: Tensor, kept: Tensor, finite: Tensor, beta1: float,
-    beta2: float,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Advance ``state``'s ``"step"``, ``"exp_avg"`` (of ``gradient``) and ``"exp_avg_sq"``
-    (of ``kept``) by one step (nothing changes when the 0-dim bool ``finite`` is False);
-    returns ``(exp_avg, exp_avg_sq, step)``."""
-    _initialise(state, gradient, kept)
-    step = select(finite, state["step"] + 1, state["step"])
-    m = select(finite, torch.lerp(state["exp_avg"], gradient, 1 - beta1), state["exp_avg"])
-    v_new = state["exp_avg_sq"] * beta2 + (1 - beta2) * kept.square()
-    v = select(finite, v_new, state["exp_avg_sq"])
-    state["step"], state["exp_avg"], state["exp_avg_sq"] = step, m, v
-    return m, v, step
+def blend_(averages: list[Tensor], values: list[Tensor], weight: Tensor) -> None:
+    """``a += weight · (x − a)`` for each average ``a`` and value ``x``, in place
+    (``weight`` a 0-dim tensor: 0 leaves every average bit for bit)."""
+    change = torch._foreach_sub(values, averages)
+    torch._foreach_mul_(change, weight)
+    torch._foreach_add_(averages, change)
 
 
-def normalised(
-    m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
-) -> Tensor:
-    """Adam's bias-corrected ``m̂ / (√v̂ + ε)`` (``step >= 1``; at step 0 a zero direction)."""
-    counted = step.clamp(min=1)
-    return (m / (1 - beta1**counted)) / ((v / (1 - beta2**counted)).sqrt() + eps)
+def advance_all(
+    states: list[dict[str, Any]], gradients: list[Tensor], kept: list[Tensor], gate: Tensor,
+    beta1: float, beta2: float,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:  # fmt: skip
+    """Advance each state's ``"step"``, ``"exp_avg"`` (of its gradient) and
+    ``"exp_avg_sq"`` (of its ``kept`` entries) in place by one step, gated by the 0-dim
+    ``gate`` (1 or 0, in the gradients' dtype; with 0 the gradients must be finite, e.g.
+    zeroed); returns the lists ``(exp_avg, exp_avg_sq, step)``."""
+    for state, gradient, entries in zip(states, gradients, kept, strict=True):
+        _initialise(state, gradient, entries)
+    m = [s["exp_avg"] for s in states]
+    v = [s["exp_avg_sq"] for s in states]
+    steps = [s["step"] for s in states]
+    blend_(m, gradients, gate * (1 - beta1))
+    blend_(v, torch._foreach_mul(kept, kept), gate * (1 - beta2))
+    torch._foreach_add_(steps, gate)
+    return m, v, steps
+
+
+def normalised_all(
+    means: list[Tensor], v: list[Tensor], steps: list[Tensor], beta1: float, beta2: float,
+    eps: float,
+) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    """Adam's bias-corrected ``(m̂, m̂ / (√v̂ + ε))`` for each ``(m, v, t)`` (at step 0 a
+    zero direction)."""
+    counted = torch._foreach_clamp_min(steps, 1.0)
+    unbiased = torch._foreach_div(means, _corrections(beta1, counted))
+    scales = torch._foreach_sqrt(torch._foreach_div(v, _corrections(beta2, counted)))
+    torch._foreach_add_(scales, eps)
+    return unbiased, torch._foreach_div(unbiased, scales)
 
 
 def adam_step_all(
     states: list[dict[str, Any]], gradients: list[Tensor], finite: Tensor, beta1: float,
     beta2: float, eps: float,
 ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
-    """:func:`advance_moments` (with ``kept = gradient``) for many parameters at once, with
-    one ``torch._foreach`` kernel per operation instead of one per parameter; returns their
-    ``(m̂, m̂ / (√v̂ + ε))``. The moments are updated in place, as
-    ``m += f (1 − β₁)(g − m)``, ``v += f (1 − β₂)(g² − v)``, ``t += f`` with the gate ``f``
-    (1 when ``finite``, else 0, and the gradients zeroed), so a non-finite step leaves them
-    bit for bit. The gradients must share one device."""
-    for state, gradient in zip(states, gradients, strict=True):
-        _initialise(state, gradient, gradient)
-    m = [s["exp_avg"] for s in states]
-    v = [s["exp_avg_sq"] for s in states]
-    steps = [s["step"] for s in states]
-    gate = finite.to(gradients[0].dtype)
+    """Adam's step for many parameters at once (the gradients on one device); returns their
+    ``(m̂, m̂ / (√v̂ + ε))``; a non-finite step (``finite`` False) changes nothing."""
     safe = [torch.where(finite, g, 0.0) for g in gradients]
-    change = torch._foreach_sub(safe, m)
-    torch._foreach_mul_(change, gate * (1 - beta1))
-    torch._foreach_add_(m, change)
-    change = torch._foreach_mul(safe, safe)
-    torch._foreach_sub_(change, v)
-    torch._foreach_mul_(change, gate * (1 - beta2))
-    torch._foreach_add_(v, change)
-    torch._foreach_add_(steps, gate)
-    counted = torch._foreach_clamp_min(steps, 1.0)
-    means = torch._foreach_div(m, _corrections(beta1, counted))
-    scales = torch._foreach_sqrt(torch._foreach_div(v, _corrections(beta2, counted)))
-    torch._foreach_add_(scales, eps)
-    return means, torch._foreach_div(means, scales)
+    m, v, steps = advance_all(states, safe, safe, finite.to(safe[0].dtype), beta1, beta2)
+    return normalised_all(m, v, steps, beta1, beta2, eps)
+
+
+def plain_adam(
+    groups: list[dict[str, Any]], state: Mapping[Tensor, dict[str, Any]],
+    gradients: Mapping[Tensor, Tensor], finite: Tensor,
+) -> tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]]:  # fmt: skip
+    """:func:`adam_step_all` for every parameter of ``gradients`` (sparse ones densified),
+    with its parameter group's ``betas`` and ``eps``; returns ``(m̂, direction)`` per
+    parameter."""
+    means: dict[Tensor, Tensor] = {}
+    directions: dict[Tensor, Tensor] = {}
+    for group in groups:
+        params = [p for p in group["params"] if p in gradients]
+        dense = [g.to_dense() if g.is_sparse else g for g in (gradients[p] for p in params)]
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        for device in {g.device for g in dense}:
+            here = [i for i, g in enumerate(dense) if g.device == device]
+            mean, normal = adam_step_all(
+                [state[params[i]] for i in here], [dense[i] for i in here],
+                finite.to(device), beta1, beta2, eps,
+            )  # fmt: skip
+            for i, m, n in zip(here, mean, normal, strict=True):
+                means[params[i]], directions[params[i]] = m, n
+    return means, directions
 
 
 def _corrections(beta: float, steps: list[Tensor]) -> list[Tensor]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kfrob.adam import adam_step_all
+from kfrob.adam import plain_adam
 
 __all__ = ["ADAM_GRAFTED_DEFAULTS", "grafted_directions"]
 
@@ -54,10 +54,6 @@ def _norm(tensors: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([t.float().norm() for t in tensors]))
 
 
-def _dense(gradient: Tensor) -> Tensor:
-    return gradient.to_dense() if gradient.is_sparse else gradient
-
-
 @torch.no_grad()
 def grafted_directions(
     groups: list[dict[str, Any]],
@@ -72,22 +68,7 @@ def grafted_directions(
     per-parameter state, ``preconditioner`` its :class:`kfrob.KroneckerPreconditioner`
     (refreshed for this step; its KL clip must be off) and ``finite`` whether this step's
     gradients are finite (the moments stay as they were when not)."""
-    adam: dict[Tensor, Tensor] = {}
-    means: dict[Tensor, Tensor] = {}
-    for group in groups:
-        params = [p for p in group["params"] if p in directions]
-        if not params:
-            continue
-        gradients = [_dense(directions[p]) for p in params]
-        (beta1, beta2), eps = group["betas"], group["eps"]
-        for device in {g.device for g in gradients}:
-            here = [i for i, g in enumerate(gradients) if g.device == device]
-            mean, normal = adam_step_all(
-                [state[params[i]] for i in here], [gradients[i] for i in here],
-                finite.to(device), beta1, beta2, eps,
-            )  # fmt: skip
-            for i, m, n in zip(here, mean, normal, strict=True):
-                means[params[i]], adam[params[i]] = m, n
+    means, adam = plain_adam(groups, state, directions, finite)
     preconditioned = dict(means)
     preconditioner.precondition_(preconditioned, 1.0)
     directions.update(adam)

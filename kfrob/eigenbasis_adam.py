@@ -46,31 +46,35 @@ and its bias none of its own.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from kfrob.adam import advance_moments, normalised
-from kfrob.finite import select
-from kfrob.kronecker import EigenInverse, InverseFactors, rotate
+from kfrob.adam import advance_all, blend_, normalised_all, plain_adam
+from kfrob.kronecker import EigenInverse, InverseFactors, rotate_by
 
-__all__ = ["EIGENBASIS_ADAM_DEFAULTS", "adam_directions", "held_bases"]
+__all__ = ["EIGENBASIS_ADAM_DEFAULTS", "Rotations", "adam_directions", "held_bases"]
 
 #: what ``step_rule="eigenbasis_adam"`` changes in the defaults of the flat keywords: exact
 #: eigenbases where every side of a layer is dense (``"exact_where_dense"``; the cost model
-#: makes wide sides low-rank, and those layers graft), no KL clip, a slower schedule (its
-#: bases move slowly: factors every 5 steps and bases every 20 cost less per step than
-#: every step and every 10 for about the same steps to target), and the empirical Fisher
-#: (Adam's second moment sets the scale, so the factors only supply the bases, and the
-#: empirical ones need no sampled backward pass: AdamW's transformer loss in 0.65× its time
-#: against 0.70× with the MC Fisher, the same steps on the MLP); see
-#: ``docs/performance.md#step-rules``
+#: makes wide sides low-rank, and those layers graft), no KL clip, a slow schedule (its
+#: bases move slowly: on the transformer, factors every 10 steps and bases every 40 reach
+#: AdamW's loss in the same steps as every 5 and 20 or every step and 10, and a step costs
+#: 1.17× AdamW's against 1.28× at 5 and 20; every 20 and 40, or 10 and 80, take ~10 % more
+#: steps), a dense budget of 0.4 (at this schedule the CNN's 801-wide convolution input
+#: would turn dense at 0.43× its layer's pass and add half a step for no fewer steps), and
+#: the empirical Fisher (Adam's second moment sets the scale, so the factors only supply
+#: the bases, and the empirical ones need no sampled backward pass: AdamW's transformer
+#: loss in 0.65× its time against 0.70× with the MC Fisher, the same steps on the MLP);
+#: see ``docs/performance.md#step-rules``
 EIGENBASIS_ADAM_DEFAULTS = {
     "damping_method": "exact_where_dense",
+    "dense_budget": 0.4,
     "kl_clip": None,
-    "factor_update_freq": 5,
-    "inverse_update_freq": 20,
+    "factor_update_freq": 10,
+    "inverse_update_freq": 40,
     "fisher": "empirical",
 }
 
@@ -78,24 +82,87 @@ EIGENBASIS_ADAM_DEFAULTS = {
 #: the smallest K-FAC norm a grafted direction is scaled from (a zero one stays zero)
 _TINY = 1e-30
 
+Bases = tuple[Tensor | None, Tensor | None]
 
-def _rotate(
-    matrix: Tensor, inverse: EigenInverse | InverseFactors | None, back: bool = False
-) -> Tensor:
-    """Into (or, with ``back``, out of) the eigenbases of ``inverse``; none: unrotated."""
+
+@dataclass
+class Rotations:
+    """What :func:`adam_directions` keeps between steps, all derived (rebuilt by
+    :func:`held_bases` when a state is loaded): ``held``, the bases each layer's rotated
+    first moment was rotated into (by weight); ``stacked``, the bases of layers of one shape
+    stacked ``(L, k, n, n)`` for batched rotations, with the per-layer bases they stack."""
+
+    held: dict[Tensor, Bases] = field(default_factory=dict)
+    stacked: dict[tuple[int, ...], tuple[list[Bases], Bases]] = field(default_factory=dict)
+
+
+class _Layer(NamedTuple):
+    weight: Tensor
+    math: Any
+    inverse: EigenInverse | InverseFactors | None
+    gradient: Tensor  # (k, out, in), in the factors' dtype
+
+
+def _bases_of(inverse: EigenInverse | InverseFactors | None) -> Bases:
     if not isinstance(inverse, EigenInverse):
-        return matrix
-    return rotate(matrix, inverse.codomain, inverse.domain, back)
+        return None, None
+    return inverse.codomain.basis, inverse.domain.basis
 
 
-def _support(v: Tensor, inverse: EigenInverse) -> Tensor | float:
-    """``(k, out, in)``: 1 where an entry's root mean square ``√v`` is above the rounding
-    floor of the rotation, else 0. A rotated side mixes the entries along its dimension, so
-    the floor is ``n · ε_machine`` times the largest entry the rotation mixed into this one
-    (``n`` the width it mixed over); with no side rotated there is no floor (``1.0``)."""
-    mixed = [
-        d for d, side in ((-2, inverse.codomain), (-1, inverse.domain)) if side.basis is not None
-    ]
+def _batches(matrices: list[Tensor], bases: list[Bases]) -> list[list[int]]:
+    """Indices of the matrices that rotate as one batch: same shape, dtype and device, and
+    bases of the same shapes."""
+    batches: dict[tuple[Any, ...], list[int]] = {}
+    for i, (matrix, sides) in enumerate(zip(matrices, bases, strict=True)):
+        shapes = tuple(None if q is None else q.shape for q in sides)
+        batches.setdefault((matrix.shape, matrix.dtype, matrix.device, shapes), []).append(i)
+    return list(batches.values())
+
+
+def _stacked(rotations: Rotations, members: list[Bases], used: dict) -> Bases:
+    """The members' bases stacked ``(L, k, n, n)`` per side (``None``: not rotated),
+    reused from ``rotations`` while they are the same tensors (a stack holds its members,
+    so their ids are not reused while it is kept); ``used`` collects what stays kept."""
+    key = tuple(id(q) for sides in members for q in sides)
+    kept = rotations.stacked.get(key)
+    if kept is None:
+        stacks = tuple(
+            None if side[0] is None else torch.stack(side)  # type: ignore[arg-type]
+            for side in zip(*members, strict=True)
+        )
+        kept = (members, stacks)  # type: ignore[assignment]
+    used[key] = kept
+    return kept[1]  # type: ignore[return-value]
+
+
+def _rotate_all(
+    rotations: Rotations, matrices: list[Tensor], bases: list[Bases], used: dict,
+    back: bool = False, support: list[Tensor] | None = None,
+) -> list[Tensor]:  # fmt: skip
+    """Each matrix ``(k, out, in)`` rotated into (or, with ``back``, out of) its bases, the
+    layers of one shape as one stacked batch; with ``support`` (each layer's rotated second
+    moment) the entries at the rounding floor are zeroed first (:func:`_support`)."""
+    rotated: list[Tensor] = list(matrices)
+    for members in _batches(matrices, bases):
+        sides = [bases[i] for i in members]
+        if all(q is None for q in sides[0]):
+            continue
+        stack = torch.stack([matrices[i] for i in members])
+        if support is not None:
+            stack = stack * _support(torch.stack([support[i] for i in members]), sides[0])
+        stack = rotate_by(stack, *_stacked(rotations, sides, used), back=back)
+        for i, value in zip(members, stack.unbind(), strict=True):
+            rotated[i] = value
+    return rotated
+
+
+def _support(v: Tensor, bases: Bases) -> Tensor | float:
+    """``(..., k, out, in)``: 1 where an entry's root mean square ``√v`` is above the
+    rounding floor of the rotation, else 0. A rotated side mixes the entries along its
+    dimension, so the floor is ``n · ε_machine`` times the largest entry the rotation mixed
+    into this one (``n`` the width it mixed over); with no side rotated there is no floor
+    (``1.0``)."""
+    mixed = [d for d, basis in zip((-2, -1), bases, strict=True) if basis is not None]
     if not mixed:
         return 1.0
     rms = v.sqrt()
@@ -104,40 +171,20 @@ def _support(v: Tensor, inverse: EigenInverse) -> Tensor | float:
     return (rms > floor).to(v.dtype)
 
 
-def _bases_of(inverse: EigenInverse) -> tuple[Tensor | None, Tensor | None]:
-    return inverse.codomain.basis, inverse.domain.basis
-
-
-def _rotated_mean(
-    kept: dict[Tensor, Any], state: dict[str, Any], weight: Tensor, inverse: EigenInverse,
-    m: Tensor, rotated: Tensor, finite: Tensor, beta1: float,
-) -> Tensor:  # fmt: skip
-    """``Q_Gᵀ m Q_A`` for the layer of ``weight``: the state's ``"exp_avg_rotated"``
-    advanced by ``β₁`` and the rotated gradient while ``kept`` says it was rotated into
-    these bases, else rotated afresh (after a refresh, or with nothing kept)."""
-    bases = _bases_of(inverse)
-    previous, held = kept.get(weight), state.get("exp_avg_rotated")
-    fresh = previous is None or any(a is not b for a, b in zip(previous, bases, strict=True))
-    if held is None or fresh:
-        mean = _rotate(m, inverse)
-    else:
-        mean = select(finite, torch.lerp(held, rotated, 1 - beta1), held)
-    kept[weight], state["exp_avg_rotated"] = bases, mean
-    return mean
-
-
 def held_bases(
     layers: Mapping[Tensor, tuple[Any, EigenInverse | InverseFactors | None]],
     state: Mapping[Tensor, dict[str, Any]],
-) -> dict[Tensor, Any]:
-    """What :func:`adam_directions` keeps in ``rotated_means`` for a state just loaded
-    together with its inverses: each layer's rotated first moment was rotated into the
-    bases of the inverse it was saved with."""
-    return {
-        weight: _bases_of(inverse)
-        for weight, (_, inverse) in layers.items()
-        if isinstance(inverse, EigenInverse) and "exp_avg_rotated" in state.get(weight, {})
-    }
+) -> Rotations:
+    """What :func:`adam_directions` keeps in ``rotations`` for a state just loaded together
+    with its inverses: each layer's rotated first moment was rotated into the bases of the
+    inverse it was saved with."""
+    return Rotations(
+        held={
+            weight: _bases_of(inverse)
+            for weight, (_, inverse) in layers.items()
+            if isinstance(inverse, EigenInverse) and "exp_avg_rotated" in state.get(weight, {})
+        }
+    )
 
 
 @torch.no_grad()
@@ -147,7 +194,7 @@ def adam_directions(
     directions: dict[Tensor, Tensor],
     layers: Mapping[Tensor, tuple[Any, EigenInverse | InverseFactors | None]],
     finite: Tensor,
-    rotated_means: dict[Tensor, Any],
+    rotations: Rotations,
 ) -> None:
     """Replace each entry of ``directions`` (raw gradients) by its Adam direction ``Δ``.
 
@@ -156,48 +203,90 @@ def adam_directions(
     weight and bias share one rotated second moment, so the layer's whole matrix moves
     together. ``groups`` are the optimizer's parameter groups (``betas``, ``eps``);
     ``state`` its per-parameter state (with each rotated layer's rotated first moment);
-    ``rotated_means`` records the bases each was rotated into (the optimizer's; rebuilt by
-    :func:`held_bases` when a state is loaded)."""
+    ``rotations`` what the optimizer keeps between steps (:class:`Rotations`). Layers of one
+    shape rotate as one batch, and each of Adam's operations is one ``torch._foreach``
+    kernel over all layers of a parameter group and device."""
     settings = {p: g for g in groups for p in g["params"]}
-    done: set[Tensor] = set()
+    parts: dict[tuple[Any, ...], list[_Layer]] = {}
     for weight, (math, inverse) in layers.items():
         if weight not in directions or not math.covers(directions):
             continue
-        group = settings[weight]
-        (beta1, beta2), eps = group["betas"], group["eps"]
         gradient = math.gradient_matrix(directions).to(math.factor_dtype)  # type: ignore[union-attr]
-        rotated = _rotate(gradient, inverse)
-        if "exp_avg" not in state[weight]:  # a fresh state: nothing kept applies
-            rotated_means.pop(weight, None)
-        m, v, step = advance_moments(state[weight], gradient, rotated, finite, beta1, beta2)
-        if isinstance(inverse, EigenInverse):
-            mean = _rotated_mean(
-                rotated_means, state[weight], weight, inverse, m, rotated, finite, beta1
-            )  # fmt: skip
-            adam = normalised(mean, v, step, beta1, beta2, eps) * _support(v, inverse)
-            direction = _rotate(adam, inverse, back=True)
-        else:
-            direction = normalised(m, v, step, beta1, beta2, eps)
-        if isinstance(inverse, InverseFactors):
-            direction = _grafted(inverse, m, direction, step, beta1)
-        for p, value in math.split(direction).items():
-            directions[p] = value.to(p.dtype)
-            done.add(p)
-    for p, gradient in directions.items():
-        if p in done:
+        group = settings[weight]
+        key = (id(group), gradient.device)
+        parts.setdefault(key, []).append(_Layer(weight, math, inverse, gradient))
+    used: dict[tuple[int, ...], Any] = {}
+    done: set[Tensor] = set()
+    for part in parts.values():
+        group = settings[part[0].weight]
+        moved = _part(part, group, state, finite, rotations, used)
+        for layer, direction in zip(part, moved, strict=True):
+            for p, value in layer.math.split(direction).items():
+                directions[p] = value.to(p.dtype)
+                done.add(p)
+    rotations.stacked = used
+    plain = {p: g for p, g in directions.items() if p not in done}
+    directions.update(plain_adam(groups, state, plain, finite)[1])
+
+
+def _part(
+    layers: list[_Layer], group: dict[str, Any], state: Mapping[Tensor, dict[str, Any]],
+    finite: Tensor, rotations: Rotations, used: dict,
+) -> list[Tensor]:  # fmt: skip
+    """The Adam directions ``(k, out, in)`` of layers that share a parameter group and a
+    device."""
+    (beta1, beta2), eps = group["betas"], group["eps"]
+    bases = [_bases_of(layer.inverse) for layer in layers]
+    finite = finite.to(layers[0].gradient.device)
+    safe = [torch.where(finite, layer.gradient, 0.0) for layer in layers]
+    gate = finite.to(safe[0].dtype)
+    rotated = _rotate_all(rotations, safe, bases, used)
+    states = [state[layer.weight] for layer in layers]
+    for layer, s in zip(layers, states, strict=True):
+        if "exp_avg" not in s:  # a fresh state: nothing kept applies
+            rotations.held.pop(layer.weight, None)
+    m, v, steps = advance_all(states, safe, rotated, gate, beta1, beta2)
+    means = _rotated_means(layers, states, m, rotated, bases, gate * (1 - beta1), rotations, used)
+    unbiased, adam = normalised_all(means, v, steps, beta1, beta2, eps)
+    adam = _rotate_all(rotations, adam, bases, used, back=True, support=v)
+    for i, layer in enumerate(layers):
+        if isinstance(layer.inverse, InverseFactors):
+            adam[i] = _grafted(layer.inverse, unbiased[i], adam[i])
+    return adam
+
+
+def _rotated_means(
+    layers: list[_Layer], states: list[dict[str, Any]], m: list[Tensor], rotated: list[Tensor],
+    bases: list[Bases], weight: Tensor, rotations: Rotations, used: dict,
+) -> list[Tensor]:  # fmt: skip
+    """Each layer's first moment in its eigenbases, ``Q_Gᵀ m Q_A`` (``m`` itself where no
+    side rotates): the state's ``"exp_avg_rotated"`` advanced by the rotated gradient
+    (``weight`` ``= f (1 − β₁)``) while ``rotations`` says it was rotated into these bases,
+    else rotated afresh (after a refresh, or with nothing kept)."""
+    means = list(m)
+    held, fresh = [], []
+    for i, (layer, s) in enumerate(zip(layers, states, strict=True)):
+        if not isinstance(layer.inverse, EigenInverse):
             continue
-        group = settings[p]
-        (beta1, beta2), eps = group["betas"], group["eps"]
-        dense = gradient.to_dense() if gradient.is_sparse else gradient
-        m, v, step = advance_moments(state[p], dense, dense, finite, beta1, beta2)
-        directions[p] = normalised(m, v, step, beta1, beta2, eps)
+        before = rotations.held.get(layer.weight)
+        same = before is not None and all(a is b for a, b in zip(before, bases[i], strict=True))
+        (held if same and "exp_avg_rotated" in s else fresh).append(i)
+        rotations.held[layer.weight] = bases[i]
+    if held:
+        kept = [states[i]["exp_avg_rotated"] for i in held]
+        blend_(kept, [rotated[i] for i in held], weight)
+        for i, mean in zip(held, kept, strict=True):
+            means[i] = mean
+    if fresh:
+        new = _rotate_all(rotations, [m[i] for i in fresh], [bases[i] for i in fresh], used)
+        for i, mean in zip(fresh, new, strict=True):
+            means[i] = states[i]["exp_avg_rotated"] = mean.clone()
+    return means
 
 
-def _grafted(
-    inverse: InverseFactors, m: Tensor, adam: Tensor, step: Tensor, beta1: float
-) -> Tensor:
+def _grafted(inverse: InverseFactors, unbiased: Tensor, adam: Tensor) -> Tensor:
     """``D · ‖N‖_F / ‖D‖_F``: the K-FAC direction ``D`` of the bias-corrected first moment
-    at the length of the Adam direction ``N`` (``adam``)."""
-    direction = inverse.apply(m / (1 - beta1 ** step.clamp(min=1)))
+    ``unbiased`` at the length of the Adam direction ``N`` (``adam``)."""
+    direction = inverse.apply(unbiased)
     length = direction.norm().clamp(min=_TINY)
     return direction * (adam.norm() / length)

@@ -51,6 +51,7 @@ __all__ = [
     "factored_powers",
     "factored_scaling",
     "rotate",
+    "rotate_by",
     "shifted_inverse",
     "subspace_step",
 ]
@@ -287,7 +288,12 @@ def factored_scaling(
 def rotate(matrix: Tensor, codomain: Side, domain: Side, back: bool = False) -> Tensor:
     """``Q_Gᵀ V Q_A`` (with ``back``, ``Q_G V Q_Aᵀ``) for ``V = matrix`` ``(k, out, in)``; a
     side without a basis (``Q = I``) is not rotated."""
-    q_g, q_a = codomain.basis, domain.basis
+    return rotate_by(matrix, codomain.basis, domain.basis, back)
+
+
+def rotate_by(matrix: Tensor, q_g: Tensor | None, q_a: Tensor | None, back: bool = False) -> Tensor:
+    """``Q_Gᵀ V Q_A`` (with ``back``, ``Q_G V Q_Aᵀ``) for ``V = matrix`` ``(..., out, in)``
+    and bases ``(..., n, n)`` broadcast over the leading dimensions; ``None``: ``Q = I``."""
     if back:  # the reverse order of the way in
         if q_a is not None:
             matrix = matrix @ q_a.mT

@@ -13,7 +13,12 @@ from torch.optim import Optimizer
 from kfrob.adam_grafted import ADAM_GRAFTED_DEFAULTS, grafted_directions
 from kfrob.adaptation import LevenbergMarquardt
 from kfrob.distributed import unwrap
-from kfrob.eigenbasis_adam import EIGENBASIS_ADAM_DEFAULTS, adam_directions, held_bases
+from kfrob.eigenbasis_adam import (
+    EIGENBASIS_ADAM_DEFAULTS,
+    Rotations,
+    adam_directions,
+    held_bases,
+)
 from kfrob.finite import select
 from kfrob.join import ShadowStepping
 from kfrob.kronecker import EigenInverse, InverseFactors
@@ -190,7 +195,7 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         )
         rule = options.adaptation
         self._adaptation = None if rule is None else LevenbergMarquardt(rule)
-        self._rotated_means: dict[Tensor, Any] = {}  # eigenbasis_adam's bases (derived)
+        self._rotations = Rotations()  # what eigenbasis_adam keeps between steps (derived)
         self.last_reduction_ratio: float | None = None  # ρ of the last adaptation
         ShadowStepping.__init__(self)
 
@@ -261,7 +266,7 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         if self.step_rule == "eigenbasis_adam":
             adam_directions(
                 self.param_groups, self.state, directions, self._bases(), finite,
-                self._rotated_means,
+                self._rotations,
             )  # fmt: skip
         elif adam:
             grafted_directions(self.param_groups, self.state, directions, pre, finite)
@@ -358,23 +363,34 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         the weight decay ``−lr · wd · p`` of AdamW besides); nothing changes (parameters or
         momentum) when ``finite`` is False."""
         for group in self.param_groups:
-            momentum, lr = group["momentum"], group["lr"]
-            for p in group["params"]:
-                d = directions.get(p)
-                if d is None:
-                    continue
-                if decoupled and group["weight_decay"] != 0:
-                    p.mul_(select(finite, p.new_tensor(1 - lr * group["weight_decay"]), 1.0))
-                if momentum != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = select(finite, d, 0.0).detach().clone()
-                    else:
-                        buf = select(finite, buf * momentum + d, buf)
-                    state["momentum_buffer"] = buf
-                    d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
-                p.add_(select(finite, d, 0.0), alpha=-lr)
+            momentum, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
+            params = [p for p in group["params"] if p in directions]
+            if not params:
+                continue
+            steps = [directions[p] for p in params]
+            if decoupled and decay != 0:
+                shrink = select(finite, params[0].new_tensor(1 - lr * decay), 1.0)
+                torch._foreach_mul_(params, shrink)
+            if momentum != 0:
+                pairs = zip(params, steps, strict=True)
+                steps = [self._momentum(p, d, finite, group) for p, d in pairs]
+            safe = [select(finite, d, 0.0) for d in steps]
+            if any(d.is_sparse for d in safe):
+                for p, d in zip(params, safe, strict=True):
+                    p.add_(d, alpha=-lr)
+            else:
+                torch._foreach_add_(params, safe, alpha=-lr)
+
+    def _momentum(self, p: Tensor, d: Tensor, finite: Tensor, group: dict[str, Any]) -> Tensor:
+        """SGD's momentum step for ``p`` (its buffer advanced unless ``finite`` is False)."""
+        momentum, state = group["momentum"], self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = select(finite, d, 0.0).detach().clone()
+        else:
+            buf = select(finite, buf * momentum + d, buf)
+        state["momentum_buffer"] = buf
+        return d.add(buf, alpha=momentum) if group["nesterov"] else buf
 
     # --- persistence and lifetime --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -397,7 +413,7 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         self.preconditioner.check_state_dict(engine)
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(engine)
-        self._rotated_means = held_bases(self._bases(), self.state)
+        self._rotations = held_bases(self._bases(), self.state)
         self.last_reduction_ratio = extra.get("last_reduction_ratio")
 
     def close(self) -> None:

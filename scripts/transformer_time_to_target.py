@@ -33,18 +33,26 @@ from kfrob.job.training import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "transformer.yaml"
 
+ADAM_GRID = (1e-3, 3e-3, 1e-2)
+
+
+def schedule(factors: int, inverses: int) -> tuple[dict[str, Any], tuple[float, ...]]:
+    """kfrob's defaults with factors every ``factors`` steps and bases every ``inverses``."""
+    return (
+        {"type": "kfrob", "factor_update_freq": factors, "inverse_update_freq": inverses},
+        ADAM_GRID,
+    )
+
+
 # label: (constructor arguments besides lr, learning-rate grid)
 CONTENDERS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
-    "kfrob": ({"type": "kfrob"}, (1e-3, 3e-3, 1e-2)),
-    "kfrob-1-10": (
-        {"type": "kfrob", "factor_update_freq": 1, "inverse_update_freq": 10},
-        (1e-3, 3e-3, 1e-2),
-    ),
-    "kfrob-10-20": (
-        {"type": "kfrob", "factor_update_freq": 10, "inverse_update_freq": 20},
-        (1e-3, 3e-3, 1e-2),
-    ),
-    "kfrob-mc": ({"type": "kfrob", "fisher": "mc"}, (1e-3, 3e-3, 1e-2)),
+    "kfrob": ({"type": "kfrob"}, ADAM_GRID),
+    "kfrob-1-10": schedule(1, 10),
+    "kfrob-5-20": schedule(5, 20),
+    "kfrob-10-20": schedule(10, 20),
+    "kfrob-20-40": schedule(20, 40),
+    "kfrob-10-80": schedule(10, 80),
+    "kfrob-mc": ({"type": "kfrob", "fisher": "mc"}, ADAM_GRID),
     "kfrob-graft": (
         {
             "type": "kfrob",
@@ -53,18 +61,21 @@ CONTENDERS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
             "inverse_update_freq": 10,
             "fisher": "mc",
         },
-        (1e-3, 3e-3, 1e-2),
+        ADAM_GRID,
     ),
-    "kfrob-graft-5-20": ({"type": "kfrob", "step_rule": "adam_grafted"}, (1e-3, 3e-3, 1e-2)),
+    "kfrob-graft-5-20": ({"type": "kfrob", "step_rule": "adam_grafted"}, ADAM_GRID),
     "kfrob-sgd": ({"type": "kfrob", "step_rule": "preconditioned_sgd"}, (0.1, 0.3, 1.0)),
-    "adamw": ({"type": "adamw"}, (1e-3, 3e-3, 1e-2)),
+    "adamw": ({"type": "adamw"}, ADAM_GRID),
     "sgd": ({"type": "sgd", "momentum": 0.9}, (0.1, 0.3, 1.0)),
 }
 ABOUT = {
     "kfrob": "`FrobPreconditionedSGD(model, lr, loss=...)` with its defaults (Adam in the "
-    "Kronecker eigenbasis; factors every 5 steps, eigenbases every 20, the empirical Fisher)",
+    "Kronecker eigenbasis; factors every 10 steps, eigenbases every 40, the empirical Fisher)",
     "kfrob-1-10": "the same with factors every step and eigenbases every 10",
+    "kfrob-5-20": "the same with factors every 5 steps and eigenbases every 20",
     "kfrob-10-20": "the same with factors every 10 steps and eigenbases every 20",
+    "kfrob-20-40": "the same with factors every 20 steps and eigenbases every 40",
+    "kfrob-10-80": "the same with factors every 10 steps and eigenbases every 80",
     "kfrob-mc": "`kfrob` with the MC Fisher (`fisher='mc'`: a sampled backward pass on "
     "factor steps)",
     "kfrob-graft": "`FrobPreconditionedSGD(model, lr, loss=..., step_rule='adam_grafted')` "

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD, eigenbasis_adam
-from kfrob.kronecker import EigenInverse, InverseFactors, Side
+from kfrob.kronecker import InverseFactors
 from kfrob.structure import LowRankPower
 from tests.adam_rules import (
     backward,
@@ -93,7 +93,7 @@ def test_no_step_along_a_null_direction_of_the_factors(
     layer must not move along it (without the rounding floor it moves as far along it as
     along any other direction)."""
     if not masked:
-        monkeypatch.setattr(eigenbasis_adam, "_support", lambda v, inverse: 1.0)
+        monkeypatch.setattr(eigenbasis_adam, "_support", lambda v, bases: 1.0)
     torch.manual_seed(0)
     net = nn.Linear(5, 4)
     opt = FrobPreconditionedSGD(net, lr=1e-2, factor_update_freq=1, inverse_update_freq=1)
@@ -117,11 +117,7 @@ def test_the_rounding_floor_measures_an_entry_against_what_the_rotation_mixed_in
     v = torch.ones(1, 4, 3)
     v[..., 2] = 1e-24  # √v: 10⁻¹² of the others
     basis = torch.linalg.qr(torch.randn(1, 4, 4))[0]
-    ones = torch.ones(1, 4)
-    rotated = Side(basis, ones)
-    codomain_only = EigenInverse(rotated, Side(None, torch.ones(1, 3)), torch.ones(1, 4, 3))
-    both = EigenInverse(rotated, Side(torch.eye(3)[None], torch.ones(1, 3)), torch.ones(1, 4, 3))
-    neither = EigenInverse(Side(None, ones), Side(None, torch.ones(1, 3)), torch.ones(1, 4, 3))
+    codomain_only, both, neither = (basis, None), (basis, torch.eye(3)[None]), (None, None)
     assert bool((eigenbasis_adam._support(v, codomain_only) == 1).all())
     masked = eigenbasis_adam._support(v, both)
     assert bool((masked[..., 2] == 0).all()) and bool((masked[..., :2] == 1).all())
@@ -165,6 +161,43 @@ def test_layers_take_adam_steps_in_the_eigenbases_of_their_factors(refresh_every
                 move(layer, step)
             step_the_norm_and_compare(net, reference, ref)
     assert set(opt.preconditioner.layers) == {"0", "3"}
+
+
+def test_layers_of_one_shape_rotate_as_one_batch_as_each_would_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three Linear layers of one shape rotate as one stacked batch (and the head alone);
+    the steps equal those of every layer rotated on its own, across refreshes (the stacked
+    bases follow each refresh)."""
+
+    def run() -> list[Tensor]:
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(),
+            nn.Linear(5, 3),
+        ).double()  # fmt: skip
+        opt = adam(net=net, factor_update_freq=1, inverse_update_freq=2)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(7):
+            x = torch.randn(16, 5, generator=gen, dtype=torch.float64)
+            backward(net, x, torch.randint(0, 3, (16,), generator=gen))
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    sizes: list[int] = []
+    batches_of = eigenbasis_adam._batches
+
+    def recorded(matrices: list[Tensor], bases: list) -> list[list[int]]:
+        found = batches_of(matrices, bases)
+        sizes.extend(len(members) for members in found)
+        return found
+
+    monkeypatch.setattr(eigenbasis_adam, "_batches", recorded)
+    batched = run()
+    assert max(sizes) == 3
+    monkeypatch.setattr(eigenbasis_adam, "_batches", lambda m, b: [[i] for i in range(len(m))])
+    for p, q in zip(batched, run(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
 def dense_side(operator: object, width: int) -> Tensor:
@@ -214,12 +247,13 @@ def test_a_layer_with_a_structured_side_grafts_adam_onto_its_kfac_direction(
 
 
 def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
-    """Eigenbases where a layer's sides are dense, no KL clip, factors every 5 steps and
-    bases every 20, the empirical Fisher, unless given."""
+    """Eigenbases where a layer's sides are dense (within a dense budget of 0.4), no KL
+    clip, factors every 10 steps and bases every 40, the empirical Fisher, unless given."""
     opt = adam(net=model(), loss="cross_entropy")
     options = opt.preconditioner.options
-    assert (options.schedule.factor_update_freq, options.schedule.inverse_update_freq) == (5, 20)
+    assert (options.schedule.factor_update_freq, options.schedule.inverse_update_freq) == (10, 40)
     assert options.inverse.damping_method == "exact_where_dense" and options.kl_clip is None
+    assert options.inverse.dense_budget == 0.4
     assert options.curvature.fisher == "empirical"
     assert (
         adam(net=model(), loss="cross_entropy", fisher="mc").preconditioner.options.curvature.fisher
