@@ -21,7 +21,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["adam_step_all", "advance_all", "blend_", "normalised_all", "plain_adam"]
+__all__ = [
+    "adam_step_all",
+    "advance_all",
+    "blend_",
+    "graft_scale",
+    "normalised_all",
+    "plain_adam",
+]
+
+#: the smallest norm a direction is scaled from (a zero direction stays zero)
+_TINY = 1e-30
 
 
 def _initialise(state: dict[str, Any], gradient: Tensor, kept: Tensor) -> None:
@@ -105,6 +115,18 @@ def plain_adam(
             for i, m, n in zip(here, mean, normal, strict=True):
                 means[params[i]], directions[params[i]] = m, n
     return means, directions
+
+
+def graft_scale(adam: list[Tensor], directions: list[Tensor]) -> Tensor:
+    """``‖N‖_F / ‖D‖_F`` (each over its list of tensors taken together, in at least
+    float32): the factor that gives the directions ``D`` the length of the Adam directions
+    ``N`` (0 for a zero ``D``)."""
+    return _norm(adam) / _norm(directions).clamp(min=_TINY)
+
+
+def _norm(tensors: list[Tensor]) -> Tensor:
+    norms = [t.norm(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _corrections(beta: float, steps: list[Tensor]) -> list[Tensor]:

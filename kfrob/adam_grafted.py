@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kfrob.adam import plain_adam
+from kfrob.adam import graft_scale, plain_adam
 
 __all__ = ["ADAM_GRAFTED_DEFAULTS", "grafted_directions"]
 
@@ -44,14 +44,6 @@ ADAM_GRAFTED_DEFAULTS: dict[str, Any] = {
     "inverse_update_freq": 20,
     "fisher": "empirical",
 }
-
-#: the smallest K-FAC norm a direction is scaled from (a zero direction stays zero)
-_TINY = 1e-30
-
-
-def _norm(tensors: list[Tensor]) -> Tensor:
-    """``‖·‖_F`` of a set of tensors taken together, in at least float32."""
-    return torch.linalg.vector_norm(torch.stack([t.float().norm() for t in tensors]))
 
 
 @torch.no_grad()
@@ -76,7 +68,6 @@ def grafted_directions(
         params = [p for p in layer.math.parameters if p in preconditioned]
         if not params or not layer.math.covers(preconditioned):
             continue
-        lengths = _norm([adam[p] for p in params]), _norm([preconditioned[p] for p in params])
-        scale = lengths[0] / lengths[1].clamp(min=_TINY)
+        scale = graft_scale([adam[p] for p in params], [preconditioned[p] for p in params])
         for p in params:
             directions[p] = (preconditioned[p] * scale).to(p.dtype)

@@ -65,7 +65,7 @@ class TrackedLayer:
     correction: EigenbasisMoment | None = None
     forward_calls: int = 0
     outputs: list[tuple[Tensor, Tensor | None, Selection | None]] = field(default_factory=list)
-    #: why the hooks could not record a call (the layer then falls back to plain SGD)
+    #: why the hooks could not record a call (the layer then falls back to a plain update)
     failure: str | None = None
 
     @property

@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from kfrob.adam import advance_all, blend_, normalised_all, plain_adam
+from kfrob.adam import advance_all, blend_, graft_scale, normalised_all, plain_adam
 from kfrob.kronecker import EigenInverse, InverseFactors, rotate_by
 
 __all__ = ["EIGENBASIS_ADAM_DEFAULTS", "Rotations", "adam_directions", "held_bases"]
@@ -63,24 +63,18 @@ __all__ = ["EIGENBASIS_ADAM_DEFAULTS", "Rotations", "adam_directions", "held_bas
 #: bases move slowly: on the transformer, factors every 10 steps and bases every 40 reach
 #: AdamW's loss in the same steps as every 5 and 20 or every step and 10, and a step costs
 #: 1.17× AdamW's against 1.28× at 5 and 20; every 20 and 40, or 10 and 80, take ~10 % more
-#: steps), a dense budget of 0.4 (at this schedule the CNN's 801-wide convolution input
-#: would turn dense at 0.43× its layer's pass and add half a step for no fewer steps), and
-#: the empirical Fisher (Adam's second moment sets the scale, so the factors only supply
-#: the bases, and the empirical ones need no sampled backward pass: AdamW's transformer
-#: loss in 0.65× its time against 0.70× with the MC Fisher, the same steps on the MLP);
-#: see ``docs/performance.md#step-rules``
+#: steps), and the empirical Fisher (Adam's second moment sets the scale, so the factors
+#: only supply the bases, and the empirical ones need no sampled backward pass: AdamW's
+#: transformer loss in 0.65× its time against 0.70× with the MC Fisher, the same steps on
+#: the MLP); see ``docs/performance.md#step-rules``
 EIGENBASIS_ADAM_DEFAULTS = {
     "damping_method": "exact_where_dense",
-    "dense_budget": 0.4,
     "kl_clip": None,
     "factor_update_freq": 10,
     "inverse_update_freq": 40,
     "fisher": "empirical",
 }
 
-
-#: the smallest K-FAC norm a grafted direction is scaled from (a zero one stays zero)
-_TINY = 1e-30
 
 Bases = tuple[Tensor | None, Tensor | None]
 
@@ -288,5 +282,4 @@ def _grafted(inverse: InverseFactors, unbiased: Tensor, adam: Tensor) -> Tensor:
     """``D · ‖N‖_F / ‖D‖_F``: the K-FAC direction ``D`` of the bias-corrected first moment
     ``unbiased`` at the length of the Adam direction ``N`` (``adam``)."""
     direction = inverse.apply(unbiased)
-    length = direction.norm().clamp(min=_TINY)
-    return direction * (adam.norm() / length)
+    return direction * graft_scale([adam], [direction]).to(direction.dtype)

@@ -430,7 +430,8 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         text = super().__repr__()
         plain = sorted({*self.preconditioner.unsupported, *self.preconditioner.disabled})
         if plain:
-            text += f"\nPlain SGD for: {', '.join(plain)}"
+            kind = "SGD" if self.step_rule == "preconditioned_sgd" else "AdamW"
+            text += f"\nPlain {kind} (no curvature) for: {', '.join(plain)}"
         labels = {"domain": "A", "codomain": "G"}
         for name, sides in self.preconditioner.structures().items():
             parts = [f"{labels[s]} {c.structure} ({c.reason})" for s, c in sides.items()]

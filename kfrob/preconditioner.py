@@ -385,7 +385,7 @@ class KroneckerPreconditioner(EngineState):
         ``damping`` maps layer names to ``λ`` (default: :attr:`damping`). ``layers``
         restricts the refresh to the named layers and those without an inverse (an empty
         set, or ``only_missing=True``: only the missing ones); ``None`` refreshes all. A layer
-        whose hooks never fired although its weight has a gradient falls back to plain SGD
+        whose hooks never fired although its weight has a gradient falls back to a plain update
         with a warning; a decomposition that fails keeps the layer's last good inverse
         (warned). Returns how many layers were due."""
         lam = {**self.damping, **(damping or {})}
@@ -437,7 +437,7 @@ class KroneckerPreconditioner(EngineState):
     def _disable(self, name: str, reason: str) -> None:
         self.disabled[name] = reason
         self.inverses.pop(name, None)
-        warn(f"kfrob: {name} falls back to plain SGD: {reason}")
+        warn(f"kfrob: {name} falls back to a plain update (no curvature): {reason}")
 
     # --- lifetime ------------------------------------------------------------------------
     def remove_hooks(self) -> None:

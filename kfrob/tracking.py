@@ -90,7 +90,7 @@ def track_layers(
             layers[name] = layer
     if unsupported:
         listing = "; ".join(f"{n} ({why})" for n, why in unsupported.items())
-        warn(f"kfrob: these modules' parameters get plain SGD updates: {listing}")
+        warn(f"kfrob: these modules' parameters get plain updates (no curvature): {listing}")
     return layers, unsupported
 
 

@@ -29,6 +29,12 @@ synchronisations do not slow the timed steps).
     python scripts/bench_step.py                       # writes results/step_overhead.md
     python scripts/bench_step.py --workloads mlp --batch-sizes 128 --rounds 3   # quick look
     python scripts/bench_step.py --workloads mlp --batch-sizes 128 --asdl --device cuda
+    python scripts/bench_step.py --step-rule eigenbasis_adam \
+        --damping-methods exact_where_dense --name step_overhead_default   # the default rule
+
+``kfrob`` runs ``--step-rule`` (default ``preconditioned_sgd``, whose damping methods the
+default table compares) with each of ``--damping-methods``; its "preconditioning" phase is
+the rule's direction (the K-FAC solve, or the Adam rules' rotations and moments).
 
 Absolute times on a shared 2-core CPU are noise; the ratios are the result.
 """
@@ -54,6 +60,7 @@ import torch.nn.functional as F
 from report import add_device_argument, asynchronous, provenance, sync, write_report
 from torch import Tensor, nn
 
+import kfrob.optimizer as optimizer_module
 from kfrob import FrobPreconditionedSGD
 from kfrob.capture import CurvatureCapture
 from kfrob.job.workloads import WORKLOADS, training_loss
@@ -78,13 +85,15 @@ class PhaseTimer:
     @contextmanager
     def patched(self) -> Any:
         originals = {}
-        targets = [
+        targets: list[tuple[str, Any, str]] = [
             ("capture", CurvatureCapture, "_on_forward"),
             ("capture", CurvatureCapture, "_on_output_grad"),
             ("capture", CurvatureCapture, "_on_model_output"),
             ("factor update", KroneckerPreconditioner, "update_factors"),
             ("inverse refresh", KroneckerPreconditioner, "update_inverses"),
             ("preconditioning", KroneckerPreconditioner, "precondition_"),
+            ("preconditioning", optimizer_module, "adam_directions"),  # the Adam rules'
+            ("preconditioning", optimizer_module, "grafted_directions"),
         ]
         for phase, cls, name in targets:
             original = cls.__dict__[name]
@@ -355,7 +364,7 @@ def bench(
         warnings.simplefilter("ignore")
         kfrob = {
             "lr": 1e-3,
-            "step_rule": "preconditioned_sgd",  # the damping methods compared are its own
+            "step_rule": args.step_rule,
             "factor_update_freq": factor_freq,
             "inverse_update_freq": inverse_freq,
             "damping_method": method,
@@ -460,6 +469,13 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="128,512")
     parser.add_argument("--freqs", default="1/10,10/100")
     parser.add_argument("--damping-methods", default="factored,exact")
+    parser.add_argument(
+        "--step-rule",
+        default="preconditioned_sgd",
+        choices=("preconditioned_sgd", "eigenbasis_adam", "adam_grafted"),
+        help="kfrob's step rule (the default's damping method: --damping-methods "
+        "exact_where_dense)",
+    )
     parser.add_argument("--weight-sharing", default="expand", help="expand or reduce (convs)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="minimum steps per timed cycle")
@@ -509,7 +525,8 @@ def main() -> None:
         "# Step overhead of kfrob",
         "",
         f"{provenance(args.device)} Medians over {args.rounds} round-robin rounds; kfrob's "
-        f"time is amortised over whole refresh cycles. Weight sharing: {args.weight_sharing}."
+        f"time is amortised over whole refresh cycles. Step rule: `{args.step_rule}`. Weight "
+        f"sharing: {args.weight_sharing}."
         + (
             " The phase breakdown comes from a separate cycle per round, synchronised at "
             "each phase's start and end, and is a share of that cycle's step."

@@ -124,12 +124,15 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
         lrs(1e-3, 3e-3, 1e-2),
         lrs(3e-4, 1e-3, 3e-3),
     ),
-    "kfrob-1/10": (
-        kfrob_factory(factor_update_freq=1, inverse_update_freq=10),
-        lrs(1e-3, 3e-3, 1e-2),
-        lrs(3e-4, 1e-3, 3e-3),
-    ),
     "kfrob-mc": (kfrob_factory(fisher="mc"), lrs(1e-3, 3e-3, 1e-2), lrs(3e-4, 1e-3, 3e-3)),
+    **{
+        f"kfrob-{f}/{i}": (
+            kfrob_factory(factor_update_freq=f, inverse_update_freq=i),
+            lrs(1e-3, 3e-3, 1e-2),
+            lrs(3e-4, 1e-3, 3e-3),
+        )
+        for f, i in ((1, 10), (5, 20), (10, 20), (10, 40))
+    },
     "sgd": (
         lambda m, hp, w, s: torch.optim.SGD(m.parameters(), momentum=0.9, **hp),
         lrs(0.01, 0.03, 0.1),
@@ -172,6 +175,9 @@ ABOUT = {  # what each variant is, for the report
     "kfrob-graft-5/20": "`kfrob-graft` with factors every 5 steps, inverses every 20 and "
     "the empirical Fisher (the rule's defaults)",
     "kfrob-1/10": "`kfrob` with factors every step and inverses every 10",
+    "kfrob-5/20": "`kfrob` with factors every 5 steps and inverses every 20",
+    "kfrob-10/20": "`kfrob` with factors every 10 steps and inverses every 20",
+    "kfrob-10/40": "`kfrob` with factors every 10 steps and inverses every 40",
     "kfrob-mc": "`kfrob` with the MC Fisher",
     "sgd": "momentum 0.9",
     "adamw": "`torch.optim.AdamW` defaults besides the learning rate",

@@ -11,6 +11,8 @@ excluded); the contenders take turns, one run each, in an order that rotates eve
 
     python scripts/transformer_time_to_target.py     # kfrob, kfrob-sgd, AdamW, SGD; 3 seeds
     python scripts/transformer_time_to_target.py --contenders kfrob,adamw --seeds 1
+    python scripts/transformer_time_to_target.py --name transformer_schedules --seeds 1 \
+        --lrs 0.003 --contenders kfrob,kfrob-5-20,kfrob-10-20,kfrob-20-40,kfrob-10-80,adamw
 
 Results go to ``results/<name>.{md,json}`` (``--name``, default
 ``transformer_time_to_target``); ``--report-only`` renders the saved runs again.
@@ -116,18 +118,20 @@ def rotated(labels: list[str], by: int) -> list[str]:
 
 
 def measure(
-    labels: list[str], seeds: int, seconds: float | None
+    labels: list[str], seeds: int, seconds: float | None, lrs: tuple[float, ...] | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Each contender's grid on seed 0 (``"grid"``) and its best learning rate on every seed.
-    The contenders take turns, one run each, in an order that rotates every round, so a
-    drift of the machine's speed during the hour the runs take reaches all of them alike."""
+    """Each contender's grid (``lrs`` instead, if given) on seed 0 (``"grid"``) and its best
+    learning rate on every seed. The contenders take turns, one run each, in an order that
+    rotates every round, so a drift of the machine's speed during the hour the runs take
+    reaches all of them alike."""
     runs: dict[str, list[dict[str, Any]]] = {}
     grids: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    grid = {label: lrs or CONTENDERS[label][1] for label in labels}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for point in range(len(CONTENDERS[labels[0]][1])):
+        for point in range(len(grid[labels[0]])):
             for label in rotated(labels, point):
-                r = run(label, CONTENDERS[label][1][point], 0, root, seconds)
+                r = run(label, grid[label][point], 0, root, seconds)
                 grids[label].append(r)
                 print(f"{label} lr={r['lr']:g}: {r['final']:.4f}, {r['steps']} steps", flush=True)
         for label in labels:
@@ -148,7 +152,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results"))
     parser.add_argument("--name", default="transformer_time_to_target")
     parser.add_argument("--report-only", action="store_true", help="re-render the saved JSON")
+    parser.add_argument("--lrs", default=None, help="one grid for every contender, e.g. 0.003")
     args = parser.parse_args()
+    lrs = None if args.lrs is None else tuple(float(v) for v in args.lrs.split(","))
     measured = args.contenders.split(",")
     budget = args.max_seconds or load_config(CONFIG).training.max_seconds
     out = Path(args.out)
@@ -156,7 +162,7 @@ def main() -> None:
     if args.report_only:
         runs = json.loads(saved.read_text())["runs"]
     else:
-        runs = measure(measured, args.seeds, args.max_seconds)
+        runs = measure(measured, args.seeds, args.max_seconds, lrs)
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     labels = [label for label in CONTENDERS if label in runs]

@@ -27,21 +27,30 @@ def run(script: str, *args: str, out: Path) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("method", ["factored", "exact"])
-def test_bench_step_reports_ratios_and_a_breakdown(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    ("rule", "method"),
+    [
+        ("preconditioned_sgd", "factored"),
+        ("preconditioned_sgd", "exact"),
+        ("eigenbasis_adam", "exact_where_dense"),
+    ],
+)
+def test_bench_step_reports_ratios_and_a_breakdown(tmp_path: Path, rule: str, method: str) -> None:
     run(
         "bench_step.py",
-        *("--workloads", "mlp", "--batch-sizes", "8", "--freqs", "1/2"),
+        *("--workloads", "mlp", "--batch-sizes", "8", "--freqs", "1/2", "--step-rule", rule),
         *("--damping-methods", method, "--rounds", "1", "--steps", "2"),
         out=tmp_path,
     )
     report = (tmp_path / "step_overhead.md").read_text()
+    assert f"Step rule: `{rule}`" in report
     row = next(line for line in report.splitlines() if line.startswith("| mlp"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3] == method
     assert all(float(c) > 0 for c in cells[4:11])  # times and ratios
     shares = [float(c.rstrip("%")) for c in cells[11:]]
     assert abs(sum(shares) - 100) <= len(shares)  # the breakdown covers the step
+    assert shares[3] > 0  # the rule's direction is timed as preconditioning
 
 
 def test_bench_refresh_reports_refresh_ratios_and_step_spread(tmp_path: Path) -> None:

@@ -247,13 +247,12 @@ def test_a_layer_with_a_structured_side_grafts_adam_onto_its_kfac_direction(
 
 
 def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
-    """Eigenbases where a layer's sides are dense (within a dense budget of 0.4), no KL
-    clip, factors every 10 steps and bases every 40, the empirical Fisher, unless given."""
+    """Eigenbases where a layer's sides are dense, no KL clip, factors every 10 steps and
+    bases every 40, the empirical Fisher, unless given."""
     opt = adam(net=model(), loss="cross_entropy")
     options = opt.preconditioner.options
     assert (options.schedule.factor_update_freq, options.schedule.inverse_update_freq) == (10, 40)
     assert options.inverse.damping_method == "exact_where_dense" and options.kl_clip is None
-    assert options.inverse.dense_budget == 0.4
     assert options.curvature.fisher == "empirical"
     assert (
         adam(net=model(), loss="cross_entropy", fisher="mc").preconditioner.options.curvature.fisher

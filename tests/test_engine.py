@@ -278,7 +278,7 @@ def test_warnings_are_kfrob_warnings_at_the_users_line() -> None:
         if "kfrob" in str(w.message):
             assert Path(w.filename).resolve() == Path(__file__).resolve(), (w.message, w.filename)
     messages = " | ".join(str(w.message) for w in caught)
-    assert "plain SGD" in messages and "non-finite" in messages
+    assert "plain updates" in messages and "non-finite" in messages
 
 
 def test_a_state_of_a_newer_format_is_refused_by_version() -> None:

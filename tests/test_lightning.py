@@ -20,7 +20,7 @@ from kfrob import FrobPreconditionedSGD  # noqa: E402
 from kfrob.lightning import FrobPreconditioner  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-warnings.filterwarnings("ignore", message=".*plain SGD.*")
+warnings.filterwarnings("ignore", message=".*plain update.*")
 
 
 def dataset(n: int = 64, seed: int = 0) -> TensorDataset:

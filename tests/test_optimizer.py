@@ -287,10 +287,12 @@ def test_model_without_parameters_is_rejected() -> None:
 
 
 def test_unsupported_layers_are_listed_once() -> None:
-    with pytest.warns(UserWarning, match="plain SGD") as record:
+    with pytest.warns(UserWarning, match="plain updates") as record:
         opt = FrobPreconditionedSGD(small_model(), lr=0.1, step_rule="preconditioned_sgd")
     assert len(record) == 1 and "4 (UnregisteredLayerNorm" in str(record[0].message)
-    assert "Plain SGD for: 4" in repr(opt)
+    assert "Plain SGD (no curvature) for: 4" in repr(opt)
+    adamw = FrobPreconditionedSGD(small_model(), lr=1e-3)
+    assert "Plain AdamW (no curvature) for: 4" in repr(adamw)
     assert set(opt.preconditioner.layers) == {"0", "3", "6"}
 
 

@@ -114,7 +114,7 @@ class LayerMath:
 
     def check_call(self, x: Tensor, output: Tensor) -> str | None:
         """Why the hooks cannot record this call of the layer on input ``x`` with ``output``
-        (``None`` when they can; the layer then falls back to plain SGD with the reason)."""
+        (``None`` when they can; the layer then falls back to a plain update with the reason)."""
         return None
 
     def input_square_sums(self, x: Tensor) -> tuple[Tensor, int]:

@@ -6,7 +6,7 @@ differs from what the module's own padding gives, the padding is inferred from t
 and output sizes (the smallest total padding that gives the output size, split as
 TensorFlow does: the odd pixel on the right and bottom) and checked once per input size by
 recomputing the convolution from the padded input. If the check fails, the layer reports
-why (:meth:`ConvMath.check_call`) and falls back to plain SGD: never a wrong factor.
+why (:meth:`ConvMath.check_call`) and falls back to a plain update: never a wrong factor.
 """
 
 from __future__ import annotations
