@@ -66,13 +66,20 @@ __all__ = ["EIGENBASIS_ADAM_DEFAULTS", "Rotations", "adam_directions", "held_bas
 #: steps), and the empirical Fisher (Adam's second moment sets the scale, so the factors
 #: only supply the bases, and the empirical ones need no sampled backward pass: AdamW's
 #: transformer loss in 0.65× its time against 0.70× with the MC Fisher at factors every 5
-#: steps and bases every 20, the same steps on the MLP); see ``docs/performance.md#step-rules``
+#: steps and bases every 20, the same steps on the MLP), and a dense budget of 0.4: at
+#: factors every 10 steps the cost model's flop count puts the dense statistics of the CNN's
+#: 801-wide convolution input at 0.42× its layer's pass, but unfolding its 25,088 patch rows
+#: costs almost as much again as their Gram (a statistic 325 ms, the product alone 186 ms,
+#: the layer's forward and backward 44 ms: 0.74× amortised), and as a sketch (formed by two
+#: convolutions, no unfolding) the CNN reaches 90 % in the same 300 steps in 0.7× the time;
+#: see ``docs/performance.md#step-rules``
 EIGENBASIS_ADAM_DEFAULTS = {
     "damping_method": "exact_where_dense",
     "kl_clip": None,
     "factor_update_freq": 10,
     "inverse_update_freq": 40,
     "fisher": "empirical",
+    "dense_budget": 0.4,
 }
 
 

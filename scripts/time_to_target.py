@@ -133,6 +133,9 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
         )
         for f, i in ((1, 10), (5, 20), (10, 20), (10, 40))
     },
+    "kfrob-budget-0.4": (
+        kfrob_factory(dense_budget=0.4), lrs(1e-3, 3e-3, 1e-2), lrs(3e-4, 1e-3, 3e-3)
+    ),
     "sgd": (
         lambda m, hp, w, s: torch.optim.SGD(m.parameters(), momentum=0.9, **hp),
         lrs(0.01, 0.03, 0.1),
@@ -149,8 +152,8 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
 ABOUT = {  # what each variant is, for the report
     "kfrob": "`FrobPreconditionedSGD(model, lr, loss)` with its defaults (Adam in the "
     "Kronecker eigenbasis where a layer's sides are dense, Adam's length on the K-FAC "
-    "direction where the cost model makes one low-rank; factors every 5 steps, inverses every "
-    "20, the empirical Fisher)",
+    "direction where the cost model makes one low-rank; factors every 10 steps, inverses every "
+    "40, the empirical Fisher)",
     "kfrob-sgd": "the KL-clipped K-FAC step (`step_rule='preconditioned_sgd'`: factored "
     "damping, MC Fisher, factors every step, inverses every 10, each side dense or low-rank by "
     "the cost model); the `kfrob-` variants below it change one setting of `kfrob-sgd`",
@@ -179,6 +182,8 @@ ABOUT = {  # what each variant is, for the report
     "kfrob-10/20": "`kfrob` with factors every 10 steps and inverses every 20",
     "kfrob-10/40": "`kfrob` with factors every 10 steps and inverses every 40",
     "kfrob-mc": "`kfrob` with the MC Fisher",
+    "kfrob-budget-0.4": "`kfrob` with a dense budget of 0.4 (`dense_budget=0.4`: the CNN's "
+    "conv2 input side, 0.43× its layer's pass by the cost model's count, is low-rank)",
     "sgd": "momentum 0.9",
     "adamw": "`torch.optim.AdamW` defaults besides the learning rate",
 }

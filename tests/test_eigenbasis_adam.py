@@ -248,12 +248,12 @@ def test_a_layer_with_a_structured_side_grafts_adam_onto_its_kfac_direction(
 
 def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
     """Eigenbases where a layer's sides are dense, no KL clip, factors every 10 steps and
-    bases every 40, the empirical Fisher, unless given."""
+    bases every 40, the empirical Fisher, a dense budget of 0.4, unless given."""
     opt = adam(net=model(), loss="cross_entropy")
     options = opt.preconditioner.options
     assert (options.schedule.factor_update_freq, options.schedule.inverse_update_freq) == (10, 40)
     assert options.inverse.damping_method == "exact_where_dense" and options.kl_clip is None
-    assert options.curvature.fisher == "empirical"
+    assert options.curvature.fisher == "empirical" and options.inverse.dense_budget == 0.4
     assert (
         adam(net=model(), loss="cross_entropy", fisher="mc").preconditioner.options.curvature.fisher
         == "mc"
@@ -261,8 +261,10 @@ def test_the_rule_has_its_own_defaults_and_explicit_values_win() -> None:
     opt = adam(net=model(), factor_update_freq=2, inverse_update_freq=4)
     schedule = opt.preconditioner.options.schedule
     assert (schedule.factor_update_freq, schedule.inverse_update_freq) == (2, 4)
+    assert adam(net=model(), dense_budget=0.7).preconditioner.options.inverse.dense_budget == 0.7
     sgd = FrobPreconditionedSGD(model(), lr=0.1, step_rule="preconditioned_sgd")
     assert sgd.preconditioner.options.schedule.factor_update_freq == 1  # the global ones
+    assert sgd.preconditioner.options.inverse.dense_budget == 0.5
 
 
 def test_it_is_the_default_and_momentum_is_its_first_moment() -> None:
