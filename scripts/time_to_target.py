@@ -134,7 +134,9 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
         for f, i in ((1, 10), (5, 20), (10, 20), (10, 40))
     },
     "kfrob-budget-0.4": (
-        kfrob_factory(dense_budget=0.4), lrs(1e-3, 3e-3, 1e-2), lrs(3e-4, 1e-3, 3e-3)
+        kfrob_factory(dense_budget=0.4),
+        lrs(1e-3, 3e-3, 1e-2),
+        lrs(3e-4, 1e-3, 3e-3),
     ),
     "sgd": (
         lambda m, hp, w, s: torch.optim.SGD(m.parameters(), momentum=0.9, **hp),
