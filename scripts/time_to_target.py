@@ -133,11 +133,14 @@ OPTIMIZERS: dict[str, tuple[Factory, Grid, Grid]] = {
         )
         for f, i in ((1, 10), (5, 20), (10, 20), (10, 40))
     },
-    "kfrob-budget-0.4": (
-        kfrob_factory(dense_budget=0.4),
-        lrs(1e-3, 3e-3, 1e-2),
-        lrs(3e-4, 1e-3, 3e-3),
-    ),
+    **{
+        f"kfrob-budget-{budget}": (
+            kfrob_factory(dense_budget=budget),
+            lrs(1e-3, 3e-3, 1e-2),
+            lrs(3e-4, 1e-3, 3e-3),
+        )
+        for budget in (0.4, 0.5)
+    },
     "sgd": (
         lambda m, hp, w, s: torch.optim.SGD(m.parameters(), momentum=0.9, **hp),
         lrs(0.01, 0.03, 0.1),
@@ -184,8 +187,11 @@ ABOUT = {  # what each variant is, for the report
     "kfrob-10/20": "`kfrob` with factors every 10 steps and inverses every 20",
     "kfrob-10/40": "`kfrob` with factors every 10 steps and inverses every 40",
     "kfrob-mc": "`kfrob` with the MC Fisher",
-    "kfrob-budget-0.4": "`kfrob` with a dense budget of 0.4 (`dense_budget=0.4`: the CNN's "
-    "conv2 input side, 0.43× its layer's pass by the cost model's count, is low-rank)",
+    "kfrob-budget-0.4": "`kfrob` with a dense budget of 0.4 (`dense_budget=0.4`, the "
+    "default's own: the CNN's conv2 input side, 0.43× its layer's pass by the cost model's "
+    "count, is low-rank)",
+    "kfrob-budget-0.5": "`kfrob` with the engine's dense budget of 0.5 (`dense_budget=0.5`: "
+    "the CNN's conv2 input side is dense)",
     "sgd": "momentum 0.9",
     "adamw": "`torch.optim.AdamW` defaults besides the learning rate",
 }
