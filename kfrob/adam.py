@@ -120,7 +120,7 @@ def plain_adam(
 def graft_scale(adam: list[Tensor], directions: list[Tensor]) -> Tensor:
     """``‖N‖_F / ‖D‖_F`` (each over its list of tensors taken together, in at least
     float32): the factor that gives the directions ``D`` the length of the Adam directions
-    ``N`` (0 for a zero ``D``)."""
+    ``N``; finite for a zero ``D``, which therefore stays zero."""
     return _norm(adam) / _norm(directions).clamp(min=_TINY)
 
 

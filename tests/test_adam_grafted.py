@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
-from kfrob.adam import adam_step_all
+from kfrob.adam import adam_step_all, graft_scale
 from tests.adam_rules import (
     backward,
     batches,
@@ -141,6 +141,25 @@ def test_the_batched_adam_step_equals_the_per_parameter_one() -> None:
             )
             torch.testing.assert_close(batched[i]["exp_avg_sq"], v[i], rtol=1e-12, atol=1e-14)
             assert batched[i]["step"].item() == t
+
+
+def test_the_graft_scale_is_the_ratio_of_the_lengths_taken_together() -> None:
+    """``‖N‖_F / ‖D‖_F`` over each list concatenated, in float32 for half-precision
+    tensors (whose squares would overflow), and finite for a zero ``D``, which stays zero."""
+    g = torch.Generator().manual_seed(0)
+    adam = [torch.randn(3, 4, generator=g), torch.randn(3, generator=g)]
+    kfac = [torch.randn(3, 4, generator=g), torch.randn(3, generator=g)]
+    expected = (
+        torch.cat([t.flatten() for t in adam]).norm()
+        / torch.cat([t.flatten() for t in kfac]).norm()
+    )
+    torch.testing.assert_close(graft_scale(adam, kfac), expected)
+    big = [torch.full((300,), 400.0, dtype=torch.float16)]  # Σ x² = 4.8e7 > float16's max
+    scale = graft_scale(big, [t / 2 for t in big])
+    assert scale.dtype == torch.float32 and scale.item() == pytest.approx(2.0)
+    zero = [torch.zeros(3, 4), torch.zeros(3)]
+    scale = graft_scale(adam, zero)
+    assert scale.isfinite() and all((t * scale == 0).all() for t in zero)
 
 
 def test_the_step_length_is_adams_whatever_the_factors_scale() -> None:
