@@ -108,3 +108,19 @@ def test_time_to_target_writes_its_report(tmp_path: Path) -> None:
     assert all(len(row["grid"]) == 3 for row in results.values())  # same grid size for all
     assert (tmp_path / "time_to_target.png").stat().st_size > 0
     assert "## mlp: 88% test accuracy" in (tmp_path / "time_to_target.md").read_text()
+
+
+def test_time_to_target_takes_an_accuracy_target_and_an_evaluation_interval(
+    tmp_path: Path,
+) -> None:
+    run(
+        "time_to_target.py",
+        *("--workloads", "mlp", "--optimizers", "adamw", "--seeds", "1"),
+        *("--max-steps", "30", "--embedded", "--accuracy-target", "0.3", "--eval-every", "5"),
+        out=tmp_path,
+    )
+    results = json.loads((tmp_path / "time_to_target.json").read_text())["results"]["mlp"]
+    steps = [row["steps"] for row in results["adamw"]["grid"] if row["steps"] is not None]
+    assert steps and all(s % 5 == 0 and s < 25 for s in steps)  # evaluated every 5 steps
+    report = (tmp_path / "time_to_target.md").read_text()
+    assert "## mlp: 30% test accuracy" in report and "Evaluated every 5 steps." in report
