@@ -7,10 +7,12 @@ With gradient ``g`` (and ``r``, the entries whose second moment is kept: ``g`` i
     m ← β₁ m + (1 − β₁) g,   v ← β₂ v + (1 − β₂) r²,   t ← t + 1
     direction = (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)
 
-Each operation is one ``torch._foreach`` kernel over all the tensors (not one per tensor).
-Nothing changes (``t``, ``m``, ``v``, bit for bit) on a step whose gradients are not
-finite, with no host sync: the moments move in place as ``m += f (1 − β₁)(g − m)`` with the
-gate ``f`` (1 when finite, else 0) and the gradients zeroed first.
+Each operation is one ``torch._foreach`` kernel over all the tensors (not one per tensor),
+in place wherever the result is not a new value: a step allocates only ``r²``, ``m̂`` and
+the direction (a fresh temporary as large as a layer costs page faults on a CPU, more than
+the arithmetic). Nothing changes (``t``, ``m``, ``v``) on a step whose gradients are not
+finite, with no host sync: the moments move in place as ``m += f (1 − β₁)(g − m)`` (one
+``lerp``) with the gate ``f`` (1 when finite, else 0) and the gradients zeroed first.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "adam_step_all",
     "advance_all",
     "blend_",
+    "descend_gated",
     "graft_scale",
     "normalised_all",
     "plain_adam",
@@ -43,11 +46,9 @@ def _initialise(state: dict[str, Any], gradient: Tensor, kept: Tensor) -> None:
 
 
 def blend_(averages: list[Tensor], values: list[Tensor], weight: Tensor) -> None:
-    """``a += weight · (x − a)`` for each average ``a`` and value ``x``, in place
-    (``weight`` a 0-dim tensor: 0 leaves every average bit for bit)."""
-    change = torch._foreach_sub(values, averages)
-    torch._foreach_mul_(change, weight)
-    torch._foreach_add_(averages, change)
+    """``a += weight · (x − a)`` for each average ``a`` and value ``x``, in place, one
+    ``lerp`` (``weight`` a 0-dim tensor: 0 leaves every average as it was)."""
+    torch._foreach_lerp_(averages, values, [weight] * len(averages))
 
 
 def advance_all(
@@ -77,9 +78,12 @@ def normalised_all(
     zero direction)."""
     counted = torch._foreach_clamp_min(steps, 1.0)
     unbiased = torch._foreach_div(means, _corrections(beta1, counted))
-    scales = torch._foreach_sqrt(torch._foreach_div(v, _corrections(beta2, counted)))
-    torch._foreach_add_(scales, eps)
-    return unbiased, torch._foreach_div(unbiased, scales)
+    directions = torch._foreach_div(v, _corrections(beta2, counted))
+    torch._foreach_sqrt_(directions)
+    torch._foreach_add_(directions, eps)
+    torch._foreach_reciprocal_(directions)
+    torch._foreach_mul_(directions, unbiased)
+    return unbiased, directions
 
 
 def adam_step_all(
@@ -115,6 +119,20 @@ def plain_adam(
             for i, m, n in zip(here, mean, normal, strict=True):
                 means[params[i]], directions[params[i]] = m, n
     return means, directions
+
+
+def descend_gated(params: list[Tensor], steps: list[Tensor], finite: Tensor, lr: float) -> None:
+    """``p −= lr · d`` for each parameter and its finite direction, ``p`` unchanged when the
+    0-dim ``finite`` is False, with no host sync; the directions are overwritten."""
+    gates: dict[torch.dtype, Tensor] = {}
+    for d in steps:
+        gates.setdefault(d.dtype, finite.to(d.dtype) * -lr)
+    if len(gates) == 1:
+        torch._foreach_mul_(steps, next(iter(gates.values())))
+    else:
+        for d in steps:
+            d.mul_(gates[d.dtype])
+    torch._foreach_add_(params, steps)
 
 
 def graft_scale(adam: list[Tensor], directions: list[Tensor]) -> Tensor:

@@ -102,6 +102,7 @@ class _Layer(NamedTuple):
     math: Any
     inverse: EigenInverse | InverseFactors | None
     gradient: Tensor  # (k, out, in), in the factors' dtype
+    owned: bool  # whether ``gradient`` shares no memory with the raw gradients
 
 
 def _bases_of(inverse: EigenInverse | InverseFactors | None) -> Bases:
@@ -213,9 +214,10 @@ def adam_directions(
         if weight not in directions or not math.covers(directions):
             continue
         gradient = math.gradient_matrix(directions).to(math.factor_dtype)  # type: ignore[union-attr]
+        owned = _owns(gradient, [directions[p] for p in math.parameters])
         group = settings[weight]
         key = (id(group), gradient.device)
-        parts.setdefault(key, []).append(_Layer(weight, math, inverse, gradient))
+        parts.setdefault(key, []).append(_Layer(weight, math, inverse, gradient, owned))
     used: dict[tuple[int, ...], Any] = {}
     done: set[Tensor] = set()
     for part in parts.values():
@@ -239,7 +241,7 @@ def _part(
     (beta1, beta2), eps = group["betas"], group["eps"]
     bases = [_bases_of(layer.inverse) for layer in layers]
     finite = finite.to(layers[0].gradient.device)
-    safe = [torch.where(finite, layer.gradient, 0.0) for layer in layers]
+    safe = [_zeroed_unless(finite, layer) for layer in layers]
     gate = finite.to(safe[0].dtype)
     rotated = _rotate_all(rotations, safe, bases, used)
     states = [state[layer.weight] for layer in layers]
@@ -254,6 +256,21 @@ def _part(
         if isinstance(layer.inverse, InverseFactors):
             adam[i] = _grafted(layer.inverse, unbiased[i], adam[i])
     return adam
+
+
+def _owns(matrix: Tensor, sources: list[Tensor]) -> bool:
+    """Whether ``matrix`` shares no memory with any of ``sources`` (a sparse source was
+    densified into a new tensor)."""
+    memory = matrix.untyped_storage().data_ptr()
+    return all(s.is_sparse or s.untyped_storage().data_ptr() != memory for s in sources)
+
+
+def _zeroed_unless(finite: Tensor, layer: _Layer) -> Tensor:
+    """The layer's gradient, or zeros where the 0-dim ``finite`` is False: in place when
+    the layer owns it (a fresh temporary as large as a layer costs page faults on a CPU)."""
+    if layer.owned:
+        return layer.gradient.masked_fill_(finite.logical_not(), 0.0)
+    return torch.where(finite, layer.gradient, 0.0)
 
 
 def _rotated_means(
@@ -289,4 +306,4 @@ def _grafted(inverse: InverseFactors, unbiased: Tensor, adam: Tensor) -> Tensor:
     """``D · ‖N‖_F / ‖D‖_F``: the K-FAC direction ``D`` of the bias-corrected first moment
     ``unbiased`` at the length of the Adam direction ``N`` (``adam``)."""
     direction = inverse.apply(unbiased)
-    return direction * graft_scale([adam], [direction]).to(direction.dtype)
+    return direction.mul_(graft_scale([adam], [direction]).to(direction.dtype))

@@ -367,8 +367,12 @@ def shifted_inverse(factor: Tensor | None, shift: Tensor) -> Tensor | None:
 
 
 def apply_inverses(matrix: Tensor, inverses: InverseFactors) -> Tensor:
-    """``G_d⁻¹ V A_d⁻¹``; a ``None`` side is the identity (either side may be structured)."""
-    return apply_right(apply_left(inverses.codomain, matrix), inverses.domain)
+    """``G_d⁻¹ V A_d⁻¹``; a ``None`` side is the identity (either side may be structured).
+    ``V`` is left as it was; the product ``G_d⁻¹ V``, when there is one, is a new tensor,
+    which the domain side may overwrite (unless autograd records it)."""
+    left = apply_left(inverses.codomain, matrix)
+    owned = left is not matrix and not left.requires_grad
+    return apply_right(left, inverses.domain, in_place=owned)
 
 
 def dense_power(factor: Tensor, shift: Tensor, exponent: float) -> Tensor | None:

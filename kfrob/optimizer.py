@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join
 from torch.optim import Optimizer
 
+from kfrob.adam import descend_gated
 from kfrob.adam_grafted import ADAM_GRAFTED_DEFAULTS, grafted_directions
 from kfrob.adaptation import LevenbergMarquardt
 from kfrob.distributed import unwrap
@@ -361,7 +362,9 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
     ) -> None:
         """Momentum and the parameter update, as in ``torch.optim.SGD`` (with ``decoupled``,
         the weight decay ``−lr · wd · p`` of AdamW besides); nothing changes (parameters or
-        momentum) when ``finite`` is False."""
+        momentum) when ``finite`` is False. The Adam rules' directions (``decoupled``) are
+        this step's own tensors and finite even on a skipped step (from the kept moments),
+        so they are scaled by ``−lr`` or 0 in place instead of selected afresh."""
         for group in self.param_groups:
             momentum, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
             params = [p for p in group["params"] if p in directions]
@@ -371,6 +374,9 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
             if decoupled and decay != 0:
                 shrink = select(finite, params[0].new_tensor(1 - lr * decay), 1.0)
                 torch._foreach_mul_(params, shrink)
+            if decoupled and momentum == 0:
+                descend_gated(params, steps, finite, lr)
+                continue
             if momentum != 0:
                 pairs = zip(params, steps, strict=True)
                 steps = [self._momentum(p, d, finite, group) for p, d in pairs]

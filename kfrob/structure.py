@@ -86,10 +86,11 @@ class LowRankPower:
         inner = self.weights[..., None] * (self.basis.mT @ matrix)
         return torch.baddbmm(matrix, self.basis, inner).mul_(self.scale[..., None])
 
-    def right(self, matrix: Tensor) -> Tensor:
-        """``V P`` for ``V`` ``(k, m, n)``."""
+    def right(self, matrix: Tensor, in_place: bool = False) -> Tensor:
+        """``V P`` for ``V`` ``(k, m, n)`` (with ``in_place``, written into ``V``)."""
         inner = (matrix @ self.basis) * self.weights[..., None, :]
-        return torch.baddbmm(matrix, inner, self.basis.mT).mul_(self.scale[..., None])
+        out = matrix if in_place else None
+        return torch.baddbmm(matrix, inner, self.basis.mT, out=out).mul_(self.scale[..., None])
 
     def dense(self) -> Tensor:
         n = self.basis.shape[-2]
@@ -198,12 +199,15 @@ def apply_left(side: SideOperator, matrix: Tensor) -> Tensor:
     return side.left(matrix)
 
 
-def apply_right(matrix: Tensor, side: SideOperator) -> Tensor:
-    """``V P`` for a side operator ``P`` (the domain side)."""
+def apply_right(matrix: Tensor, side: SideOperator, in_place: bool = False) -> Tensor:
+    """``V P`` for a side operator ``P`` (the domain side); with ``in_place`` a low-rank
+    side may write it into ``V`` (which the caller owns)."""
     if side is None:
         return matrix
     if isinstance(side, Tensor):
         return matrix @ side
+    if isinstance(side, LowRankPower):
+        return side.right(matrix, in_place)
     return side.right(matrix)
 
 

@@ -68,6 +68,27 @@ def check_a_non_finite_gradient_changes_nothing(make: Factory) -> None:
     assert all(not torch.equal(p, q) for p, q in zip(net.parameters(), params, strict=True))
 
 
+def check_the_gradients_are_left_as_they_were(make: Factory) -> None:
+    """A step reads the gradients and writes nothing into them, finite or not, for a layer
+    with a bias (its gradient matrix is a copy) and one without (a view of the weight's
+    gradient)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3, bias=False)).double()
+    opt = make(net)
+    for step, (x, y) in enumerate(batches(3)):
+        backward(net, x, y)
+        if step == 2:
+            for layer in (net[0], net[2]):
+                layer.weight.grad[0, 0] = float("nan")
+        grads = [p.grad.clone() for p in net.parameters()]  # type: ignore[union-attr]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        for p, kept in zip(net.parameters(), grads, strict=True):
+            torch.testing.assert_close(p.grad, kept, rtol=0, atol=0, equal_nan=True)
+    assert all(p.isfinite().all() for p in net.parameters())
+
+
 def check_a_checkpoint_resumes_the_same_trajectory(make: Factory) -> None:
     """Four steps, a checkpoint, four more; a fresh model and optimizer loaded from the
     checkpoint take the same four."""

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
-from kfrob.adam import adam_step_all, graft_scale
+from kfrob.adam import adam_step_all, descend_gated, graft_scale
 from tests.adam_rules import (
     backward,
     batches,
     check_a_checkpoint_resumes_the_same_trajectory,
     check_a_non_finite_gradient_changes_nothing,
+    check_the_gradients_are_left_as_they_were,
     model,
 )
 
@@ -143,6 +144,23 @@ def test_the_batched_adam_step_equals_the_per_parameter_one() -> None:
             assert batched[i]["step"].item() == t
 
 
+@pytest.mark.parametrize("finite", [True, False])
+def test_a_gated_descent_moves_by_lr_times_the_direction_or_not_at_all(finite: bool) -> None:
+    """``p − lr · d`` in each parameter's dtype (float32 and float64 together), every
+    parameter as it was when the step is not finite."""
+    gen = torch.Generator().manual_seed(0)
+    params = [
+        torch.randn(3, 4, generator=gen),
+        torch.randn(5, generator=gen, dtype=torch.float64),
+    ]
+    steps = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    lr = 0.1234567891
+    expected = [p - lr * d if finite else p.clone() for p, d in zip(params, steps, strict=True)]
+    descend_gated(params, [d.clone() for d in steps], torch.tensor(finite), lr)
+    for p, e in zip(params, expected, strict=True):  # the same roundings: exactly
+        torch.testing.assert_close(p, e, rtol=0, atol=0)
+
+
 def test_the_graft_scale_is_the_ratio_of_the_lengths_taken_together() -> None:
     """``‖N‖_F / ‖D‖_F`` over each list concatenated, in float32 for half-precision
     tensors (whose squares would overflow), and finite for a zero ``D``, which stays zero."""
@@ -182,6 +200,10 @@ def test_the_step_length_is_adams_whatever_the_factors_scale() -> None:
 
 def test_a_non_finite_gradient_changes_nothing() -> None:
     check_a_non_finite_gradient_changes_nothing(grafted)
+
+
+def test_the_gradients_are_left_as_they_were() -> None:
+    check_the_gradients_are_left_as_they_were(grafted)
 
 
 def test_a_checkpoint_resumes_the_same_trajectory() -> None:

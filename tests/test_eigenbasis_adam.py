@@ -21,6 +21,7 @@ from tests.adam_rules import (
     batches,
     check_a_checkpoint_resumes_the_same_trajectory,
     check_a_non_finite_gradient_changes_nothing,
+    check_the_gradients_are_left_as_they_were,
     model,
 )
 
@@ -126,6 +127,16 @@ def test_the_rounding_floor_measures_an_entry_against_what_the_rotation_mixed_in
 
 def test_a_non_finite_gradient_changes_nothing() -> None:
     check_a_non_finite_gradient_changes_nothing(lambda net: adam(net=net))
+
+
+@pytest.mark.parametrize("structure", ["dense", "low_rank"])
+def test_the_gradients_are_left_as_they_were(structure: str) -> None:
+    """Rotated (dense sides) and grafted (low-rank sides, rank 2) layers alike."""
+    sides = {"domain_structure": structure, "codomain_structure": structure}
+    extra = {"rank": 2} if structure == "low_rank" else {}
+    check_the_gradients_are_left_as_they_were(
+        lambda net: adam(net=net, inverse_update_freq=1, **sides, **extra)
+    )
 
 
 def test_a_checkpoint_resumes_the_same_trajectory() -> None:

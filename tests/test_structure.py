@@ -145,6 +145,31 @@ def test_low_rank_power_is_the_damped_power_of_the_approximation(exponent: float
     torch.testing.assert_close(power.left(v.mT)[0], reference @ v[0].T)
 
 
+@pytest.mark.parametrize("codomain", ["low_rank", "identity"])
+def test_applying_low_rank_inverses_leaves_the_matrix_and_autograd_intact(codomain: str) -> None:
+    """The domain side writes into the codomain side's product, never into ``V`` itself
+    (``V`` when the codomain is the identity), and a ``V`` that autograd records gets the
+    same product with its gradient."""
+    a, g = psd(12, 12, seed=5), psd(9, 9, seed=6)
+    shift = torch.tensor([[0.2]], dtype=torch.float64)
+    domain = low_rank_power(leading_eigenpairs(a, 3), shift, 1.0)  # type: ignore[arg-type]
+    left = low_rank_power(leading_eigenpairs(g, 2), shift, 1.0) if codomain == "low_rank" else None  # type: ignore[arg-type]
+    inverses = InverseFactors(left, domain)
+    v = torch.randn(1, 9, 12, dtype=torch.float64)
+    kept = v.clone()
+    g_inv = torch.eye(9, dtype=torch.float64) if left is None else left.dense()[0]
+    reference = g_inv @ v[0] @ domain.dense()[0]
+    torch.testing.assert_close(inverses.apply(v)[0], reference)
+    assert torch.equal(v, kept)
+    recorded = v.clone().requires_grad_()
+    product = inverses.apply(recorded)
+    product.sum().backward()
+    torch.testing.assert_close(product.detach()[0], reference)
+    assert recorded.grad is not None and torch.equal(recorded, kept)
+    ones = torch.ones(9, 12, dtype=torch.float64)
+    torch.testing.assert_close(recorded.grad[0], g_inv.T @ ones @ domain.dense()[0].T)
+
+
 def test_a_non_finite_factor_gives_no_approximation() -> None:
     m = psd(10, 10)
     m[0, 0, 0] = float("nan")
