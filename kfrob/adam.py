@@ -66,7 +66,7 @@ def advance_all(
     steps = [s["step"] for s in states]
     blend_(m, gradients, gate * (1 - beta1))
     blend_(v, torch._foreach_mul(kept, kept), gate * (1 - beta2))
-    torch._foreach_add_(steps, gate)
+    torch._foreach_add_(steps, [gate] * len(steps))  # a lone tensor would be read as a number
     return m, v, steps
 
 

@@ -470,3 +470,36 @@ def test_precondition_grads_drives_another_optimizer_like_step() -> None:
     train(reference, quiet(reference, lr=0.1, inverse_update_freq=2), data)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["eigenbasis_adam", "adam_grafted", "preconditioned_sgd"])
+def test_a_step_between_refreshes_reads_nothing_back_from_the_device(rule: str) -> None:
+    """No ``.item()``, ``bool()`` or ``float()`` of a tensor (each ends in
+    ``aten::_local_scalar_dense``, a host sync on a GPU) on steps that update the factors
+    or only precondition, for every step rule, with a convolution, a low-rank side and a
+    NaN batch among them; a refresh may read its decompositions' status."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 40), nn.Tanh(),
+        nn.Linear(40, 3),
+    )  # fmt: skip
+    extra = {"momentum": 0.9} if rule == "preconditioned_sgd" else {}
+    opt = FrobPreconditionedSGD(
+        net, lr=1e-3, step_rule=rule, factor_update_freq=2, inverse_update_freq=4,
+        domain_structure="auto", rank=4, dense_budget=0.01, **extra,
+    )  # fmt: skip
+    reads = []
+    for step in range(8):
+        x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        if step == 5:
+            net[3].weight.grad[0, 0] = float("nan")  # type: ignore[index]
+        with warnings.catch_warnings(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            warnings.simplefilter("ignore")
+            opt.step()
+        reads.append(sum(e.name == "aten::_local_scalar_dense" for e in prof.events()))
+    assert "low_rank" in repr(opt)
+    assert [reads[s] for s in (1, 2, 3, 5, 6, 7)] == [0] * 6, reads
