@@ -54,31 +54,39 @@ def blend_(averages: list[Tensor], values: list[Tensor], weight: Tensor) -> None
 def advance_all(
     states: list[dict[str, Any]], gradients: list[Tensor], kept: list[Tensor], gate: Tensor,
     beta1: float, beta2: float,
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:  # fmt: skip
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:  # fmt: skip
     """Advance each state's ``"step"``, ``"exp_avg"`` (of its gradient) and
     ``"exp_avg_sq"`` (of its ``kept`` entries) in place by one step, gated by the 0-dim
     ``gate`` (1 or 0, in the gradients' dtype; with 0 the gradients must be finite, e.g.
-    zeroed); returns the lists ``(exp_avg, exp_avg_sq, step)``."""
+    zeroed); returns the lists ``(exp_avg, exp_avg_sq, step, spare)``, ``spare`` tensors of
+    ``exp_avg_sq``'s shapes that are free to overwrite (for :func:`normalised_all`)."""
     for state, gradient, entries in zip(states, gradients, kept, strict=True):
         _initialise(state, gradient, entries)
     m = [s["exp_avg"] for s in states]
     v = [s["exp_avg_sq"] for s in states]
     steps = [s["step"] for s in states]
     blend_(m, gradients, gate * (1 - beta1))
-    blend_(v, torch._foreach_mul(kept, kept), gate * (1 - beta2))
+    squares = torch._foreach_mul(kept, kept)
+    blend_(v, squares, gate * (1 - beta2))
     torch._foreach_add_(steps, [gate] * len(steps))  # a lone tensor would be read as a number
-    return m, v, steps
+    return m, v, steps, squares
 
 
 def normalised_all(
     means: list[Tensor], v: list[Tensor], steps: list[Tensor], beta1: float, beta2: float,
-    eps: float,
+    eps: float, into: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
     """Adam's bias-corrected ``(m̂, m̂ / (√v̂ + ε))`` for each ``(m, v, t)`` (at step 0 a
-    zero direction)."""
+    zero direction); the directions are written into ``into`` if given (tensors of ``v``'s
+    shapes, e.g. :func:`advance_all`'s spare ones), else into new tensors."""
     counted = torch._foreach_clamp_min(steps, 1.0)
     unbiased = torch._foreach_div(means, _corrections(beta1, counted))
-    directions = torch._foreach_div(v, _corrections(beta2, counted))
+    if into is None:
+        directions = torch._foreach_div(v, _corrections(beta2, counted))
+    else:
+        directions = into
+        torch._foreach_copy_(directions, v)
+        torch._foreach_div_(directions, _corrections(beta2, counted))
     torch._foreach_sqrt_(directions)
     torch._foreach_add_(directions, eps)
     torch._foreach_reciprocal_(directions)
@@ -93,8 +101,8 @@ def adam_step_all(
     """Adam's step for many parameters at once (the gradients on one device); returns their
     ``(m̂, m̂ / (√v̂ + ε))``; a non-finite step (``finite`` False) changes nothing."""
     safe = [torch.where(finite, g, 0.0) for g in gradients]
-    m, v, steps = advance_all(states, safe, safe, finite.to(safe[0].dtype), beta1, beta2)
-    return normalised_all(m, v, steps, beta1, beta2, eps)
+    m, v, steps, spare = advance_all(states, safe, safe, finite.to(safe[0].dtype), beta1, beta2)
+    return normalised_all(m, v, steps, beta1, beta2, eps, into=spare)
 
 
 def plain_adam(

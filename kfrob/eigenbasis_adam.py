@@ -248,9 +248,9 @@ def _part(
     for layer, s in zip(layers, states, strict=True):
         if "exp_avg" not in s:  # a fresh state: nothing kept applies
             rotations.held.pop(layer.weight, None)
-    m, v, steps = advance_all(states, safe, rotated, gate, beta1, beta2)
+    m, v, steps, spare = advance_all(states, safe, rotated, gate, beta1, beta2)
     means = _rotated_means(layers, states, m, rotated, bases, gate * (1 - beta1), rotations, used)
-    unbiased, adam = normalised_all(means, v, steps, beta1, beta2, eps)
+    unbiased, adam = normalised_all(means, v, steps, beta1, beta2, eps, into=spare)
     adam = _rotate_all(rotations, adam, bases, used, back=True, support=v)
     for i, layer in enumerate(layers):
         if isinstance(layer.inverse, InverseFactors):
