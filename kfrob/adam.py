@@ -132,14 +132,14 @@ def plain_adam(
 def descend_gated(params: list[Tensor], steps: list[Tensor], finite: Tensor, lr: float) -> None:
     """``p −= lr · d`` for each parameter and its finite direction, ``p`` unchanged when the
     0-dim ``finite`` is False, with no host sync; the directions are overwritten."""
-    gates: dict[torch.dtype, Tensor] = {}
+    gates: dict[tuple[torch.dtype, torch.device], Tensor] = {}
     for d in steps:
-        gates.setdefault(d.dtype, finite.to(d.dtype) * -lr)
+        gates.setdefault((d.dtype, d.device), finite.to(d.device, d.dtype) * -lr)
     if len(gates) == 1:
         torch._foreach_mul_(steps, next(iter(gates.values())))
     else:
         for d in steps:
-            d.mul_(gates[d.dtype])
+            d.mul_(gates[d.dtype, d.device])
     torch._foreach_add_(params, steps)
 
 
