@@ -182,7 +182,14 @@ def main() -> None:
         "# Time to AdamW's loss on the transformer workload",
         "",
         f"{provenance()} The byte-level GPT of `configs/transformer.yaml`, {budget:g} s of "
-        "training time per run; a 3-point learning-rate grid per contender on seed 0, the "
+        "training time per run; "
+        + (
+            f"the learning rate{'s' if len(args.lrs.split(',')) > 1 else ''} {args.lrs} "
+            "for every contender"
+            if args.lrs
+            else "a 3-point learning-rate grid per contender"
+        )
+        + " on seed 0, the "
         f"best then on {args.seeds} seeds. Target: AdamW's final validation loss at its best "
         f"learning rate, the median over seeds, **{target:.4f} nats/byte**; seconds to "
         "target are the medians over the seeds that reached it. "

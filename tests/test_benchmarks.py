@@ -124,3 +124,20 @@ def test_time_to_target_takes_an_accuracy_target_and_an_evaluation_interval(
     assert steps and all(s % 5 == 0 and s < 25 for s in steps)  # evaluated every 5 steps
     report = (tmp_path / "time_to_target.md").read_text()
     assert "## mlp: 30% test accuracy" in report and "Evaluated every 5 steps." in report
+
+
+def test_transformer_time_to_target_writes_its_report(tmp_path: Path) -> None:
+    """Two contenders, one learning rate, one seed, a second of training each: the report
+    names the learning rate it was given and a row per contender."""
+    run(
+        "transformer_time_to_target.py",
+        *("--contenders", "kfrob,adamw", "--lrs", "0.003", "--seeds", "1"),
+        *("--max-seconds", "1", "--name", "tt"),
+        out=tmp_path,
+    )
+    report = (tmp_path / "tt.md").read_text()
+    assert "the learning rate 0.003 for every contender" in report
+    assert "| kfrob | 0.003 |" in report and "| adamw | 0.003 |" in report
+    runs = json.loads((tmp_path / "tt.json").read_text())["runs"]
+    for label in ("kfrob", "adamw"):
+        assert [r["lr"] for r in runs[label]] == [0.003] and runs[label][0]["steps"] > 0
