@@ -8,11 +8,12 @@ With gradient ``g`` (and ``r``, the entries whose second moment is kept: ``g`` i
     direction = (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)
 
 Each operation is one ``torch._foreach`` kernel over all the tensors (not one per tensor),
-in place wherever the result is not a new value: a step allocates only ``r²``, ``m̂`` and
-the direction (a fresh temporary as large as a layer costs page faults on a CPU, more than
-the arithmetic). Nothing changes (``t``, ``m``, ``v``) on a step whose gradients are not
-finite, with no host sync: the moments move in place as ``m += f (1 − β₁)(g − m)`` (one
-``lerp``) with the gate ``f`` (1 when finite, else 0) and the gradients zeroed first.
+in place wherever the result is not a new value: a step allocates only ``r²`` and ``m̂``,
+and the direction is written into ``r²`` once ``v`` has taken it in (a fresh temporary as
+large as a layer costs page faults on a CPU, more than the arithmetic). Nothing changes
+(``t``, ``m``, ``v``) on a step whose gradients are not finite, with no host sync: the
+moments move in place as ``m += f (1 − β₁)(g − m)`` (one ``lerp``) with the gate ``f`` (1
+when finite, else 0) and the gradients zeroed first.
 """
 
 from __future__ import annotations
@@ -74,19 +75,16 @@ def advance_all(
 
 def normalised_all(
     means: list[Tensor], v: list[Tensor], steps: list[Tensor], beta1: float, beta2: float,
-    eps: float, into: list[Tensor] | None = None,
+    eps: float, into: list[Tensor],
 ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
     """Adam's bias-corrected ``(m̂, m̂ / (√v̂ + ε))`` for each ``(m, v, t)`` (at step 0 a
-    zero direction); the directions are written into ``into`` if given (tensors of ``v``'s
-    shapes, e.g. :func:`advance_all`'s spare ones), else into new tensors."""
+    zero direction); the directions are written into ``into`` (tensors of ``v``'s shapes
+    free to overwrite: :func:`advance_all`'s spare ones), which is returned."""
     counted = torch._foreach_clamp_min(steps, 1.0)
     unbiased = torch._foreach_div(means, _corrections(beta1, counted))
-    if into is None:
-        directions = torch._foreach_div(v, _corrections(beta2, counted))
-    else:
-        directions = into
-        torch._foreach_copy_(directions, v)
-        torch._foreach_div_(directions, _corrections(beta2, counted))
+    directions = into
+    torch._foreach_copy_(directions, v)
+    torch._foreach_div_(directions, _corrections(beta2, counted))
     torch._foreach_sqrt_(directions)
     torch._foreach_add_(directions, eps)
     torch._foreach_reciprocal_(directions)

@@ -304,6 +304,8 @@ def _rotated_means(
 
 def _grafted(inverse: InverseFactors, unbiased: Tensor, adam: Tensor) -> Tensor:
     """``D · ‖N‖_F / ‖D‖_F``: the K-FAC direction ``D`` of the bias-corrected first moment
-    ``unbiased`` at the length of the Adam direction ``N`` (``adam``)."""
+    ``unbiased`` at the length of the Adam direction ``N`` (``adam``). ``D`` is scaled in
+    place, and is ``unbiased`` itself when both sides are the identity: the caller does not
+    use ``unbiased`` again."""
     direction = inverse.apply(unbiased)
     return direction.mul_(graft_scale([adam], [direction]).to(direction.dtype))

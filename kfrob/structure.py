@@ -119,8 +119,13 @@ class DiagonalPower:
     def left(self, matrix: Tensor) -> Tensor:
         return self.values[..., :, None] * matrix
 
-    def right(self, matrix: Tensor) -> Tensor:
-        return matrix * self.values[..., None, :]
+    def right(self, matrix: Tensor, in_place: bool = False) -> Tensor:
+        """``V P`` for ``V`` ``(k, m, n)`` (with ``in_place``, written into ``V``)."""
+        return (
+            matrix.mul_(self.values[..., None, :])
+            if in_place
+            else matrix * self.values[..., None, :]
+        )
 
     def dense(self) -> Tensor:
         return torch.diag_embed(self.values)
@@ -165,8 +170,9 @@ class BlockDiagonalPower:
         )
         return product[:, : self.size].contiguous()  # as dense products are: same rounding
 
-    def right(self, matrix: Tensor) -> Tensor:
-        """``V P`` for ``V`` ``(k, m, n)`` (``P`` is symmetric: ``(P Vᵀ)ᵀ``)."""
+    def right(self, matrix: Tensor, in_place: bool = False) -> Tensor:
+        """``V P`` for ``V`` ``(k, m, n)`` (``P`` is symmetric: ``(P Vᵀ)ᵀ``; always a new
+        tensor, ``in_place`` or not)."""
         return self.left(matrix.mT).mT.contiguous()
 
     def dense(self) -> Tensor:
@@ -200,15 +206,13 @@ def apply_left(side: SideOperator, matrix: Tensor) -> Tensor:
 
 
 def apply_right(matrix: Tensor, side: SideOperator, in_place: bool = False) -> Tensor:
-    """``V P`` for a side operator ``P`` (the domain side); with ``in_place`` a low-rank
+    """``V P`` for a side operator ``P`` (the domain side); with ``in_place`` a structured
     side may write it into ``V`` (which the caller owns)."""
     if side is None:
         return matrix
     if isinstance(side, Tensor):
         return matrix @ side
-    if isinstance(side, LowRankPower):
-        return side.right(matrix, in_place)
-    return side.right(matrix)
+    return side.right(matrix, in_place)
 
 
 #: the randomized range finder's extra columns and power iterations (Halko, Martinsson and

@@ -18,6 +18,7 @@ from kfrob.layers import LayerMath, layer_math
 from kfrob.structure import (
     OVERSAMPLING,
     BlockDiagonalPower,
+    DiagonalPower,
     LowRankPower,
     StructureChoice,
     choose_structure,
@@ -145,20 +146,33 @@ def test_low_rank_power_is_the_damped_power_of_the_approximation(exponent: float
     torch.testing.assert_close(power.left(v.mT)[0], reference @ v[0].T)
 
 
+@pytest.mark.parametrize("domain", ["low_rank", "diagonal"])
 @pytest.mark.parametrize("codomain", ["low_rank", "identity"])
-def test_applying_low_rank_inverses_leaves_the_matrix_and_autograd_intact(codomain: str) -> None:
-    """The domain side writes into the codomain side's product, never into ``V`` itself
-    (``V`` when the codomain is the identity), and a ``V`` that autograd records gets the
-    same product with its gradient."""
+def test_applying_inverses_leaves_the_matrix_and_autograd_intact(
+    domain: str, codomain: str
+) -> None:
+    """``G_d⁻¹ V A_d⁻¹`` against explicit inverses of the damped approximations; the domain
+    side writes into the codomain side's product, never into ``V`` itself (``V`` when the
+    codomain is the identity), and a ``V`` that autograd records gets the same product and
+    its gradient ``G_d⁻ᵀ 1 A_d⁻ᵀ``."""
     a, g = psd(12, 12, seed=5), psd(9, 9, seed=6)
-    shift = torch.tensor([[0.2]], dtype=torch.float64)
-    domain = low_rank_power(leading_eigenpairs(a, 3), shift, 1.0)  # type: ignore[arg-type]
-    left = low_rank_power(leading_eigenpairs(g, 2), shift, 1.0) if codomain == "low_rank" else None  # type: ignore[arg-type]
-    inverses = InverseFactors(left, domain)
+    eye = torch.eye(12, dtype=torch.float64)
+    if domain == "low_rank":
+        shift = torch.tensor([[0.2]], dtype=torch.float64)
+        right = low_rank_power(leading_eigenpairs(a, 3), shift, 1.0)  # type: ignore[arg-type]
+        a_inv = torch.linalg.inv(truncated(a, 3)[0] + 0.2 * eye)
+    else:
+        diagonal = a[0].diagonal() + 0.2
+        right, a_inv = DiagonalPower(1 / diagonal[None]), torch.diag(1 / diagonal)
+    left, g_inv = None, torch.eye(9, dtype=torch.float64)
+    if codomain == "low_rank":
+        shift = torch.tensor([[0.2]], dtype=torch.float64)
+        left = low_rank_power(leading_eigenpairs(g, 2), shift, 1.0)  # type: ignore[arg-type]
+        g_inv = torch.linalg.inv(truncated(g, 2)[0] + 0.2 * torch.eye(9, dtype=torch.float64))
+    inverses = InverseFactors(left, right)
     v = torch.randn(1, 9, 12, dtype=torch.float64)
     kept = v.clone()
-    g_inv = torch.eye(9, dtype=torch.float64) if left is None else left.dense()[0]
-    reference = g_inv @ v[0] @ domain.dense()[0]
+    reference = g_inv @ v[0] @ a_inv
     torch.testing.assert_close(inverses.apply(v)[0], reference)
     assert torch.equal(v, kept)
     recorded = v.clone().requires_grad_()
@@ -167,7 +181,7 @@ def test_applying_low_rank_inverses_leaves_the_matrix_and_autograd_intact(codoma
     torch.testing.assert_close(product.detach()[0], reference)
     assert recorded.grad is not None and torch.equal(recorded, kept)
     ones = torch.ones(9, 12, dtype=torch.float64)
-    torch.testing.assert_close(recorded.grad[0], g_inv.T @ ones @ domain.dense()[0].T)
+    torch.testing.assert_close(recorded.grad[0], g_inv.T @ ones @ a_inv.T)
 
 
 def test_a_non_finite_factor_gives_no_approximation() -> None:
