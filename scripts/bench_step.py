@@ -26,15 +26,16 @@ its refreshes. Reported, as medians over rounds:
 read; the phase breakdown then comes from a separate cycle per round, so its
 synchronisations do not slow the timed steps).
 
-    python scripts/bench_step.py                       # writes results/step_overhead.md
+    python scripts/bench_step.py --name step_overhead_default   # kfrob's default rule
     python scripts/bench_step.py --workloads mlp --batch-sizes 128 --rounds 3   # quick look
     python scripts/bench_step.py --workloads mlp --batch-sizes 128 --asdl --device cuda
-    python scripts/bench_step.py --step-rule eigenbasis_adam \
-        --damping-methods exact_where_dense --name step_overhead_default   # the default rule
+    python scripts/bench_step.py --step-rule preconditioned_sgd   # the KL-clipped step's
+        # damping methods, factored and exact: results/step_overhead.md
 
-``kfrob`` runs ``--step-rule`` (default ``preconditioned_sgd``, whose damping methods the
-default table compares) with each of ``--damping-methods``; its "preconditioning" phase is
-the rule's direction (the K-FAC solve, or the Adam rules' rotations and moments).
+``kfrob`` runs ``--step-rule`` (default ``eigenbasis_adam``, kfrob's own) with each of
+``--damping-methods`` (default: the rule's own, ``exact_where_dense`` for
+``eigenbasis_adam``, else ``factored`` and ``exact``); its "preconditioning" phase is the
+rule's direction (the K-FAC solve, or the Adam rules' rotations and moments).
 
 Absolute times on a shared 2-core CPU are noise; the ratios are the result.
 """
@@ -468,13 +469,16 @@ def main() -> None:
     parser.add_argument("--workloads", default="mlp,autoencoder,cnn")
     parser.add_argument("--batch-sizes", default="128,512")
     parser.add_argument("--freqs", default="1/10,10/100")
-    parser.add_argument("--damping-methods", default="factored,exact")
+    parser.add_argument(
+        "--damping-methods",
+        default=None,
+        help="comma-separated; default: exact_where_dense for eigenbasis_adam, else factored,exact",
+    )
     parser.add_argument(
         "--step-rule",
-        default="preconditioned_sgd",
+        default="eigenbasis_adam",
         choices=("preconditioned_sgd", "eigenbasis_adam", "adam_grafted"),
-        help="kfrob's step rule (the default's damping method: --damping-methods "
-        "exact_where_dense)",
+        help="kfrob's step rule (default: kfrob's own)",
     )
     parser.add_argument("--weight-sharing", default="expand", help="expand or reduce (convs)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -494,6 +498,9 @@ def main() -> None:
     )
     add_device_argument(parser)
     args = parser.parse_args()
+    if args.damping_methods is None:
+        own = args.step_rule == "eigenbasis_adam"
+        args.damping_methods = "exact_where_dense" if own else "factored,exact"
     if args.asdl:
         import_asdl()  # refuse before any timing if it is not installed
     rows = []

@@ -53,6 +53,19 @@ def test_bench_step_reports_ratios_and_a_breakdown(tmp_path: Path, rule: str, me
     assert shares[3] > 0  # the rule's direction is timed as preconditioning
 
 
+def test_bench_step_measures_kfrobs_own_default_unless_told(tmp_path: Path) -> None:
+    run(
+        "bench_step.py",
+        *("--workloads", "mlp", "--batch-sizes", "8", "--freqs", "1/2"),
+        *("--rounds", "1", "--steps", "2"),
+        out=tmp_path,
+    )
+    report = (tmp_path / "step_overhead.md").read_text()
+    assert "Step rule: `eigenbasis_adam`" in report
+    rows = [line for line in report.splitlines() if line.startswith("| mlp")]
+    assert [row.split("|")[4].strip() for row in rows] == ["exact_where_dense"]
+
+
 def test_bench_refresh_reports_refresh_ratios_and_step_spread(tmp_path: Path) -> None:
     run(
         "bench_refresh.py",
