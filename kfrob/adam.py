@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kfrob.finite import select
+
 __all__ = [
     "adam_step_all",
     "advance_all",
@@ -98,7 +100,7 @@ def adam_step_all(
 ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
     """Adam's step for many parameters at once (the gradients on one device); returns their
     ``(m̂, m̂ / (√v̂ + ε))``; a non-finite step (``finite`` False) changes nothing."""
-    safe = [torch.where(finite, g, 0.0) for g in gradients]
+    safe = [select(finite, g, 0.0) for g in gradients]
     m, v, steps, spare = advance_all(states, safe, safe, finite.to(safe[0].dtype), beta1, beta2)
     return normalised_all(m, v, steps, beta1, beta2, eps, into=spare)
 

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from kfrob.adam import advance_all, blend_, graft_scale, normalised_all, plain_adam
+from kfrob.finite import select
 from kfrob.kronecker import EigenInverse, InverseFactors, rotate_by
 
 __all__ = ["EIGENBASIS_ADAM_DEFAULTS", "Rotations", "adam_directions", "held_bases"]
@@ -270,7 +271,7 @@ def _zeroed_unless(finite: Tensor, layer: _Layer) -> Tensor:
     the layer owns it (a fresh temporary as large as a layer costs page faults on a CPU)."""
     if layer.owned:
         return layer.gradient.masked_fill_(finite.logical_not(), 0.0)
-    return torch.where(finite, layer.gradient, 0.0)
+    return select(finite, layer.gradient, 0.0)
 
 
 def _rotated_means(
