@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -41,63 +40,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from kfrob.alerts import warn
-from kfrob.correction import EigenbasisMoment
-from kfrob.factors import RunningFactor, SketchedFactor
-from kfrob.fisher import sampled_cross_entropy
-from kfrob.layers import LayerMath
+from kfrob.factors import RunningFactor
+from kfrob.fisher import SampledLoss, sampled_cross_entropy
+from kfrob.tracking import Selection, TrackedLayer
 
-__all__ = ["CurvatureCapture", "TrackedLayer"]
-
-
-@dataclass(eq=False)
-class TrackedLayer:
-    """A preconditioned layer: its math, its two running factors (``None`` for a side whose
-    metric is the identity), its eigenvalue correction (``None`` when off), and what its
-    hooks have seen: for the MC Fisher, each output of this forward pass with its call's
-    projected input rows (``None`` unless the correction records) and its loss mask's
-    selection (``None`` without one)."""
-
-    name: str
-    module: nn.Module
-    math: LayerMath
-    domain: RunningFactor | None
-    codomain: RunningFactor | None
-    correction: EigenbasisMoment | None = None
-    forward_calls: int = 0
-    outputs: list[tuple[Tensor, Tensor | None, Selection | None]] = field(default_factory=list)
-    #: why the hooks could not record a call (the layer then falls back to a plain update)
-    failure: str | None = None
-
-    @property
-    def factors(self) -> tuple[RunningFactor, ...]:
-        """The estimated factors, domain first."""
-        return tuple(f for f in (self.domain, self.codomain) if f is not None)
-
-    @property
-    def sides(self) -> tuple[RunningFactor | None, RunningFactor | None]:
-        """``(codomain, domain)``, ``None`` for an identity side."""
-        return self.codomain, self.domain
-
-    def checksum(self) -> Tensor:
-        """A cheap fingerprint of the factors (their summed entries), for comparing ranks."""
-        return sum((f.average.sum(dtype=torch.float64) for f in self.factors), torch.zeros(()))
-
-    @property
-    def refresh_cost(self) -> float:
-        """The estimated cost of decomposing the factors, ``Σ_sides blocks · n³`` (``n²``
-        for a diagonal side)."""
-        return float(
-            sum(
-                f.average.shape[0] * f.average.shape[-1] ** (2 if f.diagonal else 3)
-                for f in self.factors
-            )
-        )
-
-
-SampledLoss = Callable[[Tensor, torch.Generator | None], Tensor]
-#: the samples a loss mask keeps: ``(dims, indices)``, flat indices into a tensor's first
-#: ``dims`` dimensions
-Selection = tuple[int, Tensor]
+__all__ = ["CurvatureCapture"]
 
 
 class CurvatureCapture:
@@ -109,8 +56,11 @@ class CurvatureCapture:
         layers: Iterable[TrackedLayer],
         sampled_loss: SampledLoss | None = None,
         generator: torch.Generator | None = None,
+        records: bool = True,
     ) -> None:
         self.active = True
+        #: whether the hooks feed the factors (else they only count the layers' calls)
+        self.records = records
         self.layers = list(layers)
         self._sampled_loss = sampled_loss
         self._generator = generator
@@ -191,7 +141,9 @@ class CurvatureCapture:
         self, layer: TrackedLayer, module: nn.Module, args: Any, kwargs: Any, output: Any
     ) -> None:
         layer.forward_calls += 1
-        if not self._recording(module) or not layer.math.trainable or layer.failure:
+        if not (self.records and self._recording(module)) or not layer.math.trainable:
+            return
+        if layer.failure:
             return
         x = (args[0] if args else next(iter(kwargs.values()))).detach()
         if isinstance(output, Tensor):
@@ -204,16 +156,12 @@ class CurvatureCapture:
         if layer.domain is not None:
             samples = layer.math.num_samples(x)
             correcting = layer.correction is not None and layer.correction.ready
-            if layer.domain.diagonal and not correcting:  # no rows needed: their squares
-                layer.domain.add_square_sums(*layer.math.input_square_sums(x), samples)
-            elif isinstance(layer.domain, SketchedFactor) and not correcting:
-                sketch = layer.math.input_sketch(x, layer.domain.basis)
-                layer.domain.add_products(*sketch, samples)
-            else:
+            if correcting:  # the rows themselves: the correction pairs them with G's
                 rows = layer.math.input_rows(x)
                 layer.domain.add(rows, samples)
-                if correcting:
-                    projected = layer.correction.project_inputs(rows)  # type: ignore[union-attr]
+                projected = layer.correction.project_inputs(rows)  # type: ignore[union-attr]
+            else:
+                layer.domain.add_inputs(layer.math, x, samples)
         if layer.codomain is None or not isinstance(output, Tensor) or not output.requires_grad:
             return
         if self._sampled_loss is not None:

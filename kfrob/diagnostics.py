@@ -328,10 +328,12 @@ def step_diagnostics(
     preconditioner: KroneckerPreconditioner, plan: StepPlan, damping: Mapping[str, float]
 ) -> dict[str, float]:
     """Diagnostics of a step, as a flat dict: ``plan`` is
-    :meth:`KroneckerPreconditioner.plan` of the directions, ``damping`` each layer's ``λ``.
+    :meth:`KroneckerPreconditioner.plan` of the directions (or a step rule's
+    :meth:`~kfrob.rules.StepRule.step_plan`), ``damping`` each layer's ``λ``.
 
     Per preconditioned layer ``name`` (``g`` its direction matrix ``[∇W + wd·W, ∇b]``,
-    ``Δ = lr·ν·R(g)`` its update with ``R`` the damped preconditioner and ``ν`` the KL clip):
+    ``Δ`` its update: the plan's ``taken`` where a step rule set it, else ``lr·ν·R(g)`` with
+    ``R`` the damped preconditioner and ``ν`` the KL clip):
 
     * ``{name}/grad_norm``: ``‖g‖_F``; ``{name}/grad_norm_metric``: ``sqrt⟨g, R(g)⟩``, the
       dual norm of ``g`` in the damped metric;
@@ -354,7 +356,7 @@ def step_diagnostics(
     for step in plan.layers:
         name = step.layer.name
         a, g = (f if f.dim() == 3 else f.unsqueeze(0) for f in factors[name])
-        update = step.lr * nu * step.preconditioned
+        update = step.lr * nu * step.preconditioned if step.taken is None else step.taken
         params = step.layer.math.parameter_matrix()
         metric_sq = frobenius_norm(update, codomain=g, domain_inverse=a, check=False).square()
         values = {

@@ -23,12 +23,15 @@ sets ``F``. With the decay warm-up, the ``k``-th accepted statistic enters with 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from kfrob.options import InverseOptions
 from kfrob.structure import nystrom, split_parts
 
-__all__ = ["BlockDiagonalFactor", "RunningFactor", "SketchedFactor"]
+__all__ = ["BlockDiagonalFactor", "RunningFactor", "SketchedFactor", "factor_for", "sketch_of"]
 
 
 class RunningFactor:
@@ -39,6 +42,8 @@ class RunningFactor:
             ``diagonal``: only the diagonal is accumulated and stored).
         per_sample_scale: False for ``A`` (normalise by rows); True for ``G`` (the rows are
             loss gradients; normalise as the module docstring says).
+        per_step: the window's statistic is the mean of its adds instead (a factor fed once
+            a step, from the gradient matrices: :mod:`kfrob.sources`).
         device: where the factor lives (the layer's parameters' device).
         dtype: the factor's dtype (float32 by default; float64 for float64 layers).
     """
@@ -50,12 +55,14 @@ class RunningFactor:
         *,
         diagonal: bool = False,
         per_sample_scale: bool = False,
+        per_step: bool = False,
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (blocks, size) if diagonal else (blocks, size, size)
         self.diagonal = diagonal
         self.per_sample_scale = per_sample_scale
+        self.per_step = per_step
         #: what the moving average runs over (the factor itself, for this class)
         self.average = torch.zeros(shape, device=device, dtype=dtype)
         self.folds = torch.zeros((), dtype=torch.long, device=device)  # accepted windows
@@ -100,6 +107,15 @@ class RunningFactor:
         self.samples += samples
         self.calls += 1
 
+    def add_inputs(self, math: Any, x: Tensor, samples: int) -> None:
+        """Add the domain rows of a layer's input ``x`` (``math`` its
+        :class:`~kfrob.layers.LayerMath`), in the cheapest form this factor keeps: only
+        their squares for a diagonal one."""
+        if self.diagonal:  # no rows needed: their squares (rows may be sparse, e.g. one-hot)
+            self.add_square_sums(*math.input_square_sums(x), samples)
+        else:
+            self.add(math.input_rows(x), samples)
+
     def add_square_sums(self, sums: Tensor, rows: int, samples: int) -> None:
         """Add ``Σ_rows r²`` ``(blocks, size)`` of ``rows`` rows from ``samples`` samples to a
         diagonal factor (for layers whose rows are sparse, e.g. one-hot)."""
@@ -111,6 +127,8 @@ class RunningFactor:
     def statistic(self, reduction: str = "mean", calls_per_forward: int = 1) -> Tensor:
         """The window's statistic (see the module docstring); ``reduction`` is the loss's,
         ``calls_per_forward`` how often the module ran in each forward pass."""
+        if self.per_step:
+            return self._sum / self.calls
         if not self.per_sample_scale:
             return self._sum / self.rows
         samples = self.samples / calls_per_forward
@@ -179,6 +197,7 @@ class BlockDiagonalFactor(RunningFactor):
         max_block: int,
         *,
         per_sample_scale: bool = False,
+        per_step: bool = False,
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -186,8 +205,8 @@ class BlockDiagonalFactor(RunningFactor):
         self.parts = -(-size // self.part)
         self.size, self.layer_blocks = size, blocks
         super().__init__(
-            blocks * self.parts, self.part, per_sample_scale=per_sample_scale, device=device,
-            dtype=dtype,
+            blocks * self.parts, self.part, per_sample_scale=per_sample_scale,
+            per_step=per_step, device=device, dtype=dtype,
         )  # fmt: skip
         #: why the side is block-diagonal (shown by ``KroneckerPreconditioner.structures``)
         self.reason = f"requested: {self.parts} blocks of width {self.part}"
@@ -227,6 +246,7 @@ class SketchedFactor(RunningFactor):
         blocks, size, rank = basis.shape
         self.diagonal = False
         self.per_sample_scale = dense.per_sample_scale
+        self.per_step = dense.per_step
         self.average = basis.new_zeros(blocks, size + 1, rank)
         self.average[:, -1, :1] = dense.trace()
         self.restart(basis, eigenvalues)
@@ -266,6 +286,11 @@ class SketchedFactor(RunningFactor):
         self._basis = basis
         self.average[:, :-1] = basis * eigenvalues[..., None, :]
 
+    def add_inputs(self, math: Any, x: Tensor, samples: int) -> None:
+        """Add a layer input's rows as their products with the basis, formed by the layer
+        (:meth:`~kfrob.layers.LayerMath.input_sketch`: no unfolded rows for a convolution)."""
+        self.add_products(*math.input_sketch(x, self._basis), samples)
+
     def add(self, rows: Tensor, samples: int) -> None:
         self._sum[:, :-1].baddbmm_(rows.mT, rows @ self._basis)
         self.add_products(None, rows.square().sum((1, 2)), rows.shape[1], samples)
@@ -288,3 +313,34 @@ class SketchedFactor(RunningFactor):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self._basis = state["basis"].to(self._basis)
         super().load_state_dict(state)
+
+
+def factor_for(
+    math: Any, side: str, metric: str, options: InverseOptions, per_step: bool = False
+) -> RunningFactor | None:
+    """The running factor of one side (``"domain"`` or ``"codomain"``) of a layer (``math``
+    its :class:`~kfrob.layers.LayerMath`) whose metric on that side is ``metric``
+    (``"identity"``: none; ``"diagonal"``; or the full one), in the structure ``options``
+    ask for: diagonal (also for a layer whose domain is diagonal by nature, an embedding's),
+    block-diagonal where a side asked to be is wider than one block, else dense. The one
+    place a factor's structure is decided; :func:`sketch_of` makes a dense one low-rank."""
+    if metric == "identity":
+        return None
+    codomain = side == "codomain"
+    size = math.out_features if codomain else math.in_features
+    diagonal = metric == "diagonal" or (math.diagonal_domain and not codomain)
+    structure = getattr(options, f"{side}_structure")
+    scale = {"per_sample_scale": codomain, "per_step": per_step}
+    place = {"device": math.device, "dtype": math.factor_dtype}
+    if not diagonal and structure == "block_diagonal" and size > options.max_block_size:
+        return BlockDiagonalFactor(math.blocks, size, options.max_block_size, **scale, **place)
+    return RunningFactor(math.blocks, size, diagonal=diagonal, **scale, **place)
+
+
+def sketch_of(
+    factor: RunningFactor, basis: Tensor, eigenvalues: Tensor, reason: str
+) -> SketchedFactor:
+    """``factor`` held as a sketch on ``basis`` from now on (a low-rank side), saying why."""
+    sketch = SketchedFactor(factor, basis, eigenvalues)
+    sketch.reason = reason
+    return sketch

@@ -1,5 +1,5 @@
-"""One cheap test of whether a set of tensors holds only finite values, and the choice it
-drives."""
+"""One cheap test of whether a set of tensors holds only finite values, and the choices it
+drives (a selection, a gated descent)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "select"]
+__all__ = ["all_finite", "descend_gated", "select"]
 
 
 def all_finite(tensors: Iterable[Tensor]) -> Tensor:
@@ -44,3 +44,17 @@ def select(condition: Tensor, new: Tensor, old: Tensor | float) -> Tensor:
             return new
         return old if isinstance(old, Tensor) else torch.zeros_like(new)
     return torch.where(condition, new, old)
+
+
+def descend_gated(params: list[Tensor], steps: list[Tensor], finite: Tensor, lr: float) -> None:
+    """``p −= lr · d`` for each parameter and its finite direction, ``p`` unchanged when the
+    0-dim ``finite`` is False, with no host sync; the directions are overwritten."""
+    gates: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+    for d in steps:
+        gates.setdefault((d.dtype, d.device), finite.to(d.device, d.dtype) * -lr)
+    if len(gates) == 1:
+        torch._foreach_mul_(steps, next(iter(gates.values())))
+    else:
+        for d in steps:
+            d.mul_(gates[d.dtype, d.device])
+    torch._foreach_add_(params, steps)

@@ -17,11 +17,16 @@ the classes (or outputs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SAMPLED_LOSSES", "sampled_cross_entropy", "sampled_mse"]
+__all__ = ["SAMPLED_LOSSES", "SampledLoss", "sampled_cross_entropy", "sampled_mse"]
+
+#: a loss of sampled labels: ``(the model's output, generator) → the per-sample sum``
+SampledLoss = Callable[[Tensor, torch.Generator | None], Tensor]
 
 
 def sampled_cross_entropy(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:

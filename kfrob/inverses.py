@@ -14,10 +14,9 @@ about by name again:
 * :class:`ExactWhereDense`: exact damping in eigenbases where a layer's sides are all
   dense, factored damping where one is structured (as :class:`FactoredDamping` chooses).
 
-A method computes inverses for a list of layers (full factors of one size decomposed in one
-batched call, :func:`~kfrob.kronecker.decompose_all`), rebuilds an inverse from the state
-that travels between ranks, and owns any per-layer state of its own and its part of the
-``state_dict``. The math itself is in :mod:`kfrob.kronecker`.
+A method computes inverses for a list of layers (full sides of one size decomposed in one
+batched call), rebuilds an inverse from the state that travels between ranks, and owns its
+per-layer state and ``state_dict`` part. The math itself is in :mod:`kfrob.kronecker`.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kfrob.capture import TrackedLayer
 from kfrob.correction import EigenbasisMoment
-from kfrob.factors import BlockDiagonalFactor, RunningFactor, SketchedFactor
+from kfrob.factors import BlockDiagonalFactor, RunningFactor, SketchedFactor, sketch_of
 from kfrob.kronecker import (
     EigenInverse,
     InverseFactors,
@@ -56,6 +54,7 @@ from kfrob.structure import (
     low_rank_power,
     nystrom,
 )
+from kfrob.tracking import TrackedLayer
 
 __all__ = [
     "EigenvalueCorrected",
@@ -82,6 +81,8 @@ class InverseMethod:
 
     #: why the method cannot run under data parallelism (``None``: it can)
     parallel_conflict: str | None = None
+    #: the structures asked of the factors (:func:`kfrob.factors.factor_for`; dense here)
+    options: InverseOptions = InverseOptions()
 
     def __init__(self, exponent: float = 1.0) -> None:
         self.exponent = exponent
@@ -307,9 +308,8 @@ class FactoredDamping(InverseMethod):
                 factor.restart(power.basis, power.eigenvalues)
                 continue
             choices = choices or self.structures(layer)
-            sketch = SketchedFactor(factor, power.basis, power.eigenvalues)
-            sketch.reason = choices[side].reason
-            setattr(layer, side, sketch)
+            reason = choices[side].reason
+            setattr(layer, side, sketch_of(factor, power.basis, power.eigenvalues, reason))
 
 
 class ExactDamping(InverseMethod):

@@ -80,6 +80,11 @@ class EigenInverse:
     def apply(self, matrix: Tensor) -> Tensor:
         return apply_eigen(matrix, self.codomain, self.domain, self.scaling)
 
+    @property
+    def eigenbases(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(Q_G, Q_A)`` (``None``: the coordinate basis of a diagonal or identity side)."""
+        return self.codomain.basis, self.domain.basis
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "kind": "eigen",
@@ -116,6 +121,11 @@ class InverseFactors:
 
     def apply(self, matrix: Tensor) -> Tensor:
         return apply_inverses(matrix, self)
+
+    @property
+    def eigenbases(self) -> None:
+        """No eigenbases: the sides are matrix powers or structured operators."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"kind": "factored"}

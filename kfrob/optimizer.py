@@ -10,124 +10,60 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join
 from torch.optim import Optimizer
 
-from kfrob.adam import descend_gated
-from kfrob.adam_grafted import ADAM_GRAFTED_DEFAULTS, grafted_directions
 from kfrob.adaptation import LevenbergMarquardt
 from kfrob.distributed import unwrap
-from kfrob.eigenbasis_adam import (
-    EIGENBASIS_ADAM_DEFAULTS,
-    Rotations,
-    adam_directions,
-    held_bases,
-)
-from kfrob.finite import select
 from kfrob.join import ShadowStepping
-from kfrob.kronecker import EigenInverse, InverseFactors
-from kfrob.options import (
-    PreconditionerOptions,
-    check_group,
-    check_step_rule,
-    first_moment,
-    require,
-    with_flat_keywords,
-)
+from kfrob.options import PreconditionerOptions, check_group, require, with_flat_keywords
 from kfrob.preconditioner import KroneckerPreconditioner
+from kfrob.rules import RULES, StepRule, rule_named
 
-__all__ = ["STEP_RULES", "FrobPreconditionedSGD"]
+__all__ = ["DEFAULT_RULE", "FrobPreconditionedSGD"]
 
-#: what a step does with the curvature (the preconditioned gradient ``(A ⊗ G + λI)⁻¹ g``
-#: under SGD's momentum and the KL clip; Adam in the Kronecker eigenbasis; the
-#: preconditioned first moment at Adam's per-layer length), with each rule's own defaults
-#: for the flat keywords (explicit keywords override them)
-RULE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "preconditioned_sgd": {},
-    "eigenbasis_adam": EIGENBASIS_ADAM_DEFAULTS,
-    "adam_grafted": ADAM_GRAFTED_DEFAULTS,
-}
-STEP_RULES = tuple(RULE_DEFAULTS)
+#: the step rule a plain ``FrobPreconditionedSGD(model, lr)`` takes
+DEFAULT_RULE = "eigenbasis_adam"
 
 
 class FrobPreconditionedSGD(Optimizer, ShadowStepping):
-    r"""Steepest descent in Kronecker-factored Frobenius-type norms, with Adam's step sizes.
+    """Steepest descent in Kronecker-factored Frobenius-type norms, with Adam's step sizes.
 
-    Every layer of a registered kind (``nn.Linear``, convolutions, embeddings, norms:
-    ``docs/api.md#layer-kinds``; weight ``W`` and bias ``b`` together as ``V = [W, b]`` of
-    shape ``(out, in + 1)``) keeps running Kronecker factors: ``A``, the covariance of its
-    (bias-augmented) inputs, and ``G``, the Fisher factor of its per-sample output gradients
-    (:mod:`kfrob.factors`); ``A ⊗ G`` is the norm that measures a step,
-    ``‖Δ‖² = tr(A Δᵀ G Δ)``. What a step does with them is the ``step_rule``:
-
-    * ``"eigenbasis_adam"`` (default): Adam in each layer's Kronecker eigenbasis,
-      ``Δ = Q_G [m̂' / (√v̂' + ε)] Q_Aᵀ`` with the moments of ``Q_Gᵀ ∇V Q_A``
-      (:mod:`kfrob.eigenbasis_adam`); a layer whose wide side the cost model makes
-      low-rank takes its K-FAC direction ``(A ⊗ G + λI)⁻¹ m̂`` at the length of its Adam
-      step instead. ``lr`` is Adam's; ``momentum``, if given, is ``β₁``.
-    * ``"preconditioned_sgd"``: the Riesz representative of the gradient,
-
-      .. math::
-          \mathrm{vec}(\Delta) = (A \otimes G + \lambda I)^{-p}\,\mathrm{vec}(\nabla_V L
-          + \mathrm{wd}\cdot V),
-
-      all directions scaled by one factor
-
-      .. math:: \nu = \min\Bigl(1, \sqrt{\kappa / \textstyle\sum_\ell r_\ell^2
-          \langle g_\ell, \Delta_\ell\rangle}\Bigr), \quad
-          r_\ell = \mathrm{lr}_\ell / (1 - \mu_\ell)
-
-      (the KL clip ``κ``; ``r`` is the step a steady direction takes under momentum
-      ``μ``), after which momentum, Nesterov and the learning rate act exactly as in
-      :class:`torch.optim.SGD`; other modules get plain SGD.
-    * ``"adam_grafted"``: every layer's preconditioned first moment at the length of its
-      Adam step (:mod:`kfrob.adam_grafted`).
-
-    The Adam rules use ``betas`` and ``eps``, decouple the weight decay (as AdamW) and give
-    the modules without factors AdamW. The curvature work is done by a
-    :class:`kfrob.KroneckerPreconditioner` (:attr:`preconditioner`); this class adds the
-    step rule's bookkeeping and the damping rule.
+    Every layer of a registered kind (``docs/api.md#layer-kinds``; weight and bias together
+    as ``V = [W, b]``, ``(out, in + 1)``) keeps running Kronecker factors from its
+    ``curvature_source`` (:mod:`kfrob.sources`): by default ``A``, the covariance of its
+    inputs, and ``G``, the Fisher factor of its per-sample output gradients; ``A ⊗ G``
+    measures a step, ``‖Δ‖² = tr(A Δᵀ G Δ)``. What a step does with them is the
+    ``step_rule`` (:mod:`kfrob.rules`): ``"eigenbasis_adam"`` (default; Adam in each layer's
+    Kronecker eigenbasis, ``lr`` Adam's and ``momentum`` its ``β₁``),
+    ``"preconditioned_sgd"`` (the KL-clipped ``(A ⊗ G + λI)^{-p} g`` under SGD's momentum)
+    or ``"adam_grafted"``; modules without curvature get the rule's plain update (AdamW, or
+    SGD). The curvature work is done by a :class:`kfrob.KroneckerPreconditioner`
+    (:attr:`preconditioner`), the step by the rule (:attr:`rule`).
 
     Args:
         model: the model to train (not its parameters): hooks go on its registered layers.
-        params: parameter groups as for any ``torch.optim`` optimizer (an iterable of dicts
-            with ``"params"`` and per-group ``lr``, ``momentum``, ``nesterov``,
-            ``weight_decay``, ``damping``), or ``None`` (default) for one group of all the
-            model's parameters. A layer's ``damping`` and KL-clip learning rate are those of
-            its weight's group.
-        lr: learning rate (``>= 0``; required; ``FrobPreconditionedSGD(model, 0.1)`` also
-            works).
-        momentum: in ``[0, 1)``: SGD's momentum factor (default 0) under
-            ``"preconditioned_sgd"``, Adam's ``β₁`` under the Adam rules (default
-            ``betas[0]``).
+        params: parameter groups as for any ``torch.optim`` optimizer (per-group ``lr``,
+            ``momentum``, ``nesterov``, ``weight_decay``, ``damping``, ``betas``, ``eps``),
+            or ``None`` (default) for one group of all the model's parameters. A layer's
+            ``damping`` and KL-clip learning rate are those of its weight's group.
+        lr: learning rate (``>= 0``; required; ``FrobPreconditionedSGD(model, 0.1)`` works).
+        momentum: in ``[0, 1)``: as the rule reads it (SGD's momentum, or Adam's ``β₁``).
         nesterov: Nesterov momentum (``"preconditioned_sgd"`` with ``momentum > 0``).
-        weight_decay: L2 penalty added to the gradient before preconditioning (``>= 0``;
-            decoupled, as in AdamW, under the Adam rules).
-        step_rule: ``"eigenbasis_adam"`` (default), ``"preconditioned_sgd"`` or
-            ``"adam_grafted"``; each has defaults of its own for the flat keywords
-            (``RULE_DEFAULTS``).
-        betas, eps: Adam's moment decays (each in ``[0, 1)``, default ``(0.9, 0.95)``)
-            and ``ε > 0``, per group (the Adam rules only).
+        weight_decay: ``>= 0``; added to the gradient, or decoupled (AdamW) by the Adam rules.
+        step_rule: a registered rule's name; each has defaults of its own for the flat
+            keywords (the signature shows the default rule's).
+        betas, eps: Adam's moment decays (each in ``[0, 1)``, default ``(0.9, 0.95)``) and
+            ``ε > 0`` (the Adam rules).
         options: a :class:`~kfrob.options.PreconditionerOptions`; or leave it out and pass
-            its flat keywords (listed in this signature, documented in ``docs/api.md`` and
-            :mod:`kfrob.options`): ``damping=1e-3`` (``λ > 0``, the groups' default),
-            ``kl_clip=1e-3``, ``factor_decay``, ``factor_update_freq``,
-            ``inverse_update_freq``, ``domain``, ``codomain``, ``exponent``,
-            ``damping_method``, ``eigenbasis_refresh``, ``eigenvalue_correction``,
-            ``weight_sharing``, ``fisher``, ``loss``, ``loss_reduction``,
-            ``stagger_refreshes``, ``factor_decay_warmup``, ``process_group``,
-            ``inverse_placement``, ``adaptive_damping`` and its ``damping_adaptation_*``,
-            ``min_damping``, ``max_damping``.
+            its flat keywords (this signature; ``docs/api.md``, :mod:`kfrob.options`).
         grad_scaler: the ``torch.amp.GradScaler`` the backward pass runs under.
         generator: random generator for the MC Fisher (its state travels in the
             ``state_dict``).
 
     With ``adaptive_damping=True`` every ``damping_adaptation_interval``-th step measures
-    ``ρ = (L(θ+Δ) − L(θ)) / M(Δ)`` on its batch by calling the closure once more after the
-    update, and moves every group's ``damping`` (:mod:`kfrob.adaptation`); :meth:`step` then
-    needs a closure. Under data parallelism every rank must call :meth:`step` (and
-    :meth:`diagnostics`) together, or run inside
-    ``torch.distributed.algorithms.join.Join([ddp_model, optimizer])`` for uneven inputs: a
-    rank out of data then shadows kfrob's collectives (its factors and inverses stay those of
-    the others; DDP syncs the final weights). Join needs ``inverse_placement="replicated"``
-    and no ``adaptive_damping``.
+    ``ρ = (L(θ+Δ) − L(θ)) / M(Δ)`` by calling the closure once more after the update and
+    moves every group's ``damping`` (:mod:`kfrob.adaptation`); :meth:`step` then needs a
+    closure. Under data parallelism every rank calls :meth:`step` (and :meth:`diagnostics`)
+    together, or runs inside ``torch.distributed.algorithms.join.Join([ddp_model, opt])``
+    for uneven inputs (``inverse_placement="replicated"``, no ``adaptive_damping``).
     """
 
     def __init__(
@@ -139,7 +75,7 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         momentum: float | None = None,
         nesterov: bool = False,
         weight_decay: float = 0.0,
-        step_rule: str = "eigenbasis_adam",
+        step_rule: str = DEFAULT_RULE,
         betas: tuple[float, float] | None = None,
         eps: float = 1e-8,
         options: PreconditionerOptions | None = None,
@@ -166,12 +102,12 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
                 "model has parameters on the meta device: materialise it (e.g. "
                 "model.to_empty(device=...) and initialise) before creating the optimizer"
             )
-        require("step_rule", step_rule, step_rule in STEP_RULES, f"one of {', '.join(STEP_RULES)}")
+        rule = rule_named(step_rule)
         if options is None:
-            options = PreconditionerOptions.from_flat(**{**RULE_DEFAULTS[step_rule], **flat})
+            options = PreconditionerOptions.from_flat(**{**rule.defaults, **flat})
         elif flat:
             raise TypeError(f"pass options or flat keywords, not both (got {sorted(flat)})")
-        sgd_momentum, betas = first_moment(step_rule, momentum, betas)
+        sgd_momentum, betas = rule.moments(momentum, betas)
         defaults = {
             "lr": lr,
             "momentum": sgd_momentum,
@@ -182,8 +118,10 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
             "eps": eps,
         }
         check_group(defaults)
-        check_step_rule(step_rule, options, nesterov)
+        rule.check(options, nesterov)
         self.step_rule = step_rule
+        #: the step rule (:mod:`kfrob.rules`): what a step does with the curvature
+        self.rule: StepRule = rule(self)
         self._model_parameters = {id(p) for p in everything}
         super().__init__(everything if params is None else params, defaults)
         require(
@@ -194,20 +132,16 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         self.preconditioner = KroneckerPreconditioner(
             model, options, grad_scaler=grad_scaler, generator=generator
         )
-        rule = options.adaptation
-        self._adaptation = None if rule is None else LevenbergMarquardt(rule)
-        self._rotations = Rotations()  # what eigenbasis_adam keeps between steps (derived)
+        adaptation = options.adaptation
+        self._adaptation = None if adaptation is None else LevenbergMarquardt(adaptation)
         self.last_reduction_ratio: float | None = None  # ρ of the last adaptation
         ShadowStepping.__init__(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As in ``torch.optim``; the group's options are validated (a ``momentum`` is
-        ``betas[0]`` under the Adam rules) and its parameters must belong to the model."""
-        if "momentum" in param_group and self.step_rule != "preconditioned_sgd":
-            momentum = param_group["momentum"]  # β₁ under the Adam rules
-            betas = param_group.get("betas", (momentum, self.defaults["betas"][1]))
-            _, betas = first_moment(self.step_rule, momentum, betas)
-            param_group = {**param_group, "momentum": 0.0, "betas": betas}
+        """As in ``torch.optim``; the group's options are validated (a ``momentum`` is read as
+        the rule reads it: ``betas[0]`` under the Adam rules) and its parameters must belong
+        to the model."""
+        param_group = self.rule.group(param_group, self.defaults)
         check_group(param_group)
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
@@ -261,19 +195,11 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         pre = self.preconditioner
         measured = adaptation is not None and adaptation.due(pre.steps)
         before = adaptation.snapshot(self.param_groups) if measured else None  # type: ignore[union-attr]
-        adam = self.step_rule != "preconditioned_sgd"  # AdamW's decoupled weight decay
-        directions = self.directions(decay=not adam)
+        rule = self.rule
+        directions = self.directions(decay=not rule.decoupled_weight_decay)
         finite = pre.update(directions, self.layer_damping())
-        if self.step_rule == "eigenbasis_adam":
-            adam_directions(
-                self.param_groups, self.state, directions, self._bases(), finite,
-                self._rotations,
-            )  # fmt: skip
-        elif adam:
-            grafted_directions(self.param_groups, self.state, directions, pre, finite)
-        else:
-            pre.precondition_(directions, self.learning_rates())
-        self._apply(directions, finite, decoupled=adam)
+        rule.directions(directions, finite, self.state)
+        rule.update(directions, finite)
         if before is not None:
             self.last_reduction_ratio = adaptation.adapt(  # type: ignore[union-attr]
                 pre,
@@ -338,65 +264,15 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         }
 
     def diagnostics(self) -> dict[str, float]:
-        """Per-layer diagnostics of the step the current gradients give (see
-        :func:`kfrob.diagnostics.step_diagnostics`); call it after ``backward()``."""
+        """Per-layer diagnostics of the step the current gradients give under the step rule
+        (:meth:`StepRule.step_plan`; see :func:`kfrob.diagnostics.step_diagnostics`), with
+        neither the optimizer's state nor the factors changed; call it after
+        ``backward()``."""
         from kfrob.diagnostics import step_diagnostics
 
         pre = self.preconditioner
-        plan = pre.plan(self.directions(), self.learning_rates())
+        plan = self.rule.step_plan(self.directions(not self.rule.decoupled_weight_decay))
         return step_diagnostics(pre, plan, {**pre.damping, **self.layer_damping()})
-
-    def _bases(self) -> dict[Tensor, tuple[Any, EigenInverse | InverseFactors | None]]:
-        """Each active layer's weight, with its math and its inverse (if refreshed): its
-        eigenbases, or structured inverse factors."""
-        pre = self.preconditioner
-        bases = {}
-        for layer in pre.active_layers():
-            inverse = pre.inverses.get(layer.name)
-            local = inverse if isinstance(inverse, EigenInverse | InverseFactors) else None
-            bases[layer.math.weight] = (layer.math, local)
-        return bases
-
-    def _apply(
-        self, directions: dict[Tensor, Tensor], finite: Tensor, decoupled: bool = False
-    ) -> None:
-        """Momentum and the parameter update, as in ``torch.optim.SGD`` (with ``decoupled``,
-        the weight decay ``−lr · wd · p`` of AdamW besides); nothing changes (parameters or
-        momentum) when ``finite`` is False. The Adam rules' directions (``decoupled``) are
-        this step's own tensors and finite even on a skipped step (from the kept moments),
-        so they are scaled by ``−lr`` or 0 in place instead of selected afresh."""
-        for group in self.param_groups:
-            momentum, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
-            params = [p for p in group["params"] if p in directions]
-            if not params:
-                continue
-            steps = [directions[p] for p in params]
-            if decoupled and decay != 0:
-                shrink = select(finite, params[0].new_tensor(1 - lr * decay), 1.0)
-                torch._foreach_mul_(params, shrink)
-            if decoupled and momentum == 0:
-                descend_gated(params, steps, finite, lr)
-                continue
-            if momentum != 0:
-                pairs = zip(params, steps, strict=True)
-                steps = [self._momentum(p, d, finite, group) for p, d in pairs]
-            safe = [select(finite, d, 0.0) for d in steps]
-            if any(d.is_sparse for d in safe):
-                for p, d in zip(params, safe, strict=True):
-                    p.add_(d, alpha=-lr)
-            else:
-                torch._foreach_add_(params, safe, alpha=-lr)
-
-    def _momentum(self, p: Tensor, d: Tensor, finite: Tensor, group: dict[str, Any]) -> Tensor:
-        """SGD's momentum step for ``p`` (its buffer advanced unless ``finite`` is False)."""
-        momentum, state = group["momentum"], self.state[p]
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = select(finite, d, 0.0).detach().clone()
-        else:
-            buf = select(finite, buf * momentum + d, buf)
-        state["momentum_buffer"] = buf
-        return d.add(buf, alpha=momentum) if group["nesterov"] else buf
 
     # --- persistence and lifetime --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -405,6 +281,7 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         state = super().state_dict()
         state["kfrob"] = {
             "engine": self.preconditioner.state_dict(),
+            "rule": self.rule.state_dict(),
             "last_reduction_ratio": self.last_reduction_ratio,
         }
         return state
@@ -419,7 +296,7 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         self.preconditioner.check_state_dict(engine)
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(engine)
-        self._rotations = held_bases(self._bases(), self.state)
+        self.rule.load_state_dict(extra.get("rule", {}))
         self.last_reduction_ratio = extra.get("last_reduction_ratio")
 
     def close(self) -> None:
@@ -436,8 +313,7 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         text = super().__repr__()
         plain = sorted({*self.preconditioner.unsupported, *self.preconditioner.disabled})
         if plain:
-            kind = "SGD" if self.step_rule == "preconditioned_sgd" else "AdamW"
-            text += f"\nPlain {kind} (no curvature) for: {', '.join(plain)}"
+            text += f"\nPlain {self.rule.plain_update} (no curvature) for: {', '.join(plain)}"
         labels = {"domain": "A", "codomain": "G"}
         for name, sides in self.preconditioner.structures().items():
             parts = [f"{labels[s]} {c.structure} ({c.reason})" for s, c in sides.items()]
@@ -446,4 +322,6 @@ class FrobPreconditionedSGD(Optimizer, ShadowStepping):
         return text
 
 
-with_flat_keywords(FrobPreconditionedSGD.__init__, required=("lr",))
+with_flat_keywords(
+    FrobPreconditionedSGD.__init__, required=("lr",), defaults=RULES[DEFAULT_RULE].defaults
+)

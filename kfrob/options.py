@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_type_hints
+
+from kfrob.structure import Structure
 
 __all__ = [
     "CurvatureOptions",
@@ -30,8 +33,6 @@ __all__ = [
     "PreconditionerOptions",
     "ScheduleOptions",
     "check_group",
-    "check_step_rule",
-    "first_moment",
     "flat_parameters",
     "with_flat_keywords",
 ]
@@ -45,7 +46,11 @@ WeightSharing = Literal["expand", "reduce"]
 DampingMethod = Literal["factored", "exact", "exact_where_dense"]
 EigenbasisRefresh = Literal["eigh", "subspace"]
 InversePlacement = Literal["replicated", "owner"]
-Structure = Literal["auto", "dense", "low_rank", "block_diagonal"]
+Source = Literal["activations", "gradients"]
+#: where a layer's factors come from: ``"activations"``, the hooks' inputs and per-sample
+#: output gradients (K-FAC's ``A``, ``G``); ``"gradients"``, the gradient matrices themselves
+#: (Shampoo's ``R = E[Vᵀ V]``, ``L = E[V Vᵀ]``)
+SOURCES: tuple[str, ...] = get_args(Source)
 
 
 def require(name: str, value: Any, ok: bool, allowed: str) -> None:
@@ -73,9 +78,12 @@ def _choice(name: str, value: Any, kind: Any) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class CurvatureOptions:
-    """What the factors measure. ``fisher=None`` means ``"mc"`` when ``loss`` is given and
-    ``"empirical"`` otherwise; the resolved value is stored."""
+    """What the factors measure. ``source`` is where they come from (:data:`SOURCES`; see
+    :mod:`kfrob.sources`). ``fisher=None`` means ``"mc"`` when ``loss`` is given and
+    ``"empirical"`` otherwise; the resolved value is stored (gradient factors need no
+    Fisher and ignore it)."""
 
+    source: Source = "activations"
     domain: Domain = "covariance"
     codomain: Codomain = "fisher"
     fisher: Fisher | None = None
@@ -89,6 +97,7 @@ class CurvatureOptions:
         decay = self.factor_decay
         require("factor_decay", decay, _number(decay) and 0 <= decay < 1, "[0, 1)")
         _bool("factor_decay_warmup", self.factor_decay_warmup)
+        require("curvature_source", self.source, self.source in SOURCES, f"one of {SOURCES}")
         _choice("domain", self.domain, Domain)
         _choice("codomain", self.codomain, Codomain)
         _choice("weight_sharing", self.weight_sharing, WeightSharing)
@@ -100,6 +109,11 @@ class CurvatureOptions:
             _choice("loss", self.loss, Loss)
         if fisher is None:
             object.__setattr__(self, "fisher", "mc" if self.loss is not None else "empirical")
+
+    @property
+    def monte_carlo(self) -> bool:
+        """Whether ``G`` comes from labels sampled from the model (the MC Fisher)."""
+        return self.fisher == "mc"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,6 +253,12 @@ class PreconditionerOptions:
             "None or a finite number > 0",
         )  # fmt: skip
         curvature = self.curvature
+        require(
+            "eigenvalue_correction", True,
+            not (self.inverse.eigenvalue_correction and curvature.source != "activations"),
+            "False with curvature_source='gradients' (EKFAC pairs each call's inputs with its "
+            "output gradients)",
+        )  # fmt: skip
         if self.inverse.eigenvalue_correction and (
             curvature.domain != "covariance" or curvature.codomain != "fisher"
         ):
@@ -312,8 +332,8 @@ _PARTS = {
 
 #: flat keyword → (the part of :class:`PreconditionerOptions`, its field there)
 FLAT: dict[str, tuple[str, str]] = {
-    **{f.name: (part, f.name) for part, kind in _PARTS.items() if part != "adaptation"
-       for f in fields(kind)},
+    **{("curvature_source" if f.name == "source" else f.name): (part, f.name)
+       for part, kind in _PARTS.items() if part != "adaptation" for f in fields(kind)},
     "damping": ("", "damping"),
     "kl_clip": ("", "kl_clip"),
     "adaptive_damping": ("", "adaptive_damping"),
@@ -356,17 +376,24 @@ def check_group(group: dict[str, Any]) -> None:
         require("eps", eps, _number(eps) and eps > 0, "a finite number > 0")
 
 
-def with_flat_keywords(function: Any, required: tuple[str, ...] = ()) -> None:
+def with_flat_keywords(
+    function: Any, required: tuple[str, ...] = (), defaults: Mapping[str, Any] | None = None
+) -> None:
     """Give ``function`` (a front's ``__init__`` that takes ``**flat``) a signature listing the
-    flat keywords in place of ``**flat``, with their defaults and types; the parameters named
-    in ``required`` are shown without a default."""
+    flat keywords in place of ``**flat``, with their defaults (``defaults`` overriding the
+    options' own: a step rule's) and types; the parameters named in ``required`` are shown
+    without a default."""
     own = inspect.signature(function)
     params = [
         p.replace(default=inspect.Parameter.empty) if p.name in required else p
         for p in own.parameters.values()
         if p.kind is not p.VAR_KEYWORD
     ]
-    function.__signature__ = own.replace(parameters=params + flat_parameters())
+    flat = [
+        p.replace(default=defaults[p.name]) if defaults and p.name in defaults else p
+        for p in flat_parameters()
+    ]
+    function.__signature__ = own.replace(parameters=params + flat)
 
 
 def flat_parameters() -> list[inspect.Parameter]:
@@ -386,59 +413,3 @@ def flat_parameters() -> list[inspect.Parameter]:
                           annotation=hints[name])
         for name in FLAT
     ]  # fmt: skip
-
-
-#: Adam's moment decays ``(β₁, β₂)`` where none are given
-BETAS = (0.9, 0.95)
-
-
-def first_moment(
-    step_rule: str, momentum: float | None, betas: tuple[float, float] | None
-) -> tuple[float, tuple[float, float]]:
-    """SGD's ``momentum`` and Adam's ``betas`` of a group: under the Adam rules a given
-    ``momentum`` is the first moment's decay ``β₁`` (and SGD's momentum is 0), so
-    ``momentum=0.9`` means what every SGD user means by it; under ``"preconditioned_sgd"``
-    it is SGD's (default 0). ``betas`` default to :data:`BETAS`."""
-    if momentum is not None:
-        valid = _number(momentum) and 0 <= momentum < 1
-        require("momentum", momentum, valid, "a number in [0, 1)")
-    if step_rule == "preconditioned_sgd" or momentum is None:
-        return (0.0 if momentum is None else momentum), tuple(betas or BETAS)  # type: ignore[return-value]
-    if betas is not None:
-        require(
-            "momentum", momentum, momentum == betas[0],
-            f"betas[0]={betas[0]} or left out (it is β₁ with step_rule={step_rule!r})",
-        )  # fmt: skip
-    return 0.0, (momentum, (betas or BETAS)[1])
-
-
-def check_step_rule(step_rule: str, options: PreconditionerOptions, nesterov: bool = False) -> None:
-    """The options an Adam-based step rule needs: no Nesterov momentum, no KL clip and no
-    damping rule (Adam's second moment sets the length); ``"eigenbasis_adam"`` also needs
-    eigenbases that every rank holds. ``"preconditioned_sgd"`` takes any options."""
-    if step_rule == "preconditioned_sgd":
-        return
-    rule = f"with step_rule={step_rule!r}"
-    require("nesterov", nesterov, not nesterov, f"False {rule} (Adam's first moment is plain)")
-    require(
-        "kl_clip", options.kl_clip, options.kl_clip is None,
-        f"None {rule} (Adam's second moment scales the step)",
-    )  # fmt: skip
-    require("adaptive_damping", True, options.adaptation is None, f"False {rule} (no damping)")
-    if step_rule != "eigenbasis_adam":
-        return
-    inverse = options.inverse
-    require(
-        "damping_method", inverse.damping_method,
-        inverse.damping_method in ("exact", "exact_where_dense"),
-        f"'exact' or 'exact_where_dense' {rule} (its eigenbases carry the rotation)",
-    )  # fmt: skip
-    require(
-        "eigenvalue_correction", inverse.eigenvalue_correction,
-        not inverse.eigenvalue_correction, f"False {rule} (Adam's second moment replaces it)",
-    )  # fmt: skip
-    placement = options.parallel.inverse_placement
-    require(
-        "inverse_placement", placement, placement == "replicated",
-        f"'replicated' {rule} (every rank rotates its own gradients)",
-    )  # fmt: skip

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kfrob.capture import CurvatureCapture, TrackedLayer
-from kfrob.factors import BlockDiagonalFactor, RunningFactor, SketchedFactor
+from kfrob.capture import CurvatureCapture
+from kfrob.factors import BlockDiagonalFactor, RunningFactor, SketchedFactor, sketch_of
 from kfrob.inverses import InverseMethod
 from kfrob.placement import Placement
 from kfrob.schedule import RefreshSchedule
+from kfrob.tracking import TrackedLayer
 
 __all__ = ["FORMAT", "EngineState", "upgrade"]
 
@@ -167,12 +168,12 @@ def _load_factor(layer: TrackedLayer, side: str, state: dict[str, Any]) -> None:
         math = layer.math
         width = math.in_features if side == "domain" else math.out_features
         factor = RunningFactor(
-            math.blocks, width, per_sample_scale=side == "codomain", device=math.device,
-            dtype=math.factor_dtype,
+            math.blocks, width, per_sample_scale=side == "codomain",
+            per_step=factor.per_step, device=math.device, dtype=math.factor_dtype,
         )  # fmt: skip
         if sketched:
             basis = state["basis"].to(math.device, math.factor_dtype)
-            factor = SketchedFactor(factor, basis, basis.new_zeros(basis.shape[::2]))
-            factor.reason = "loaded as a sketch"
+            zeros = basis.new_zeros(basis.shape[::2])
+            factor = sketch_of(factor, basis, zeros, "loaded as a sketch")
         setattr(layer, side, factor)
     factor.load_state_dict(state)

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from kfrob.alerts import warn
-from kfrob.capture import TrackedLayer
 from kfrob.distributed import Communicator, PendingAverage, assign_owners
 from kfrob.factors import RunningFactor
 from kfrob.inverses import Inverse, InverseMethod, inverse_from_state
+from kfrob.tracking import TrackedLayer
 
 __all__ = ["Local", "Owner", "Placement", "RemoteInverse", "Replicated", "make_placement"]
 

@@ -30,19 +30,19 @@ import torch
 from torch import Tensor, nn
 
 from kfrob.alerts import warn
-from kfrob.capture import CurvatureCapture, TrackedLayer, weak_callable
+from kfrob.capture import CurvatureCapture, weak_callable
 from kfrob.distributed import Communicator, check_not_sharded, default_communicator, unwrap
 from kfrob.factors import RunningFactor
 from kfrob.finite import all_finite, select
-from kfrob.fisher import SAMPLED_LOSSES
 from kfrob.inverses import InverseMethod, method_for
 from kfrob.norms import frobenius_inner
 from kfrob.options import PreconditionerOptions, require
 from kfrob.persistence import EngineState
 from kfrob.placement import Placement, RemoteInverse, make_placement
 from kfrob.schedule import RefreshSchedule
+from kfrob.sources import CurvatureSource, source_for
 from kfrob.structure import StructureChoice
-from kfrob.tracking import eigenvalues_of, factor_matrices, track_layers
+from kfrob.tracking import TrackedLayer, eigenvalues_of, factor_matrices, track_layers
 
 __all__ = ["KroneckerPreconditioner", "LayerStep", "StepPlan"]
 
@@ -53,12 +53,14 @@ _FROM_OPTIONS: Any = object()
 class LayerStep:
     """One layer's part of a step: its direction matrix ``(blocks, out, in)`` (gradient plus
     weight decay), the preconditioned matrix before the KL clip (in the layer's
-    ``factor_dtype``: float32, or float64 for a float64 layer), and its learning rate."""
+    ``factor_dtype``: float32, or float64 for a float64 layer), its learning rate, and the
+    update a step rule takes instead of ``lr · ν · preconditioned`` (``None``: that one)."""
 
     layer: TrackedLayer
     matrix: Tensor
     preconditioned: Tensor
     lr: float
+    taken: Tensor | None = None
 
 
 @dataclass
@@ -112,10 +114,15 @@ class KroneckerPreconditioner(EngineState):
         require("eigenvalue_correction", True, ok, str(conflict))
         self.options, self.method = options, method
         self.grad_scaler, self.generator = grad_scaler, generator
-        self.layers, self.unsupported = track_layers(model, options.curvature, method)
-        loss, mc = options.curvature.loss, options.curvature.fisher == "mc"
-        sampled = SAMPLED_LOSSES[loss] if mc and loss else None
-        self.capture = CurvatureCapture(model, self.layers.values(), sampled, generator)
+        #: where the factors come from (:mod:`kfrob.sources`)
+        self.source: CurvatureSource = source_for(options.curvature)
+        source = self.source
+        self.layers, self.unsupported = track_layers(
+            model, options.curvature, method, source.per_step
+        )
+        self.capture = CurvatureCapture(
+            model, self.layers.values(), source.sampled_loss, generator, source.hooks_record
+        )
         costs = {name: layer.refresh_cost for name, layer in self.layers.items()}
         placement = options.parallel.inverse_placement
         self.placement: Placement = make_placement(communicator, placement, costs)
@@ -202,6 +209,7 @@ class KroneckerPreconditioner(EngineState):
             self._inverses_after_load = False
             self._refresh(set())
         if self.capture.active:
+            self.source.feed(self.active_layers(), directions)
             # a window with non-finite statistics is skipped whole: no step either
             finite = self.update_factors(finite)
         due = self.schedule.due(self.steps)
@@ -328,16 +336,8 @@ class KroneckerPreconditioner(EngineState):
         return accept
 
     def _statistic(self, factor: RunningFactor, is_codomain: bool) -> Tensor:
-        curvature = self.options.curvature
         repeats = self.capture.calls_per_forward(factor)
-        # the MC Fisher's sampled loss is a per-sample sum (see kfrob.fisher)
-        mc = curvature.fisher == "mc"
-        stat = factor.statistic("sum" if is_codomain and mc else curvature.loss_reduction, repeats)
-        # only the empirical G carries the loss scale of the training backward
-        scale = self._loss_scale()
-        if is_codomain and scale is not None and not mc:
-            stat = stat / scale.to(stat).square()
-        return stat
+        return self.source.statistic(factor, is_codomain, repeats, self._loss_scale())
 
     def _loss_scale(self) -> Tensor | None:
         scaler = self.grad_scaler
@@ -353,12 +353,12 @@ class KroneckerPreconditioner(EngineState):
         recording = self.capture.active and ddp.training and torch.is_grad_enabled()
         if not (recording and self.sends_early and ddp.require_backward_grad_sync):
             return
-        mc = self.options.curvature.fisher == "mc"
+        complete = self.source.complete_after_forward
         sided = [
             (f, f is layer.codomain)
             for layer in self.layers.values()
             for f in layer.factors
-            if f is not layer.codomain or mc
+            if complete(f is layer.codomain)
         ]
         self.placement.send_early(sided, self._statistic)
 

@@ -216,8 +216,7 @@ def apply_right(matrix: Tensor, side: SideOperator, in_place: bool = False) -> T
 
 
 #: the randomized range finder's extra columns and power iterations (Halko, Martinsson and
-#: Tropp 2011), and the narrowest side it serves (rank 32 on a 2-core CPU: as fast as a
-#: full ``eigh`` at width 256, 3× faster at 512, 20× at 2048: results/first_refresh.md)
+#: Tropp 2011), and the narrowest side it serves (``docs/performance.md#refresh-cost``)
 OVERSAMPLING = 16
 POWER_ITERATIONS = 4
 RANDOMIZED_MIN_WIDTH = 512

@@ -1,28 +1,83 @@
-"""The layer table: which of a model's modules kfrob preconditions, with their factors."""
+"""The layer table: which of a model's modules kfrob preconditions (:class:`TrackedLayer`),
+with their factors."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from kfrob.alerts import warn
-from kfrob.capture import TrackedLayer
-from kfrob.factors import BlockDiagonalFactor, RunningFactor
-from kfrob.inverses import InverseMethod
+from kfrob.correction import EigenbasisMoment
+from kfrob.factors import RunningFactor, factor_for
 from kfrob.kronecker import EigenInverse, InverseFactors
 from kfrob.layers import LayerMath, functional_users, layer_math, unsupported_reason
 from kfrob.options import CurvatureOptions
 
-__all__ = ["eigenvalues_of", "factor_matrices", "track_layers"]
+if TYPE_CHECKING:
+    from kfrob.inverses import InverseMethod
+
+__all__ = ["Selection", "TrackedLayer", "eigenvalues_of", "factor_matrices", "track_layers"]
+
+#: the samples a loss mask keeps: ``(dims, indices)``, flat indices into a tensor's first
+#: ``dims`` dimensions
+Selection = tuple[int, Tensor]
+
+
+@dataclass(eq=False)
+class TrackedLayer:
+    """A preconditioned layer: its math, its two running factors (``None`` for a side whose
+    metric is the identity), its eigenvalue correction (``None`` when off), and what its
+    hooks have seen: for the MC Fisher, each output of this forward pass with its call's
+    projected input rows (``None`` unless the correction records) and its loss mask's
+    selection (``None`` without one)."""
+
+    name: str
+    module: nn.Module
+    math: LayerMath
+    domain: RunningFactor | None
+    codomain: RunningFactor | None
+    correction: EigenbasisMoment | None = None
+    forward_calls: int = 0
+    outputs: list[tuple[Tensor, Tensor | None, Selection | None]] = field(default_factory=list)
+    #: why the hooks could not record a call (the layer then falls back to a plain update)
+    failure: str | None = None
+
+    @property
+    def factors(self) -> tuple[RunningFactor, ...]:
+        """The estimated factors, domain first."""
+        return tuple(f for f in (self.domain, self.codomain) if f is not None)
+
+    @property
+    def sides(self) -> tuple[RunningFactor | None, RunningFactor | None]:
+        """``(codomain, domain)``, ``None`` for an identity side."""
+        return self.codomain, self.domain
+
+    def checksum(self) -> Tensor:
+        """A cheap fingerprint of the factors (their summed entries), for comparing ranks."""
+        return sum((f.average.sum(dtype=torch.float64) for f in self.factors), torch.zeros(()))
+
+    @property
+    def refresh_cost(self) -> float:
+        """The estimated cost of decomposing the factors, ``Σ_sides blocks · n³`` (``n²``
+        for a diagonal side)."""
+        return float(
+            sum(
+                f.average.shape[0] * f.average.shape[-1] ** (2 if f.diagonal else 3)
+                for f in self.factors
+            )
+        )
 
 
 def track_layers(
-    model: nn.Module, curvature: CurvatureOptions, method: InverseMethod
+    model: nn.Module, curvature: CurvatureOptions, method: InverseMethod, per_step: bool = False
 ) -> tuple[dict[str, TrackedLayer], dict[str, str]]:
     """The model's registered layers, and why each other module with parameters is not one
-    (warned once, listing them).
+    (warned once, listing them). Their factors are :func:`kfrob.factors.factor_for`'s, for
+    the structures the inverse method asks for; ``per_step``: fed once a step (gradient
+    factors, :mod:`kfrob.sources`).
 
     Tied modules (several modules holding the very same parameters, e.g. a language model's
     output head tied to its token embedding) are preconditioned once, with the curvature of
@@ -83,8 +138,8 @@ def track_layers(
         else:
             layer = TrackedLayer(
                 name, module, math,
-                _factor(curvature.domain, math, math.in_features, False, method),
-                _factor(curvature.codomain, math, math.out_features, True, method),
+                factor_for(math, "domain", curvature.domain, method.options, per_step),
+                factor_for(math, "codomain", curvature.codomain, method.options, per_step),
             )  # fmt: skip
             method.attach(layer)
             layers[name] = layer
@@ -92,25 +147,6 @@ def track_layers(
         listing = "; ".join(f"{n} ({why})" for n, why in unsupported.items())
         warn(f"kfrob: these modules' parameters get plain updates (no curvature): {listing}")
     return layers, unsupported
-
-
-def _factor(
-    kind: str, math: LayerMath, size: int, codomain: bool, method: InverseMethod
-) -> RunningFactor | None:
-    if kind == "identity":
-        return None
-    diagonal = kind == "diagonal" or (math.diagonal_domain and not codomain)
-    options = getattr(method, "options", None)  # a factored method's structures
-    structure = getattr(options, "codomain_structure" if codomain else "domain_structure", None)
-    if not diagonal and structure == "block_diagonal" and size > options.max_block_size:  # type: ignore[union-attr]
-        return BlockDiagonalFactor(
-            math.blocks, size, options.max_block_size, per_sample_scale=codomain,  # type: ignore[union-attr]
-            device=math.device, dtype=math.factor_dtype,
-        )  # fmt: skip
-    return RunningFactor(
-        math.blocks, size, diagonal=diagonal, per_sample_scale=codomain,
-        device=math.device, dtype=math.factor_dtype,
-    )  # fmt: skip
 
 
 def _as_matrix(factor: RunningFactor | None, math: LayerMath, size: int) -> Tensor:

@@ -61,12 +61,12 @@ import torch.nn.functional as F
 from report import add_device_argument, asynchronous, provenance, sync, write_report
 from torch import Tensor, nn
 
-import kfrob.optimizer as optimizer_module
 from kfrob import FrobPreconditionedSGD
 from kfrob.capture import CurvatureCapture
 from kfrob.job.workloads import WORKLOADS, training_loss
 from kfrob.options import PreconditionerOptions
 from kfrob.preconditioner import KroneckerPreconditioner
+from kfrob.rules import RULES
 
 PHASES = ("capture", "factor update", "inverse refresh", "preconditioning")
 ASDL_PIN = "asdfghjkl==0.1a5"
@@ -93,8 +93,7 @@ class PhaseTimer:
             ("factor update", KroneckerPreconditioner, "update_factors"),
             ("inverse refresh", KroneckerPreconditioner, "update_inverses"),
             ("preconditioning", KroneckerPreconditioner, "precondition_"),
-            ("preconditioning", optimizer_module, "adam_directions"),  # the Adam rules'
-            ("preconditioning", optimizer_module, "grafted_directions"),
+            *(("preconditioning", rule, "directions") for rule in RULES.values()),
         ]
         for phase, cls, name in targets:
             original = cls.__dict__[name]

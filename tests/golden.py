@@ -62,13 +62,34 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "exponent": 0.75,
         "codomain": "identity",
     },
-}
+    # the Adam rules, recorded before the step rules moved into kfrob.rules
+    "eigenbasis-adam": {
+        "step_rule": "eigenbasis_adam", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-2,
+        "factor_update_freq": 2, "inverse_update_freq": 4,
+    },
+    "eigenbasis-adam-low-rank": {
+        "step_rule": "eigenbasis_adam", "lr": 0.01, "rank": 2, "domain_structure": "low_rank",
+        "factor_update_freq": 1, "inverse_update_freq": 3,
+    },
+    "adam-grafted": {
+        "step_rule": "adam_grafted", "lr": 0.01, "weight_decay": 1e-2, "betas": (0.8, 0.9),
+        "inverse_update_freq": 3,
+    },
+}  # fmt: skip
 
 # data-parallel configurations, run on 2 gloo ranks by tests/distributed_harness.py
 DISTRIBUTED: dict[str, dict[str, Any]] = {
     "ranks2-replicated": DENSE,
     "ranks2-owner-exact": {**DENSE, "inverse_placement": "owner", "damping_method": "exact"},
-}
+    "ranks2-eigenbasis-adam": {**DENSE, "step_rule": "eigenbasis_adam", "lr": 0.01},
+    "ranks2-adam-grafted-owner": {
+        **DENSE, "step_rule": "adam_grafted", "lr": 0.01, "inverse_placement": "owner",
+    },
+}  # fmt: skip
+
+
+#: the configurations whose saved states are Adam rules' (each also has a saved state)
+ADAM = ("eigenbasis-adam", "eigenbasis-adam-low-rank", "adam-grafted")
 
 
 def model() -> nn.Module:
@@ -120,7 +141,8 @@ def _run(
         if start is not None:
             net.load_state_dict(start["model"])
             opt.load_state_dict(start["optimizer"])
-            first = start["optimizer"]["kfrob"]["steps"]
+            saved = start["optimizer"]["kfrob"]  # kfrob 0.1 kept the engine's entries here
+            first = saved.get("engine", saved)["steps"]
         for x, y in data()[first:steps]:
 
             def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
@@ -140,7 +162,7 @@ def record() -> None:
     for name, options in CONFIGS.items():
         results[name], _ = run(options)
     states = {}
-    for name in ("defaults-mc", "exact", "ekfac"):
+    for name in ("defaults-mc", "exact", "ekfac", *ADAM):
         params, opt = run(CONFIGS[name], steps=STEPS // 2)
         states[name] = {"model": params, "optimizer": opt.state_dict()}
     distributed = {}

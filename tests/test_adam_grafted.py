@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfrob import FrobPreconditionedSGD
-from kfrob.adam import adam_step_all, descend_gated, graft_scale
+from kfrob.finite import descend_gated
+from kfrob.rules.adam import adam_step_all, graft_scale
 from tests.adam_rules import (
     backward,
     batches,

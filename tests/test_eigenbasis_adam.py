@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kfrob import FrobPreconditionedSGD, eigenbasis_adam
+from kfrob import FrobPreconditionedSGD
 from kfrob.kronecker import InverseFactors
+from kfrob.rules import eigenbasis_adam
 from kfrob.structure import LowRankPower
 from tests.adam_rules import (
     backward,

@@ -1,5 +1,5 @@
-"""Adam in each layer's Kronecker eigenbasis: the ``step_rule="eigenbasis_adam"`` of
-:class:`kfrob.FrobPreconditionedSGD`.
+"""Adam in each layer's Kronecker eigenbasis: ``step_rule="eigenbasis_adam"``, the default
+rule of :class:`kfrob.FrobPreconditionedSGD`.
 
 A layer's gradient matrix ``V`` ``(k, out, in)`` is rotated into the eigenbases of its
 factors, ``A = Q_A diag(e_A) Q_Aᵀ`` and ``G = Q_G diag(e_G) Q_Gᵀ`` (from the layer's last
@@ -33,8 +33,9 @@ A layer whose inverse holds no eigenbases (a structured side: low-rank or block-
 under ``damping_method="exact_where_dense"``) runs Adam in its own coordinates and takes
 the K-FAC direction of the bias-corrected first moment at the length of that Adam step,
 ``Δ = D · ‖N‖_F / ‖D‖_F`` with ``D = (A ⊗ G + λI)⁻¹ m̂`` and ``N = m̂ / (√v̂ + ε)`` (as
-:mod:`kfrob.adam_grafted` does): rotating a wide side every step would cost more than the
-layer's own pass, and the structured inverse keeps the curvature's direction for less.
+:mod:`kfrob.rules.adam_grafted` does, with the same graft): rotating a wide side every
+step would cost more than the layer's own pass, and the structured inverse keeps the
+curvature's direction for less.
 
 State per parameter, in ``optimizer.state[p]``: ``"step"``, ``"exp_avg"`` and
 ``"exp_avg_sq"``, parameter-shaped, except that a layer's weight holds its layer's
@@ -45,6 +46,7 @@ and its bias none of its own.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -52,36 +54,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from kfrob.adam import advance_all, blend_, graft_scale, normalised_all, plain_adam
 from kfrob.finite import select
 from kfrob.kronecker import EigenInverse, InverseFactors, rotate_by
+from kfrob.options import PreconditionerOptions, require
+from kfrob.rules.adam import AdamRule, advance_all, blend_, graft_, normalised_all, plain_adam
+from kfrob.rules.base import StepRule, register_rule
 
-__all__ = ["EIGENBASIS_ADAM_DEFAULTS", "Rotations", "adam_directions", "held_bases"]
-
-#: what ``step_rule="eigenbasis_adam"`` changes in the defaults of the flat keywords: exact
-#: eigenbases where every side of a layer is dense (``"exact_where_dense"``; the cost model
-#: makes wide sides low-rank, and those layers graft), no KL clip, a slow schedule (its
-#: bases move slowly: on the transformer, factors every 10 steps and bases every 40 reach
-#: AdamW's loss in the same steps as every 5 and 20 or every step and 10, and a step costs
-#: 1.17× AdamW's against 1.28× at 5 and 20; every 20 and 40, or 10 and 80, take ~10 % more
-#: steps), and the empirical Fisher (Adam's second moment sets the scale, so the factors
-#: only supply the bases, and the empirical ones need no sampled backward pass: AdamW's
-#: transformer loss in 0.65× its time against 0.70× with the MC Fisher at factors every 5
-#: steps and bases every 20, the same steps on the MLP), and a dense budget of 0.4: at
-#: factors every 10 steps the cost model's flop count puts the dense statistics of the CNN's
-#: 801-wide convolution input at 0.42× its layer's pass, but unfolding its 25,088 patch rows
-#: costs almost as much again as their Gram (a statistic 325 ms, the product alone 186 ms,
-#: the layer's forward and backward 44 ms: 0.74× amortised), and as a sketch (formed by two
-#: convolutions, no unfolding) the CNN reaches 90 % in the same 300 steps in 0.7× the time;
-#: see ``docs/performance.md#step-rules``
-EIGENBASIS_ADAM_DEFAULTS = {
-    "damping_method": "exact_where_dense",
-    "kl_clip": None,
-    "factor_update_freq": 10,
-    "inverse_update_freq": 40,
-    "fisher": "empirical",
-    "dense_budget": 0.4,
-}
+__all__ = ["EigenbasisAdam", "Rotations", "adam_directions", "held_bases"]
 
 
 Bases = tuple[Tensor | None, Tensor | None]
@@ -107,9 +86,13 @@ class _Layer(NamedTuple):
 
 
 def _bases_of(inverse: EigenInverse | InverseFactors | None) -> Bases:
-    if not isinstance(inverse, EigenInverse):
-        return None, None
-    return inverse.codomain.basis, inverse.domain.basis
+    bases = None if inverse is None else inverse.eigenbases
+    return (None, None) if bases is None else bases
+
+
+def _rotates(inverse: EigenInverse | InverseFactors | None) -> bool:
+    """Whether the layer's inverse holds eigenbases (a structured one grafts instead)."""
+    return inverse is not None and inverse.eigenbases is not None
 
 
 def _batches(matrices: list[Tensor], bases: list[Bases]) -> list[list[int]]:
@@ -185,7 +168,7 @@ def held_bases(
         held={
             weight: _bases_of(inverse)
             for weight, (_, inverse) in layers.items()
-            if isinstance(inverse, EigenInverse) and "exp_avg_rotated" in state.get(weight, {})
+            if _rotates(inverse) and "exp_avg_rotated" in state.get(weight, {})
         }
     )
 
@@ -254,7 +237,7 @@ def _part(
     unbiased, adam = normalised_all(means, v, steps, beta1, beta2, eps, into=spare)
     adam = _rotate_all(rotations, adam, bases, used, back=True, support=v)
     for i, layer in enumerate(layers):
-        if isinstance(layer.inverse, InverseFactors):
+        if layer.inverse is not None and not _rotates(layer.inverse):
             adam[i] = _grafted(layer.inverse, unbiased[i], adam[i])
     return adam
 
@@ -285,7 +268,7 @@ def _rotated_means(
     means = list(m)
     held, fresh = [], []
     for i, (layer, s) in enumerate(zip(layers, states, strict=True)):
-        if not isinstance(layer.inverse, EigenInverse):
+        if not _rotates(layer.inverse):
             continue
         before = rotations.held.get(layer.weight)
         same = before is not None and all(a is b for a, b in zip(before, bases[i], strict=True))
@@ -309,4 +292,75 @@ def _grafted(inverse: InverseFactors, unbiased: Tensor, adam: Tensor) -> Tensor:
     place, and is ``unbiased`` itself when both sides are the identity: the caller does not
     use ``unbiased`` again."""
     direction = inverse.apply(unbiased)
-    return direction.mul_(graft_scale([adam], [direction]).to(direction.dtype))
+    graft_([direction], [adam])
+    return direction
+
+
+@register_rule
+class EigenbasisAdam(AdamRule):
+    """Adam in each layer's Kronecker eigenbasis (module docstring). Its defaults: exact
+    eigenbases where every side of a layer is dense (the cost model makes wide sides
+    low-rank, and those layers graft), no KL clip, factors every 10 steps and eigenbases
+    every 40, the empirical Fisher and a dense budget of 0.4 (each measured in
+    ``docs/performance.md#step-rules``)."""
+
+    name = "eigenbasis_adam"
+    defaults: Mapping[str, Any] = {
+        "damping_method": "exact_where_dense",
+        "kl_clip": None,
+        "factor_update_freq": 10,
+        "inverse_update_freq": 40,
+        "fisher": "empirical",
+        "dense_budget": 0.4,
+    }
+
+    def __init__(self, host: Any) -> None:
+        super().__init__(host)
+        self.rotations = Rotations()
+
+    @classmethod
+    def check(cls, options: PreconditionerOptions, nesterov: bool) -> None:
+        """Also: eigenbases (exact damping), no eigenvalue correction, and inverses that every
+        rank holds."""
+        super().check(options, nesterov)
+        rule, inverse = f"with step_rule={cls.name!r}", options.inverse
+        require(
+            "damping_method", inverse.damping_method,
+            inverse.damping_method in ("exact", "exact_where_dense"),
+            f"'exact' or 'exact_where_dense' {rule} (its eigenbases carry the rotation)",
+        )  # fmt: skip
+        require(
+            "eigenvalue_correction", inverse.eigenvalue_correction,
+            not inverse.eigenvalue_correction, f"False {rule} (Adam's second moment replaces it)",
+        )  # fmt: skip
+        placement = options.parallel.inverse_placement
+        require(
+            "inverse_placement", placement, placement == "replicated",
+            f"'replicated' {rule} (every rank rotates its own gradients)",
+        )  # fmt: skip
+
+    def layers(self) -> dict[Tensor, tuple[Any, EigenInverse | InverseFactors | None]]:
+        """Each active layer's weight, with its math and its inverse (``None`` before its
+        first refresh)."""
+        pre = self.host.preconditioner
+        return {
+            layer.math.weight: (layer.math, pre.inverses.get(layer.name))
+            for layer in pre.active_layers()
+        }
+
+    @torch.no_grad()
+    def directions(
+        self, directions: dict[Tensor, Tensor], finite: Tensor,
+        state: Mapping[Tensor, dict[str, Any]],
+    ) -> None:  # fmt: skip
+        groups = self.host.param_groups
+        adam_directions(groups, state, directions, self.layers(), finite, self.rotations)
+
+    def fork(self) -> StepRule:
+        twin = copy.copy(self)
+        twin.rotations = Rotations(dict(self.rotations.held), dict(self.rotations.stacked))
+        return twin
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The rotated first moments were rotated into the loaded inverses' bases."""
+        self.rotations = held_bases(self.layers(), self.host.state)

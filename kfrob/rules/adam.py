@@ -1,5 +1,6 @@
-"""Adam's moment recursion and its normalised direction, for many tensors at once, shared by
-the Adam-based step rules (:mod:`kfrob.eigenbasis_adam`, :mod:`kfrob.adam_grafted`).
+"""What the Adam-based step rules share (:mod:`kfrob.rules.eigenbasis_adam`,
+:mod:`kfrob.rules.adam_grafted`): :class:`AdamRule`, their common options, and Adam's moment
+recursion, its normalised direction and the graft, for many tensors at once.
 
 With gradient ``g`` (and ``r``, the entries whose second moment is kept: ``g`` itself, or
 ``g`` rotated into an eigenbasis):
@@ -25,16 +26,66 @@ import torch
 from torch import Tensor
 
 from kfrob.finite import select
+from kfrob.options import PreconditionerOptions, require
+from kfrob.rules.base import BETAS, StepRule, check_momentum
 
 __all__ = [
+    "AdamRule",
     "adam_step_all",
     "advance_all",
     "blend_",
-    "descend_gated",
+    "graft_",
     "graft_scale",
     "normalised_all",
     "plain_adam",
 ]
+
+
+class AdamRule(StepRule):
+    """What the Adam-based rules share: a group's ``momentum`` is Adam's ``β₁``, the weight
+    decay is AdamW's (decoupled), and the step needs no Nesterov momentum, no KL clip and no
+    damping rule (Adam's second moment sets its length); modules without curvature get
+    AdamW."""
+
+    decoupled_weight_decay = True
+    plain_update = "AdamW"
+
+    @classmethod
+    def check(cls, options: PreconditionerOptions, nesterov: bool) -> None:
+        super().check(options, nesterov)
+        rule = f"with step_rule={cls.name!r}"
+        require("nesterov", nesterov, not nesterov, f"False {rule} (Adam's first moment is plain)")
+        require(
+            "kl_clip", options.kl_clip, options.kl_clip is None,
+            f"None {rule} (Adam's second moment scales the step)",
+        )  # fmt: skip
+        require("adaptive_damping", True, options.adaptation is None, f"False {rule} (no damping)")
+
+    @classmethod
+    def moments(
+        cls, momentum: float | None, betas: tuple[float, float] | None
+    ) -> tuple[float, tuple[float, float]]:
+        """A given ``momentum`` is the first moment's decay ``β₁`` (and SGD's momentum is 0),
+        so ``momentum=0.9`` means what every SGD user means by it; ``betas`` default to
+        ``(0.9, 0.95)``."""
+        check_momentum(momentum)
+        if momentum is None:
+            return 0.0, tuple(betas or BETAS)  # type: ignore[return-value]
+        if betas is not None:
+            require(
+                "momentum", momentum, momentum == betas[0],
+                f"betas[0]={betas[0]} or left out (it is β₁ with step_rule={cls.name!r})",
+            )  # fmt: skip
+        return 0.0, (momentum, (betas or BETAS)[1])
+
+    @classmethod
+    def group(cls, group: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+        if "momentum" not in group:
+            return group
+        momentum = group["momentum"]  # β₁
+        _, betas = cls.moments(momentum, group.get("betas", (momentum, defaults["betas"][1])))
+        return {**group, "momentum": 0.0, "betas": betas}
+
 
 #: the smallest norm a direction is scaled from (a zero direction stays zero)
 _TINY = 1e-30
@@ -129,18 +180,13 @@ def plain_adam(
     return means, directions
 
 
-def descend_gated(params: list[Tensor], steps: list[Tensor], finite: Tensor, lr: float) -> None:
-    """``p −= lr · d`` for each parameter and its finite direction, ``p`` unchanged when the
-    0-dim ``finite`` is False, with no host sync; the directions are overwritten."""
-    gates: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-    for d in steps:
-        gates.setdefault((d.dtype, d.device), finite.to(d.device, d.dtype) * -lr)
-    if len(gates) == 1:
-        torch._foreach_mul_(steps, next(iter(gates.values())))
-    else:
-        for d in steps:
-            d.mul_(gates[d.dtype, d.device])
-    torch._foreach_add_(params, steps)
+def graft_(directions: list[Tensor], adam: list[Tensor]) -> None:
+    """``D ← D · ‖N‖_F / ‖D‖_F`` in place: the directions ``D`` (one layer's tensors, taken
+    together) at the length of its Adam directions ``N`` (grafting: the curvature's
+    direction, Adam's length). Every rule that grafts does it here."""
+    scale = graft_scale(adam, directions)
+    for d in directions:
+        d.mul_(scale.to(d.dtype))
 
 
 def graft_scale(adam: list[Tensor], directions: list[Tensor]) -> Tensor:
