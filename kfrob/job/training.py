@@ -41,6 +41,7 @@ from kfrob.job.runs import (
     RUN,
     BatchOrder,
     Interrupt,
+    WindowOrder,
     open_run_dir,
     record_run,
     save_atomically,
@@ -159,164 +160,248 @@ def train(
     shows the tqdm bar only on a terminal. Returns the result also written to
     ``run_dir/result.json``; on ``Ctrl-C`` it checkpoints and returns with
     ``interrupted=True``."""
-    run_dir = Path(run_dir)
-    saved = open_run_dir(run_dir, resume, config, optimizer_name)
-    record_run(run_dir, config, [optimizer_name])
+    run = _set_up(config, optimizer_name, Path(run_dir), resume, data)
+    board = Board(run.run_dir)
+    bar = _progress_bar(run, progress)
+    run.model.train()
+    interrupt = Interrupt()
+    with interrupt.installed():
+        if run.resumed:
+            bar.write(f"{optimizer_name}: resumed at step {run.step} of {run.total_steps}")
+        bar.write(f"{optimizer_name}: training on {run.data.source}, {run.device}")
+        while run.step < run.total_steps and run.seconds < run.budget and not interrupt.requested:
+            _record_step(run, _timed_step(run), board, bar)
+            _evaluate_and_checkpoint(run, board, bar)
+        if interrupt.requested:
+            _checkpoint(run)
+    bar.close()
+    return _finish(run, board, interrupt.requested)
+
+
+@dataclass
+class _Run:
+    """A run's parts and its live state: steps taken, training time, evaluations, and the
+    per-step ``(loss, accuracy, penalty)`` on the device of the steps since the last log
+    (``window``) and of the last ``eval_every`` steps (``recent``; an epoch if unset, so that
+    every evaluation's training loss is a moving average of the same length)."""
+
+    config: Config
+    optimizer_name: str
+    run_dir: Path
+    device: torch.device
+    workload: Workload
+    data: Dataset | TextDataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    order: BatchOrder | WindowOrder
+    total_steps: int
+    budget: float
+    recent: deque[Tensor]
+    is_kfrob: bool
+    resumed: bool = False
+    step: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, float | None]] = field(default_factory=list)
+    window: list[Tensor] = field(default_factory=list)
+    window_seconds: float = 0.0
+
+
+@dataclass
+class _Step:
+    """One timed step's ``(loss, accuracy, penalty)``, training time, whether it logs, kfrob's
+    diagnostics (on a logging step) and the optimizer's refresh count before its step."""
+
+    stats: Tensor
+    elapsed: float
+    log_now: bool
+    diagnostics: dict[str, float] | None
+    refreshes: int
+
+
+def _set_up(
+    config: Config, name: str, run_dir: Path, resume: bool, data: Dataset | TextDataset | None
+) -> _Run:
+    """Opens (or reopens, for ``resume``) the run directory, loads the data onto the device
+    (unless given), warms up, then seeds torch and builds the model, optimizer and batch
+    order, restoring them and the run's state from the checkpoint when resuming."""
+    saved = open_run_dir(run_dir, resume, config, name)
+    record_run(run_dir, config, [name])
     settings = config.training
     device = torch.device(settings.device)
     workload = WORKLOADS[config.workload]
     data = (data or load_data(config.data, config.model.context)).to(device)
     if settings.warmup_steps:
-        warm_up(config, optimizer_name, data, settings.warmup_steps)
+        warm_up(config, name, data, settings.warmup_steps)
     torch.manual_seed(settings.seed)
     model = config.build_model().to(device)
-    optimizer = build_optimizer(
-        optimizer_name, config.optimizers[optimizer_name], model, workload, settings.seed
-    )
+    optimizer = build_optimizer(name, config.optimizers[name], model, workload, settings.seed)
     order = data.order(settings.batch_size, settings.seed)
-    steps_per_epoch = order.steps_per_epoch
-    total_steps = settings.epochs * steps_per_epoch
+    total_steps = settings.epochs * order.steps_per_epoch
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
     budget = settings.max_seconds if settings.max_seconds is not None else float("inf")
-    split = workload.held_out
-
-    step, seconds, history = 0, 0.0, []
-    # per-step (loss, accuracy) of the last eval_every steps (an epoch if unset): the training
-    # loss an evaluation reports is a moving average of the same length every time
-    recent: deque[Tensor] = deque(maxlen=settings.eval_every or steps_per_epoch)
+    recent: deque[Tensor] = deque(maxlen=settings.eval_every or order.steps_per_epoch)
+    is_kfrob = isinstance(optimizer, FrobPreconditionedSGD)
+    run = _Run(
+        config, name, run_dir, device, workload, data, model, optimizer, order, total_steps,
+        budget, recent, is_kfrob,
+    )  # fmt: skip
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer_state"])
         order.load_state_dict(saved["order"])
-        step, seconds, history = saved["step"], saved["seconds"], saved["history"]
+        run.step, run.seconds, run.history = saved["step"], saved["seconds"], saved["history"]
         recent.extend(t.to(device) for t in saved["recent"])
+        run.resumed = True
+    return run
 
-    def checkpoint() -> None:
-        save_atomically(
-            run_dir / CHECKPOINT,
-            {
-                "config": config.model_dump(),
-                "optimizer": optimizer_name,
-                "model": model.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "order": order.state_dict(),
-                "step": step,
-                "seconds": seconds,
-                "history": history,
-                "recent": [t.cpu() for t in recent],
-            },
-        )
 
-    board = Board(run_dir)
-    is_kfrob = isinstance(optimizer, FrobPreconditionedSGD)
-    window: list[Tensor] = []  # per-step (loss, correct) since the last log, on the device
-    window_seconds = 0.0
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc=f"{optimizer_name} ({config.workload})",
+def _checkpoint(run: _Run) -> None:
+    """Writes the run's state, everything a resumed run continues from, to its checkpoint."""
+    save_atomically(
+        run.run_dir / CHECKPOINT,
+        {
+            "config": run.config.model_dump(),
+            "optimizer": run.optimizer_name,
+            "model": run.model.state_dict(),
+            "optimizer_state": run.optimizer.state_dict(),
+            "order": run.order.state_dict(),
+            "step": run.step,
+            "seconds": run.seconds,
+            "history": run.history,
+            "recent": [t.cpu() for t in run.recent],
+        },
+    )
+
+
+def _progress_bar(run: _Run, progress: bool | None) -> tqdm:
+    """The tqdm bar over the run's steps, starting at the steps already taken; ``None``
+    shows it only on a terminal."""
+    return tqdm(
+        total=run.total_steps,
+        initial=run.step,
+        desc=f"{run.optimizer_name} ({run.config.workload})",
         unit="step",
         disable=(not progress) if progress is not None else None,
         dynamic_ncols=True,
     )
-    model.train()
-    interrupt = Interrupt()
-    with interrupt.installed():
-        if saved is not None:
-            bar.write(f"{optimizer_name}: resumed at step {step} of {total_steps}")
-        bar.write(f"{optimizer_name}: training on {data.source}, {device}")
-        while step < total_steps and seconds < budget and not interrupt.requested:
-            x, y = data.batch(order.indices(step).to(device))
 
-            started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            output = model(x)
-            loss = workload.loss(output, x, y)
-            extra = penalty(
-                config.regularization, step, model, optimizer,
-                lambda out, x=x, y=y: workload.loss(out, x, y), x, y,
-            )  # fmt: skip
-            (loss if extra is None else loss + extra).backward()
-            paused = time.perf_counter()
-            log_now = (step + 1) % config.logging.log_every == 0
-            diagnostics = optimizer.diagnostics() if is_kfrob and log_now else None
-            resumed = time.perf_counter()
-            refreshes = getattr(optimizer, "refreshes", 0)
-            optimizer.step()
-            if workload.task == "classify":
-                accuracy = (output.detach().argmax(-1) == y).float().mean()
-            else:
-                accuracy = torch.zeros((), device=device)
-            extra = torch.zeros_like(loss) if extra is None else extra.detach()
-            stats = torch.stack([loss.detach(), accuracy, extra.to(loss)])
-            elapsed = (paused - started) + (time.perf_counter() - resumed)
-            step += 1
-            window.append(stats)
-            recent.append(stats)
-            out_of_time = seconds + elapsed >= budget
 
-            if log_now or step == total_steps or out_of_time:
-                synced = time.perf_counter()
-                means = torch.stack(window).mean(0).tolist()  # one host read per log window
-                elapsed += time.perf_counter() - synced
-                seconds += elapsed
-                window_seconds += elapsed
-                train_values = {
-                    "loss": means[0],
-                    "accuracy": means[1] if workload.task == "classify" else None,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "step_time": window_seconds / len(window),
-                }
-                if config.regularization.kind != "none":  # the penalty and its share
-                    train_values["penalty"] = means[2]
-                    train_values["penalty_share"] = means[2] / (means[0] + means[2] or 1.0)
-                board.scalars("train", train_values, step)
-                if diagnostics is not None:
-                    board.scalars("kfrob", dict(diagnostics), step)
-                bar.set_postfix(
-                    loss=f"{means[0]:.4f}",
-                    **({"acc": f"{means[1]:.3f}"} if workload.task == "classify" else {}),
-                )
-                window, window_seconds = [], 0.0
-            else:
-                seconds += elapsed
-                window_seconds += elapsed
-            bar.update(1)
-            last = step == total_steps or seconds >= budget  # the window was written above
-            if config.logging.histograms and getattr(optimizer, "refreshes", 0) != refreshes:
-                board.eigenvalues(optimizer, step)  # type: ignore[arg-type]
+def _timed_step(run: _Run) -> _Step:
+    """One training step on step ``run.step``'s batch (forward, loss plus any penalty due,
+    backward, the optimizer's step, its statistics), timed but for the batch's gathering and
+    kfrob's diagnostics (between backward and step, on a logging step); ``run`` is unchanged."""
+    config, workload, model, optimizer = run.config, run.workload, run.model, run.optimizer
+    step = run.step
+    x, y = run.data.batch(run.order.indices(step).to(run.device))
 
-            epoch_done = step % steps_per_epoch == 0
-            eval_due = settings.eval_every is not None and step % settings.eval_every == 0
-            if eval_due or epoch_done or last:
-                train_means = torch.stack(list(recent)).mean(0).tolist()
-                entry = {
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "seconds": seconds,
-                    "train_loss": train_means[0],
-                    "train_accuracy": train_means[1] if workload.task == "classify" else None,
-                    **evaluate(model, workload, *data.held_out),
-                }
-                history.append(entry)
-                held = {"loss": entry[f"{split}_loss"], "accuracy": entry.get(f"{split}_accuracy")}
-                board.scalars(split, held, step)
-                if epoch_done or last:
-                    bar.write(_describe(optimizer_name, entry))
-            every = config.logging.checkpoint_every
-            if epoch_done or last or (every is not None and step % every == 0):
-                checkpoint()
-        if interrupt.requested:
-            checkpoint()
-    bar.close()
+    started = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    output = model(x)
+    loss = workload.loss(output, x, y)
+    extra = penalty(
+        config.regularization, step, model, optimizer,
+        lambda out, x=x, y=y: workload.loss(out, x, y), x, y,
+    )  # fmt: skip
+    (loss if extra is None else loss + extra).backward()
+    paused = time.perf_counter()
+    log_now = (step + 1) % config.logging.log_every == 0
+    diagnostics = optimizer.diagnostics() if run.is_kfrob and log_now else None
+    resumed = time.perf_counter()
+    refreshes = getattr(optimizer, "refreshes", 0)
+    optimizer.step()
+    if workload.task == "classify":
+        accuracy = (output.detach().argmax(-1) == y).float().mean()
+    else:
+        accuracy = torch.zeros((), device=run.device)
+    extra = torch.zeros_like(loss) if extra is None else extra.detach()
+    stats = torch.stack([loss.detach(), accuracy, extra.to(loss)])
+    elapsed = (paused - started) + (time.perf_counter() - resumed)
+    return _Step(stats, elapsed, log_now, diagnostics, refreshes)
 
-    result = _result(config, optimizer_name, data.source, step, seconds, history, run_dir)
-    result.interrupted = interrupt.requested
+
+def _record_step(run: _Run, timed: _Step, board: Board, bar: tqdm) -> None:
+    """Counts a step taken into the run, writes the log window (:func:`_log`) on a logging
+    step, the last step and the one that runs out the time budget, advances the bar, and
+    writes the eigenvalue histograms after a refresh if ``logging.histograms``."""
+    run.step += 1
+    run.window.append(timed.stats)
+    run.recent.append(timed.stats)
+    out_of_time = run.seconds + timed.elapsed >= run.budget
+    if timed.log_now or run.step == run.total_steps or out_of_time:
+        _log(run, timed, board, bar)
+    else:
+        run.seconds += timed.elapsed
+        run.window_seconds += timed.elapsed
+    bar.update(1)
+    if run.config.logging.histograms and getattr(run.optimizer, "refreshes", 0) != timed.refreshes:
+        board.eigenvalues(run.optimizer, run.step)  # type: ignore[arg-type]
+
+
+def _log(run: _Run, timed: _Step, board: Board, bar: tqdm) -> None:
+    """Writes the log window's means and kfrob's diagnostics to TensorBoard and the bar and
+    starts a new window; the one host read of the window (it waits for the device) counts
+    as training time of the step that triggered it."""
+    synced = time.perf_counter()
+    means = torch.stack(run.window).mean(0).tolist()  # one host read per log window
+    elapsed = timed.elapsed + (time.perf_counter() - synced)
+    run.seconds += elapsed
+    run.window_seconds += elapsed
+    classify = run.workload.task == "classify"
+    train_values = {
+        "loss": means[0],
+        "accuracy": means[1] if classify else None,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "step_time": run.window_seconds / len(run.window),
+    }
+    if run.config.regularization.kind != "none":  # the penalty and its share
+        train_values["penalty"] = means[2]
+        train_values["penalty_share"] = means[2] / (means[0] + means[2] or 1.0)
+    board.scalars("train", train_values, run.step)
+    if timed.diagnostics is not None:
+        board.scalars("kfrob", dict(timed.diagnostics), run.step)
+    bar.set_postfix(loss=f"{means[0]:.4f}", **({"acc": f"{means[1]:.3f}"} if classify else {}))
+    run.window, run.window_seconds = [], 0.0
+
+
+def _evaluate_and_checkpoint(run: _Run, board: Board, bar: tqdm) -> None:
+    """Evaluates every ``eval_every`` steps, at each epoch's end and at the last step (into the
+    history and TensorBoard, and the bar but for ``eval_every``), then checkpoints at each
+    epoch's end, at the last step and every ``logging.checkpoint_every`` steps."""
+    settings, step = run.config.training, run.step
+    last = step == run.total_steps or run.seconds >= run.budget  # (_log wrote its window)
+    epoch_done = step % run.order.steps_per_epoch == 0
+    eval_due = settings.eval_every is not None and step % settings.eval_every == 0
+    if eval_due or epoch_done or last:
+        train_means = torch.stack(list(run.recent)).mean(0).tolist()
+        entry = {
+            "step": step,
+            "epoch": step / run.order.steps_per_epoch,
+            "seconds": run.seconds,
+            "train_loss": train_means[0],
+            "train_accuracy": train_means[1] if run.workload.task == "classify" else None,
+            **evaluate(run.model, run.workload, *run.data.held_out),
+        }
+        run.history.append(entry)
+        split = run.workload.held_out
+        held = {"loss": entry[f"{split}_loss"], "accuracy": entry.get(f"{split}_accuracy")}
+        board.scalars(split, held, step)
+        if epoch_done or last:
+            bar.write(_describe(run.optimizer_name, entry))
+    every = run.config.logging.checkpoint_every
+    if epoch_done or last or (every is not None and step % every == 0):
+        _checkpoint(run)
+
+
+def _finish(run: _Run, board: Board, interrupted: bool) -> RunResult:
+    """The run's result, also logged (its hyperparameters and final metrics, but for an
+    interrupted run) to TensorBoard and written to ``result.json``."""
+    result = _result(run)
+    result.interrupted = interrupted
     if not result.interrupted:
-        board.hparams(_hyperparameters(config, optimizer_name), result.final)
+        board.hparams(_hyperparameters(run.config, run.optimizer_name), result.final)
     board.close()
-    (run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    (run.run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result
 
 
@@ -340,16 +425,14 @@ def _describe(name: str, entry: dict[str, float | None]) -> str:
     return ", ".join(parts)
 
 
-def _result(
-    config: Config,
-    name: str,
-    source: str,
-    step: int,
-    seconds: float,
-    history: list[dict[str, float | None]],
-    run_dir: Path,
-) -> RunResult:
-    result = RunResult(name, config.workload, source, step, seconds, history, run_dir=str(run_dir))
+def _result(run: _Run) -> RunResult:
+    """The run's :class:`RunResult`: the step and training time at which the history first
+    reaches ``training.target`` (if set) and the last evaluation's metrics."""
+    config, history = run.config, run.history
+    result = RunResult(
+        run.optimizer_name, config.workload, run.data.source, run.step, run.seconds, history,
+        run_dir=str(run.run_dir),
+    )  # fmt: skip
     workload = WORKLOADS[config.workload]
     target = config.training.target
     if target is not None:
